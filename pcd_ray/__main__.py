@@ -1,0 +1,3 @@
+from pcd_ray.cli import main
+
+raise SystemExit(main())

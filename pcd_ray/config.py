@@ -1,0 +1,336 @@
+"""Typed configs: one per stage, all held by one job file (``jobs/*.yaml``).
+
+A job file is YAML whose top-level keys are the stage sections below. Command-line overrides use one syntax,
+``a.b.c=value`` (the value is parsed as YAML, so ``1e-4``, ``true``, ``null`` and ``[1, 2]`` work). Unknown or
+misspelled keys and wrong types fail at load time with an error naming the dotted key path and the file.
+
+Relative URIs in any config (``images``, ``train/export``) resolve against ``storage.root``; see ``storage.py``.
+This module imports only pydantic and yaml: ``pcd-ray --help`` and config loading never load torch or ray.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+JOBS_DIR = Path(__file__).resolve().parent.parent / "jobs"
+DEFAULT_JOB = "local"
+
+
+class ConfigError(ValueError):
+    """A config file or override is invalid; the message names the file and the dotted key path."""
+
+
+class _Strict(BaseModel):
+    # extra="forbid" is what turns a typo into an error instead of a silently ignored key.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# --------------------------------------------------------------------------------------------------- shared pieces
+class S3Config(_Strict):
+    endpoint_url: str | None = None
+    """S3-compatible endpoint; null uses AWS_ENDPOINT_URL from the environment, then AWS's default."""
+    region: str | None = None
+    """Region name; null uses AWS_DEFAULT_REGION / AWS_REGION, then us-east-1."""
+    anon: bool = False
+    """Unsigned requests (public buckets). Credentials always come from the AWS chain, never from this file."""
+
+
+class StorageConfig(_Strict):
+    root: str = "./runs/local"
+    """Where relative artifact URIs live: a local path or s3://bucket/prefix."""
+    s3: S3Config = Field(default_factory=S3Config)
+
+
+class RayConfig(_Strict):
+    address: str | None = None
+    """Cluster to join ("auto", "ray://host:10001"); null joins RAY_ADDRESS if set (ray job submit) or starts a local Ray."""
+    num_cpus: int | None = None
+    """Logical CPUs of a local Ray (only when starting one). More than the cores lets data and train overlap."""
+
+
+class ModelSpec(_Strict):
+    """Which network and which weights: an open_clip name + pretrained tag, or an export made by pcd-ray."""
+
+    name: str = "pcd-tiny"
+    """open_clip model name (ViT-L-14, ...) or a pcd-ray registered config (pcd-tiny)."""
+    pretrained: str | None = None
+    """open_clip pretrained tag (datacomp_xl_s13b_b90k) or a weights file; null = random init."""
+    checkpoint: str | None = None
+    """URI of a pcd-ray export (directory with open_clip_config.json); overrides name and pretrained."""
+
+
+# ------------------------------------------------------------------------------------------------------ data stages
+class SyntheticConfig(_Strict):
+    num_train: int = Field(8000, ge=1)
+    num_test: int = Field(1000, ge=1)
+    image_size: int = Field(64, ge=16)
+    seed: int = 0
+    rows_per_shard: int = Field(2000, ge=1)
+
+
+class DataConfig(_Strict):
+    source: Literal["synthetic"] = "synthetic"
+    synthetic: SyntheticConfig = Field(default_factory=SyntheticConfig)
+    output: str = "images"
+
+
+class PairsConfig(_Strict):
+    input: str = "images"
+    output: str = "pairs"
+    split: str = "train"
+    """Only images of this split are paired (test images stay unseen for evaluation)."""
+    num_images: int | None = Field(None, ge=2)
+    """Sample this many images first, as the paper does (1000); null pairs among all images of the split."""
+    num_pairs: int = Field(20000, ge=1)
+    seed: int = 0
+
+
+class GenerateConfig(_Strict):
+    input: str = "pairs"
+    output: str = "diffs"
+    rejects: str = "rejects"
+    engine: Literal["rule"] = "rule"
+    """Which engine writes the difference text: rule (attributes, synthetic set). vllm/transformers: next issue."""
+    prompt_version: str = "paper-v1"
+    batch_size: int = Field(256, ge=1)
+    num_actors: int = Field(1, ge=1)
+    """Size of the Ray Data actor pool running the engine."""
+    seed: int = 0
+    """Seed of the rule engine's wording choice (stable per pair id)."""
+
+
+# ----------------------------------------------------------------------------------------------------------- train
+class LossConfig(_Strict):
+    diff_weight: float = Field(1.0, ge=0)
+    """Weight of the paper's difference loss."""
+    clip_weight: float = Field(0.0, ge=0)
+    """Weight of the ordinary image-caption CLIP loss (not in the paper; keeps zero-shot from drifting)."""
+    diff_temperature: float = Field(1.0, gt=0)
+    """tau of the difference logits t @ d.T / tau (the paper fixes 1.0)."""
+
+    @model_validator(mode="after")
+    def _some_loss(self) -> "LossConfig":
+        if self.diff_weight == 0 and self.clip_weight == 0:
+            raise ValueError("diff_weight and clip_weight are both 0: nothing to train")
+        return self
+
+
+class OptimizerConfig(_Strict):
+    name: Literal["adam", "adamw"] = "adam"
+    lr: float = Field(1e-4, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+
+
+class SchedulerConfig(_Strict):
+    name: Literal["constant", "exponential", "cosine"] = "constant"
+    gamma: float = Field(0.9, gt=0, le=1)
+    """exponential: lr multiplier per epoch (the paper: 0.9)."""
+    warmup_steps: int = Field(0, ge=0)
+    min_lr_ratio: float = Field(0.0, ge=0, le=1)
+    """cosine: final lr as a fraction of the peak."""
+
+
+class DeepSpeedConfig(_Strict):
+    zero_stage: Literal[0, 1, 2, 3] = 2
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    gradient_clipping: float | None = 1.0
+    gradient_accumulation_steps: int = Field(1, ge=1)
+
+
+class ScalingConfig(_Strict):
+    num_workers: int = Field(1, ge=1)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1, gt=0)
+    torch_threads: int | None = None
+    """torch intra-op threads per worker; null keeps Ray's default (OMP_NUM_THREADS = the worker's CPUs)."""
+
+
+class TrainConfig(_Strict):
+    model: ModelSpec = Field(default_factory=ModelSpec)
+    trainable: Literal["text_transformer", "text", "full"] = "text_transformer"
+    """text_transformer = the paper (text blocks only); text = whole text tower; full = both towers."""
+    data: Literal["pairs", "captions"] = "pairs"
+    """pairs: pairs + diffs (+ image-caption rows from image A); captions: image-caption rows only (base pretraining)."""
+    images: str = "images"
+    pairs: str = "pairs"
+    diffs: str = "diffs"
+    output: str = "train"
+    """Run directory: Ray Train checkpoints under it, the final model under <output>/export."""
+    run_name: str = "pcd"
+    epochs: int = Field(1, ge=1)
+    max_steps: int | None = Field(None, ge=1)
+    batch_size: int = Field(128, ge=2)
+    """Global batch (pairs per step across all workers), the paper's B."""
+    seed: int = 0
+    loss: LossConfig = Field(default_factory=LossConfig)
+    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
+    scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
+    deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig)
+    scaling: ScalingConfig = Field(default_factory=ScalingConfig)
+    log_every: int = Field(20, ge=1)
+    checkpoint_every: int | None = Field(None, ge=1)
+    """Steps between checkpoints (an epoch-end checkpoint is always written)."""
+    keep_checkpoints: int = Field(2, ge=1)
+
+    @model_validator(mode="after")
+    def _batch_divides(self) -> "TrainConfig":
+        if self.batch_size % self.scaling.num_workers:
+            raise ValueError(
+                f"batch_size {self.batch_size} is not divisible by scaling.num_workers {self.scaling.num_workers}"
+            )
+        if self.data == "captions" and self.loss.diff_weight:
+            raise ValueError("data=captions has no difference texts: set loss.diff_weight=0")
+        return self
+
+
+# ------------------------------------------------------------------------------------------------------------ eval
+class EvalConfig(_Strict):
+    images: str = "images"
+    split: str = "test"
+    models: dict[str, ModelSpec] = Field(
+        default_factory=lambda: {"base": ModelSpec(), "finetuned": ModelSpec(checkpoint="train/export")}
+    )
+    """Models evaluated side by side, by display name; the first is the baseline for deltas."""
+    output: str = "eval"
+    seeds: list[int] = Field(default_factory=lambda: [0, 1, 2, 3, 4])
+    pairs_per_attribute: int = Field(500, ge=1)
+    batch_size: int = Field(256, ge=1)
+    num_actors: int = Field(1, ge=1)
+
+
+# ----------------------------------------------------------------------------------------------------------- serve
+class ServeConfig(_Strict):
+    model: ModelSpec = Field(default_factory=lambda: ModelSpec(checkpoint="train/export"))
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    num_replicas: int = Field(1, ge=1)
+    max_batch_size: int = Field(32, ge=1)
+    batch_wait_timeout_s: float = Field(0.01, ge=0)
+    max_request_bytes: int = Field(8 * 1024 * 1024, ge=1024)
+    max_image_pixels: int = Field(4096 * 4096, ge=1)
+
+
+# ------------------------------------------------------------------------------------------------------------- job
+class JobConfig(_Strict):
+    """A whole job file: every stage's section. Stage commands read their own section."""
+
+    storage: StorageConfig = Field(default_factory=StorageConfig)
+    ray: RayConfig = Field(default_factory=RayConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    pairs: PairsConfig = Field(default_factory=PairsConfig)
+    generate: GenerateConfig = Field(default_factory=GenerateConfig)
+    base_train: TrainConfig | None = None
+    """Optional caption-loss pretraining of the base CLIP (the offline demo has no pretrained weights)."""
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    serve: ServeConfig = Field(default_factory=ServeConfig)
+
+
+# ------------------------------------------------------------------------------------------------------ load/dump
+def resolve_job_path(name_or_path: str | Path) -> Path:
+    """A path to a YAML file, or the name of a shipped job (``local`` -> jobs/local.yaml)."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    shipped = JOBS_DIR / f"{name_or_path}.yaml"
+    if shipped.is_file():
+        return shipped
+    known = sorted(p.stem for p in JOBS_DIR.glob("*.yaml")) if JOBS_DIR.is_dir() else []
+    raise ConfigError(f"config {name_or_path!r}: no such file, and no shipped job of that name (shipped: {known})")
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    if "=" not in text:
+        raise ConfigError(f"override {text!r}: expected key.path=value")
+    key, _, raw = text.partition("=")
+    parts = key.strip().split(".")
+    if not all(parts):
+        raise ConfigError(f"override {text!r}: empty key segment")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {text!r}: value is not valid YAML: {e}") from None
+    return parts, value
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """Set ``a.b.c=value`` into a nested dict, creating sections as needed (validation catches bad paths)."""
+    for text in overrides:
+        parts, value = parse_override(text)
+        node = raw
+        for i, part in enumerate(parts[:-1]):
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            elif not isinstance(child, dict):
+                raise ConfigError(f"override {text!r}: {'.'.join(parts[: i + 1])} is a value, not a section")
+            node = child
+        node[parts[-1]] = value
+    return raw
+
+
+def _known_keys(model: type[BaseModel], loc: tuple) -> list[str]:
+    """Field names at a location, for 'did you mean' hints."""
+    node: Any = model
+    for part in loc[:-1]:
+        if isinstance(part, int) or not (isinstance(node, type) and issubclass(node, BaseModel)):
+            return []
+        field = node.model_fields.get(part)
+        if field is None:
+            return []
+        ann = field.annotation
+        node = next((a for a in getattr(ann, "__args__", (ann,)) if isinstance(a, type) and issubclass(a, BaseModel)),
+                    ann)
+    if isinstance(node, type) and issubclass(node, BaseModel):
+        return list(node.model_fields)
+    return []
+
+
+def format_validation_error(err: ValidationError, source: str, model: type[BaseModel]) -> str:
+    lines = [f"invalid config ({source}):"]
+    for e in err.errors():
+        loc = tuple(p for p in e["loc"] if not (isinstance(p, str) and p in ("function-after",)))
+        path = ".".join(str(p) for p in loc) or "<root>"
+        if e["type"] == "extra_forbidden":
+            hint = difflib.get_close_matches(str(loc[-1]), _known_keys(model, loc), n=1)
+            msg = "unknown key" + (f" (did you mean {'.'.join(map(str, loc[:-1] + (hint[0],)))!r}?)" if hint else "")
+        else:
+            msg = e["msg"]
+            if "input" in e and e["type"] not in ("missing", "value_error") and not isinstance(e["input"], dict):
+                msg += f", got {e['input']!r}"
+        lines.append(f"  {path}: {msg}")
+    return "\n".join(lines)
+
+
+def validate(model: type[BaseModel], raw: dict, source: str) -> BaseModel:
+    try:
+        return model.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(format_validation_error(err, source, model)) from None
+
+
+def load_job(name_or_path: str | Path = DEFAULT_JOB, overrides: list[str] | None = None) -> JobConfig:
+    """Load a job file, apply overrides, validate. Raises ConfigError naming the file and key path."""
+    path = resolve_job_path(name_or_path)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: top level must be a mapping of stage sections")
+    overrides = list(overrides or [])
+    apply_overrides(raw, overrides)
+    source = str(path) + (f" + overrides {overrides}" if overrides else "")
+    return validate(JobConfig, raw, source)
+
+
+def dump(cfg: BaseModel) -> str:
+    """The resolved config as YAML (saved next to every artifact; `pcd-ray config show`)."""
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

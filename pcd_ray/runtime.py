@@ -1,0 +1,40 @@
+"""Joining or starting Ray, the same way for every stage."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from pcd_ray.config import RayConfig
+
+log = logging.getLogger(__name__)
+
+
+def init_ray(cfg: RayConfig | None = None) -> None:
+    """Join the configured cluster (or RAY_ADDRESS, set by `ray job submit`), else start a local Ray on 127.0.0.1.
+
+    Idempotent: a driver that already called ray.init keeps its instance (tests share one).
+    """
+    import ray
+
+    if ray.is_initialized():
+        return
+    cfg = cfg or RayConfig()
+    address = cfg.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+        return
+    # A local instance binds to 127.0.0.1 only (Ray otherwise picks the external address and all interfaces).
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    ray.init(num_cpus=cfg.num_cpus, include_dashboard=False, log_to_driver=True,
+             logging_level=logging.WARNING)
+    _quiet_ray_data()
+
+
+def _quiet_ray_data() -> None:
+    """One progress bar per operator is plenty; Ray Data's verbose stats go to its log file instead of stdout."""
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = True
+    ctx.print_on_execution_start = False

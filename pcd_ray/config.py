@@ -67,37 +67,53 @@ class ModelSpec(_Strict):
 # ------------------------------------------------------------------------------------------------------ data stages
 class SyntheticConfig(_Strict):
     num_train: int = Field(8000, ge=1)
+    """Images of split "train" (ids syn-train-000000, ...)."""
     num_test: int = Field(1000, ge=1)
+    """Images of split "test", drawn independently of num_train (ids syn-test-000000, ...)."""
     image_size: int = Field(64, ge=16)
+    """Side of the square images in pixels; at 64 the smallest shapes keep a >= 4 px radius."""
     seed: int = 0
+    """Image i of a split is drawn from numpy's default_rng([seed, split, i]): any shard reproduces alone."""
     rows_per_shard: int = Field(2000, ge=1)
+    """Images per Ray Data block (one render task each) and the minimum rows per Parquet file."""
 
 
 class DataConfig(_Strict):
     source: Literal["synthetic"] = "synthetic"
+    """Where images come from: synthetic (procedural shapes with known attributes)."""
     synthetic: SyntheticConfig = Field(default_factory=SyntheticConfig)
     output: str = "images"
+    """URI of the images artifact written."""
 
 
 class PairsConfig(_Strict):
     input: str = "images"
+    """URI of the images artifact read."""
     output: str = "pairs"
+    """URI of the pairs artifact written."""
     split: str = "train"
     """Only images of this split are paired (test images stay unseen for evaluation)."""
     num_images: int | None = Field(None, ge=2)
     """Sample this many images first, as the paper does (1000); null pairs among all images of the split."""
     num_pairs: int = Field(20000, ge=1)
+    """Ordered pairs (i, j), i != j, drawn without duplicates; an error if above n(n-1) of the n images."""
     seed: int = 0
+    """Seed of the image sample and the pair draw (pair ids do not depend on it)."""
 
 
 class GenerateConfig(_Strict):
     input: str = "pairs"
+    """URI of the pairs artifact read."""
     output: str = "diffs"
+    """URI of the diffs artifact written (kept texts)."""
     rejects: str = "rejects"
+    """URI of the rejects artifact written (every dropped output, with its reason)."""
     engine: Literal["rule"] = "rule"
     """Which engine writes the difference text: rule (attributes, synthetic set). vllm/transformers: next issue."""
     prompt_version: str = "paper-v1"
+    """Key of generate/prompts.py PROMPTS; recorded in every diffs row."""
     batch_size: int = Field(256, ge=1)
+    """Pairs per engine call (one Ray Data batch)."""
     num_actors: int = Field(1, ge=1)
     """Size of the Ray Data actor pool running the engine."""
     seed: int = 0
@@ -178,6 +194,8 @@ class TrainConfig(_Strict):
     checkpoint_every: int | None = Field(None, ge=1)
     """Steps between checkpoints (an epoch-end checkpoint is always written)."""
     keep_checkpoints: int = Field(2, ge=1)
+    max_failures: int = Field(0, ge=-1)
+    """Ray Train restarts the worker group this many times after a worker dies (-1: forever), from the last checkpoint."""
 
     @model_validator(mode="after")
     def _batch_divides(self) -> "TrainConfig":
@@ -193,28 +211,48 @@ class TrainConfig(_Strict):
 # ------------------------------------------------------------------------------------------------------------ eval
 class EvalConfig(_Strict):
     images: str = "images"
+    """URI of the images artifact (needs the attributes column: the synthetic set)."""
     split: str = "test"
+    """Only images of this split are evaluated (images the pairs/train stages never saw)."""
     models: dict[str, ModelSpec] = Field(
-        default_factory=lambda: {"base": ModelSpec(), "finetuned": ModelSpec(checkpoint="train/export")}
+        default_factory=lambda: {"base": ModelSpec(), "finetuned": ModelSpec(checkpoint="train/export")},
+        min_length=1,
     )
     """Models evaluated side by side, by display name; the first is the baseline for deltas."""
     output: str = "eval"
-    seeds: list[int] = Field(default_factory=lambda: [0, 1, 2, 3, 4])
+    """Directory URI of report.json / report.md / report.png."""
+    seeds: list[int] = Field(default_factory=lambda: [0, 1, 2, 3, 4], min_length=1)
+    """One pair sample per seed; accuracies are mean and standard error over seeds (the paper: 5)."""
     pairs_per_attribute: int = Field(500, ge=1)
+    """Pairs per attribute and seed for difference accuracy (easy pairs: fewer when fewer exist)."""
     batch_size: int = Field(256, ge=1)
+    """Images per embedding call (and per forward pass); also the chunk size of text encoding in the driver."""
     num_actors: int = Field(1, ge=1)
+    """Size of the Ray Data actor pool that embeds images (each actor holds one copy of the model)."""
+    num_gpus: float = Field(0, ge=0)
+    """GPUs per embedding actor: 0 runs the image tower on CPU, 1 puts each actor on its own GPU (a cluster)."""
 
 
 # ----------------------------------------------------------------------------------------------------------- serve
 class ServeConfig(_Strict):
     model: ModelSpec = Field(default_factory=lambda: ModelSpec(checkpoint="train/export"))
+    """The model every replica loads once at start-up (normally the finetuned export)."""
     host: str = "127.0.0.1"
+    """HTTP bind address of Serve's proxy (`pcd-ray serve`; a Serve YAML sets its own http_options)."""
     port: int = Field(8000, ge=1, le=65535)
+    """HTTP port of Serve's proxy."""
     num_replicas: int = Field(1, ge=1)
+    """Model replicas (Ray actors), each holding its own copy of the model."""
+    cpus_per_replica: float = Field(1, gt=0)
+    """Logical CPUs reserved per replica (ray_actor_options.num_cpus)."""
     max_batch_size: int = Field(32, ge=1)
+    """Most texts/images one replica encodes in one forward pass when requests are batched."""
     batch_wait_timeout_s: float = Field(0.01, ge=0)
+    """How long a replica waits for a batch to fill before encoding what it has."""
     max_request_bytes: int = Field(8 * 1024 * 1024, ge=1024)
+    """Largest accepted HTTP request body; larger ones get 413 (base64 images count ~4/3 of their size)."""
     max_image_pixels: int = Field(4096 * 4096, ge=1)
+    """Largest accepted image (width * height, read from the header before decoding); larger ones get 422."""
 
 
 # ------------------------------------------------------------------------------------------------------------- job

@@ -32,9 +32,18 @@ def init_ray(cfg: RayConfig | None = None) -> None:
 
 
 def _quiet_ray_data() -> None:
-    """One progress bar per operator is plenty; Ray Data's verbose stats go to its log file instead of stdout."""
+    """Progress bars in a terminal; in a log (CI, job logs) Ray Data would print a status block every few
+    seconds per dataset, so there the stages' own one-line progress is what shows."""
+    import sys
+
     import ray.data
 
     ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = True
+    ctx.enable_progress_bars = sys.stderr.isatty()
     ctx.print_on_execution_start = False
+
+
+def quiet_worker_logs() -> None:
+    """Inside Ray workers: keep library INFO chatter (open_clip's model-building steps) out of the job log."""
+    logging.getLogger().setLevel(logging.WARNING)
+    logging.getLogger("pcd_ray").setLevel(logging.INFO)

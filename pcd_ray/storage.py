@@ -40,7 +40,10 @@ class Storage:
         self._fs: dict[str, Any] = {}
 
     def __getstate__(self):
-        return {"cfg": self.cfg}
+        # Workers on other nodes may lack the driver's environment: ship the endpoint/region it resolved.
+        opts = self.s3_options()["client_kwargs"]
+        s3 = self.cfg.s3.model_copy(update={"endpoint_url": opts.get("endpoint_url"), "region": opts["region_name"]})
+        return {"cfg": self.cfg.model_copy(update={"s3": s3})}
 
     def __setstate__(self, state):
         self.cfg = state["cfg"]
@@ -162,10 +165,17 @@ class Storage:
             out.append(join(base, *rel.split("/")))
         return sorted(out)
 
-    def rm(self, uri: str, recursive: bool = True) -> None:
+    def rm(self, uri: str) -> None:
+        """Delete a file or everything below a prefix (missing is fine)."""
         fs, path = self.fs(uri)
-        if fs.exists(path):
-            fs.rm(path, recursive=recursive)
+        if fs.isfile(path):
+            fs.rm_file(path)
+            return
+        # By exact name: fs.rm() would glob-expand keys holding [, * or ?.
+        for f in fs.find(path):
+            fs.rm_file(f)
+        if not is_remote(self.resolve(uri)) and os.path.isdir(path):
+            shutil.rmtree(path)
 
     def put_dir(self, local_dir: str | Path, uri: str) -> None:
         """Copy a local directory's files to a URI (a local copy goes through a sibling temp dir + rename)."""

@@ -89,3 +89,42 @@ def load_model(spec: ModelSpec, storage: Storage | None = None, device: str = "c
     tokenizer = open_clip.get_tokenizer(spec.name)
     source = f"{spec.name} ({spec.pretrained or 'random init'})"
     return LoadedModel(model, preprocess, tokenizer, model_cfg, model.visual.preprocess_cfg, source)
+
+
+def load_processors(spec: ModelSpec, storage: Storage | None = None) -> tuple[Callable, Callable, dict[str, Any]]:
+    """(eval image transform, tokenizer, model_cfg) of a spec without building the network or reading its weights.
+
+    Data pipelines (Ray Data preprocessing on CPU workers) need these, not the model; for an s3 export only its
+    small config file is read.
+    """
+    import tempfile
+
+    import open_clip
+    from open_clip.transform import PreprocessCfg, image_transform_v2, merge_preprocess_dict
+
+    register_configs()
+    if spec.checkpoint:
+        storage = storage or Storage()
+        uri = storage.resolve(spec.checkpoint)
+        from pcd_ray.storage import join
+
+        cfg_uri = join(uri, EXPORT_CONFIG)
+        if not storage.exists(cfg_uri):
+            raise FileNotFoundError(f"export {uri}: not a model export ({EXPORT_CONFIG} missing)")
+        cfg = storage.read_json(cfg_uri)
+        model_cfg, pp = cfg["model_cfg"], merge_preprocess_dict(PreprocessCfg(), cfg.get("preprocess_cfg", {}))
+        # open_clip picks the tokenizer from the config; let it, through its local-dir path.
+        with tempfile.TemporaryDirectory() as tmp:
+            (Path(tmp) / EXPORT_CONFIG).write_text(json.dumps(cfg))
+            tokenizer = open_clip.get_tokenizer(f"local-dir:{tmp}")
+    else:
+        model_cfg = open_clip.get_model_config(spec.name)
+        if model_cfg is None:
+            raise RuntimeError(f"unknown model {spec.name!r}: not an open_clip or pcd-ray config")
+        overlay: dict[str, Any] = {"size": model_cfg["vision_cfg"].get("image_size", 224)}
+        if spec.pretrained:
+            tag_cfg = open_clip.get_pretrained_cfg(spec.name, spec.pretrained)
+            overlay.update({k: v for k, v in tag_cfg.items() if k in PreprocessCfg.__dataclass_fields__})
+        pp = merge_preprocess_dict(PreprocessCfg(), overlay)
+        tokenizer = open_clip.get_tokenizer(spec.name)
+    return image_transform_v2(PreprocessCfg(**pp), is_train=False), tokenizer, model_cfg

@@ -1,0 +1,93 @@
+"""Zero-shot classification: does finetuning keep CLIP's ordinary image-text matching? (PAPER.md section 4)
+
+Each task is a closed set of classes with a label text per class; the prompt is the paper's template
+("This is a photo of a {label}"); an image is assigned the class whose prompt embedding has the highest cosine with
+the image embedding. On the synthetic set the tasks are attributes (kind, colour, size: ``ZEROSHOT_TASKS``).
+Accuracies are percentages; chance is 100 / number of classes.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Mapping, Sequence
+
+import numpy as np
+
+from pcd_ray.data.attributes import ZEROSHOT_TASKS, ZEROSHOT_TEMPLATE, zeroshot_label
+
+EPS = 1e-12
+
+
+def _normalise(x: np.ndarray) -> np.ndarray:
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), EPS)
+
+
+def prompts(tasks: Mapping[str, Mapping[str, str]], template: str = ZEROSHOT_TEMPLATE) -> dict[str, list[str]]:
+    """task -> one prompt per class, in the task's class order."""
+    return {task: [template.format(label=label) for label in classes.values()] for task, classes in tasks.items()}
+
+
+def confusion_matrix(true: np.ndarray, pred: np.ndarray, num_classes: int) -> np.ndarray:
+    """[k, k] int64 counts, rows = true class, columns = predicted class."""
+    cm = np.zeros((num_classes, num_classes), dtype=np.int64)
+    np.add.at(cm, (true, pred), 1)
+    return cm
+
+
+def zeroshot_accuracy(image_emb: np.ndarray, attrs: Sequence[dict | None],
+                      encode_texts: Callable[[list[str]], np.ndarray],
+                      tasks: Mapping[str, Mapping[str, str]] = ZEROSHOT_TASKS,
+                      template: str = ZEROSHOT_TEMPLATE) -> dict:
+    """Per task accuracy by argmax cosine, with chance level and confusion matrix.
+
+    Args:
+        image_emb: [n, D] raw image embeddings, row i belongs to attrs[i].
+        attrs: per image the attribute dict; an image whose value for a task is not one of the task's classes
+            (or whose attrs is None) is left out of that task and counted in ``skipped``.
+        encode_texts: list of k prompts -> [k, D] text embeddings; called once with every task's prompts.
+        tasks: task -> {class value -> label text}; template: the prompt with a ``{label}`` slot.
+
+    Returns ``{"template", "tasks": {task: {"accuracy", "chance", "classes", "confusion", "num_images",
+    "skipped"}}, "mean_accuracy", "mean_chance"}``; accuracy is None for a task without images; confusion rows are
+    true classes, columns predicted (ints, JSON-ready). Ties go to the first class (a constant text encoder
+    therefore predicts the first class everywhere and scores that class's frequency, i.e. about chance).
+    Raises ValueError when shapes disagree.
+    """
+    image_emb = np.asarray(image_emb, dtype=np.float64)
+    if image_emb.ndim != 2 or len(image_emb) != len(attrs):
+        raise ValueError(f"image_emb must be [n, D] with n = len(attrs) = {len(attrs)}, got {image_emb.shape}")
+    task_prompts = prompts(tasks, template)
+    flat = [p for ps in task_prompts.values() for p in ps]
+    text_emb = np.asarray(encode_texts(flat), dtype=np.float64)
+    if len(text_emb) != len(flat):
+        raise ValueError(f"encode_texts returned {len(text_emb)} rows for {len(flat)} prompts")
+    text_emb = _normalise(text_emb)
+    images = _normalise(image_emb)
+
+    out: dict = {"template": template, "tasks": {}}
+    offset = 0
+    for task, classes in tasks.items():
+        names = [str(c) for c in classes]
+        index = {c: k for k, c in enumerate(names)}
+        rows, true = [], []
+        for i, a in enumerate(attrs):
+            label = zeroshot_label(a, task) if a is not None and task in a else None
+            if label in index:
+                rows.append(i)
+                true.append(index[label])
+        t = text_emb[offset:offset + len(names)]
+        offset += len(names)
+        entry = {"classes": names, "chance": 100.0 / len(names), "num_images": len(rows),
+                 "skipped": len(attrs) - len(rows)}
+        if rows:
+            pred = np.argmax(images[rows] @ t.T, axis=1)
+            true_arr = np.asarray(true)
+            entry["accuracy"] = float(100.0 * np.mean(pred == true_arr))
+            entry["confusion"] = confusion_matrix(true_arr, pred, len(names)).tolist()
+        else:
+            entry["accuracy"] = None
+            entry["confusion"] = np.zeros((len(names), len(names)), dtype=np.int64).tolist()
+        out["tasks"][task] = entry
+    scored = [e for e in out["tasks"].values() if e["accuracy"] is not None]
+    out["mean_accuracy"] = float(np.mean([e["accuracy"] for e in scored])) if scored else None
+    out["mean_chance"] = float(np.mean([e["chance"] for e in scored])) if scored else None
+    return out

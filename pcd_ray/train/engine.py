@@ -1,0 +1,80 @@
+"""DeepSpeed for one train worker: its JSON config from ours, the LR schedule, and the engine.
+
+The optimizer is DeepSpeed's own (``"optimizer"`` section), so ZeRO partitions its state; on CPU workers it is
+torch's Adam/AdamW (``torch_adam``), on GPUs DeepSpeed's fused one. The LR schedule is a LambdaLR that DeepSpeed steps
+once per optimizer step.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Any
+
+from pcd_ray.config import TrainConfig
+
+
+def deepspeed_config(cfg: TrainConfig, *, micro_batch: int, use_gpu: bool) -> dict[str, Any]:
+    """DeepSpeed's config dict for a per-worker micro batch (global batch = micro * accumulation * workers)."""
+    ds, opt = cfg.deepspeed, cfg.optimizer
+    return {
+        "train_micro_batch_size_per_gpu": micro_batch,
+        "gradient_accumulation_steps": ds.gradient_accumulation_steps,
+        "gradient_clipping": ds.gradient_clipping or 0.0,
+        "zero_optimization": {"stage": ds.zero_stage},
+        "bf16": {"enabled": ds.precision == "bf16"},
+        "fp16": {"enabled": ds.precision == "fp16"},
+        "optimizer": {
+            "type": "AdamW" if opt.name == "adamw" else "Adam",
+            "params": {"lr": opt.lr, "betas": list(opt.betas), "eps": opt.eps, "weight_decay": opt.weight_decay,
+                       # Paper's Adam has no decoupled decay; "Adam" + weight_decay=0 is exactly torch.optim.Adam.
+                       "adam_w_mode": opt.name == "adamw", "torch_adam": not use_gpu},
+        },
+        "steps_per_print": 1 << 30,
+        "wall_clock_breakdown": False,
+    }
+
+
+def lr_lambda(cfg: TrainConfig, steps_per_epoch: int, total_steps: int):
+    """Multiplier of the base lr at optimizer step s (0-based)."""
+    sch = cfg.scheduler
+
+    def factor(step: int) -> float:
+        warm = min(1.0, (step + 1) / sch.warmup_steps) if sch.warmup_steps else 1.0
+        if sch.name == "exponential":  # the paper: ExponentialLR stepped once per epoch
+            return warm * sch.gamma ** (step // max(1, steps_per_epoch))
+        if sch.name == "cosine":
+            progress = min(1.0, max(0, step - sch.warmup_steps) / max(1, total_steps - sch.warmup_steps))
+            return warm * (sch.min_lr_ratio + (1 - sch.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+        return warm
+
+    return factor
+
+
+def init_engine(module, cfg: TrainConfig, *, micro_batch: int, steps_per_epoch: int, total_steps: int,
+                use_gpu: bool):
+    """deepspeed.initialize over the module's trainable parameters; returns the engine.
+
+    Ray Train already initialised torch.distributed (gloo on CPU, nccl on GPU); DeepSpeed reuses that group.
+    """
+    import deepspeed
+    import torch
+    import ray.train
+
+    ctx = ray.train.get_context()
+    # DeepSpeed reads these; Ray Train's torch backend does not set LOCAL_RANK for it.
+    os.environ.setdefault("LOCAL_RANK", str(ctx.get_local_rank()))
+    os.environ.setdefault("RANK", str(ctx.get_world_rank()))
+    os.environ.setdefault("WORLD_SIZE", str(ctx.get_world_size()))
+    params = [p for p in module.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError(f"trainable={cfg.trainable!r} leaves no parameter to train")
+    engine, _, _, _ = deepspeed.initialize(
+        model=module,
+        model_parameters=params,
+        config=deepspeed_config(cfg, micro_batch=micro_batch, use_gpu=use_gpu),
+        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg, steps_per_epoch,
+                                                                                  total_steps)),
+        dist_init_required=False,
+    )
+    return engine

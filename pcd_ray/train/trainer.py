@@ -1,0 +1,90 @@
+"""Assembling the Ray Train TorchTrainer for a train section (``train`` or ``base_train``) of a job.
+
+The driver builds the Ray Dataset (joins + preprocessing run on Ray Data workers), hands it to the trainer
+(``get_dataset_shard`` splits it across workers), and points Ray Train's storage at ``<output>/<run_name>-<hash>``
+on the job's storage (local or s3://). Re-running the same config resumes from its latest checkpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from pcd_ray.config import JobConfig, TrainConfig, dump
+from pcd_ray.runtime import init_ray
+from pcd_ray.storage import Storage, is_remote, join
+
+log = logging.getLogger(__name__)
+
+
+# Fields that may change between a run and its resumption (train longer, checkpoint more often, ...).
+RESUMABLE_FIELDS = {"epochs", "max_steps", "log_every", "checkpoint_every", "keep_checkpoints", "max_failures"}
+
+
+def run_dir_name(cfg: TrainConfig) -> str:
+    """``<run_name>-<fingerprint>``: re-running the same config resumes its latest checkpoint; changing anything
+    that shapes the model (lr, loss, data, ...) starts a new run beside the old one instead of resuming it."""
+    import hashlib
+    import json
+
+    identity = cfg.model_dump(mode="json", exclude=RESUMABLE_FIELDS)
+    return f"{cfg.run_name}-{hashlib.sha1(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:8]}"
+
+
+def _run_config(cfg: TrainConfig, storage: Storage):
+    import ray.train
+
+    root = storage.resolve(cfg.output)
+    fs, path = storage.arrow_fs(root)
+    return ray.train.RunConfig(
+        name=run_dir_name(cfg),
+        storage_path=path if is_remote(root) else root,
+        storage_filesystem=fs if is_remote(root) else None,
+        checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
+        failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
+    )
+
+
+def run_train(job: JobConfig, storage: Storage, section: str = "train") -> dict[str, Any]:
+    """Train one section of the job; returns a summary (also written to <output>/summary.json)."""
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from pcd_ray.train.data import build_train_dataset
+    from pcd_ray.train.loop import train_loop_per_worker
+
+    cfg: TrainConfig | None = getattr(job, section)
+    if cfg is None:
+        raise ValueError(f"job has no {section!r} section")
+    init_ray(job.ray)
+    t0 = time.perf_counter()
+    print(f"[{section}] building the training set ({cfg.data}) ...", flush=True)
+    ds, rows = build_train_dataset(cfg, storage)
+    print(f"[{section}] {rows} rows; {cfg.epochs} epoch(s) of {rows // cfg.batch_size} steps at batch "
+          f"{cfg.batch_size} on {cfg.scaling.num_workers} worker(s)", flush=True)
+    scaling = cfg.scaling
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"train": cfg.model_dump(mode="json"),
+                           "storage": storage.cfg.model_dump(mode="json"), "rows": rows},
+        scaling_config=ray.train.ScalingConfig(num_workers=scaling.num_workers, use_gpu=scaling.use_gpu,
+                                               resources_per_worker={"CPU": scaling.cpus_per_worker}),
+        # gloo on CPU workers; nccl when each worker holds a GPU.
+        torch_config=TorchConfig(backend="nccl" if scaling.use_gpu else "gloo"),
+        run_config=_run_config(cfg, storage),
+        datasets={"train": ds},
+    )
+    result = trainer.fit()
+    summary = {
+        "section": section,
+        "rows": rows,
+        "final_metrics": result.metrics,
+        "checkpoint": result.checkpoint.path if result.checkpoint else None,
+        "export": storage.resolve(join(cfg.output, "export")),
+        "wall_s": round(time.perf_counter() - t0, 1),
+    }
+    storage.write_json(join(cfg.output, "summary.json"), summary)
+    storage.write_text(join(cfg.output, "config.yaml"), dump(cfg))
+    print(f"[{section}] done in {summary['wall_s']} s; export at {summary['export']}", flush=True)
+    return summary

@@ -26,8 +26,8 @@ def init_ray(cfg: RayConfig | None = None) -> None:
         return
     # A local instance binds to 127.0.0.1 only (Ray otherwise picks the external address and all interfaces).
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    ray.init(num_cpus=cfg.num_cpus, include_dashboard=False, log_to_driver=True,
-             logging_level=logging.WARNING)
+    # The dashboard (127.0.0.1:8265) also serves the State API, which Ray Train's placement-group cleaner polls.
+    ray.init(num_cpus=cfg.num_cpus, dashboard_host="127.0.0.1", log_to_driver=True, logging_level=logging.WARNING)
     _quiet_ray_data()
 
 

@@ -75,7 +75,8 @@ def ray_local(s3_server):
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+        # With the dashboard: it serves the State API that Ray Train's placement-group cleaner polls.
+        ray.init(num_cpus=4, dashboard_host="127.0.0.1", log_to_driver=False)
     import ray.data
 
     ray.data.DataContext.get_current().enable_progress_bars = False

@@ -1,0 +1,67 @@
+"""The CLI end to end: `pcd-ray pipeline` on jobs/local.yaml with artifacts in an s3:// bucket, then `pcd-ray demo`
+resuming it (every stage up to date but eval) and printing the base-vs-finetuned table.
+
+The CLI runs as a separate process that joins the test session's Ray, as it would join a cluster under
+`ray job submit`; sizes are shrunk with overrides so the whole chain takes about two minutes.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pcd_ray import artifacts
+from pcd_ray.config import StorageConfig
+from pcd_ray.storage import Storage, join
+
+pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parents[2]
+
+TINY = [
+    "data.synthetic.num_train=240", "data.synthetic.num_test=90", "data.synthetic.image_size=32",
+    "pairs.num_pairs=400",
+    "base_train.model.name=pcd-micro", "base_train.epochs=1", "base_train.batch_size=32",
+    "base_train.scaling.cpus_per_worker=1",
+    "train.batch_size=32", "train.max_steps=4", "train.scaling.cpus_per_worker=1",
+    "eval.seeds=[0, 1]", "eval.pairs_per_attribute=30",
+]
+
+
+def _cli(args: list[str], ray_address: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, RAY_ADDRESS=ray_address)
+    out = subprocess.run([sys.executable, "-m", "pcd_ray", *args], cwd=REPO, env=env, capture_output=True,
+                         text=True, timeout=900)
+    assert out.returncode == 0, f"pcd-ray {args[0]} failed:\n{out.stdout[-4000:]}\n{out.stderr[-6000:]}"
+    return out
+
+
+def test_pipeline_on_s3_then_demo_resumes_and_prints_the_table(ray_local, s3_root):
+    address = ray_local.get_runtime_context().gcs_address
+    root = f"{s3_root}/run"
+    out = _cli(["pipeline", "--config", "jobs/local.yaml", f"storage.root={root}", *TINY], address)
+    for stage in ("data", "pairs", "generate", "base_train", "train", "eval"):
+        assert f"== {stage}: done" in out.stdout, out.stdout[-3000:]
+
+    storage = Storage(StorageConfig(root=root))
+    assert artifacts.read_manifest(storage, "images", "images")["num_rows"] == 330
+    pairs = artifacts.read_manifest(storage, "pairs", "pairs")["num_rows"]
+    kept = artifacts.read_manifest(storage, "diffs", "diffs")["num_rows"]
+    rejected = artifacts.read_manifest(storage, "rejects", "rejects")["num_rows"]
+    assert pairs == 400 and kept + rejected == pairs and kept > 300
+    for export in ("base/export", "train/export"):
+        assert storage.exists(join(export, "open_clip_model.safetensors"))
+        assert storage.exists(join(export, "open_clip_config.json"))
+    report = storage.read_json("eval/report.json")
+    assert list(report["models"]) == ["base", "finetuned"]
+    assert storage.exists("eval/report.md") and storage.read_bytes("eval/report.png")[:4] == b"\x89PNG"
+    assert storage.exists("train/metrics.csv") and storage.exists("job.yaml")
+
+    demo = _cli(["demo", f"storage.root={root}", *TINY], address)
+    for stage in ("data", "pairs", "generate", "base_train", "train"):
+        assert f"== {stage}: up to date, skipped" in demo.stdout
+    assert "Difference accuracy, hard pairs" in demo.stdout and "Zero-shot classification" in demo.stdout
+    assert "finetuned" in demo.stdout

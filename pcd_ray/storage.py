@@ -39,11 +39,15 @@ class Storage:
         self.cfg = cfg or StorageConfig()
         self._fs: dict[str, Any] = {}
 
-    def __getstate__(self):
-        # Workers on other nodes may lack the driver's environment: ship the endpoint/region it resolved.
+    def portable_cfg(self) -> StorageConfig:
+        """The config with the endpoint/region this process resolved from its environment filled in: what a
+        worker on another node (which may lack the driver's environment) needs to reach the same storage."""
         opts = self.s3_options()["client_kwargs"]
         s3 = self.cfg.s3.model_copy(update={"endpoint_url": opts.get("endpoint_url"), "region": opts["region_name"]})
-        return {"cfg": self.cfg.model_copy(update={"s3": s3})}
+        return self.cfg.model_copy(update={"s3": s3})
+
+    def __getstate__(self):
+        return {"cfg": self.portable_cfg()}
 
     def __setstate__(self, state):
         self.cfg = state["cfg"]

@@ -32,6 +32,10 @@ WHERE = {"left": "on the left", "center": "in the middle", "right": "on the righ
 MAX_CLAUSES = 2
 """A sentence names at most this many differences (LLMs name the salient few; CLIP reads 77 tokens at most)."""
 
+CAPTION_FRAMES = ["{head} {noun}{where}", "a photo of {head} {noun}{where}",
+                  "this is a photo of {head} {noun}{where}", "an image showing {head} {noun}{where}"]
+CAPTION_MENTION = 0.6
+
 # Ordered attributes: the ones a "more/less" difference sentence (and the difference-accuracy test) is about.
 ORDERED = {"size": SIZES, "brightness": BRIGHTNESS, "count": COUNTS}
 
@@ -61,12 +65,18 @@ def _plural(kind: str, count: int) -> str:
 
 
 def caption(attrs: Attributes, rng: np.random.Generator) -> str:
+    """A loose caption, as people write them: the count and a noun always, each other attribute only sometimes
+    (size, brightness, colour, position each with probability CAPTION_MENTION), and "shape" instead of the kind a
+    third of the time. Captions that name one attribute are what make a one-attribute zero-shot prompt
+    ("This is a photo of a large shape") a sentence the model has learned to read."""
     n = attrs["count"]
-    noun = f"{attrs['size']} {attrs['brightness']} {attrs['colour']} {_plural(attrs['kind'], n)}"
-    where = WHERE[attrs["position"]]
+    kind = attrs["kind"] if rng.random() >= 1 / 3 else "shape"
+    adjectives = [attrs[k] for k in ("size", "brightness", "colour") if rng.random() < CAPTION_MENTION]
+    noun = " ".join(adjectives + [_plural(kind, n)])
+    where = (" " + WHERE[attrs["position"]]) if rng.random() < CAPTION_MENTION else ""
     head = "a" if n == 1 else COUNT_WORDS[n]
-    frames = ["{head} {noun} {where}", "a photo of {head} {noun} {where}", "an image showing {head} {noun} {where}"]
-    return frames[rng.integers(len(frames))].format(head=head, noun=noun, where=where)
+    frame = CAPTION_FRAMES[rng.integers(len(CAPTION_FRAMES))]
+    return frame.format(head=head, noun=noun, where=where)
 
 
 # ------------------------------------------------------------------------------------------ difference sentences

@@ -240,7 +240,7 @@ def run_serve(job: JobConfig, storage: Storage, *, blocking: bool = True) -> str
     init_ray(job.ray)
     cfg = job.serve
     serve.start(http_options={"host": cfg.host, "port": cfg.port})
-    serve.run(bind_app(cfg, storage.cfg), name=APP_NAME, route_prefix="/", blocking=False)
+    serve.run(bind_app(cfg, storage.portable_cfg()), name=APP_NAME, route_prefix="/", blocking=False)
     url = f"http://{cfg.host}:{cfg.port}"
     print(f"pcd-ray serving {storage.resolve(cfg.model.checkpoint) if cfg.model.checkpoint else cfg.model.name} "
           f"at {url}\n  curl -s {url}/embed -H 'content-type: application/json' -d '{{\"texts\": [\"a red circle\"]}}'",

@@ -37,6 +37,26 @@ def _save_checkpoint(engine, metrics: dict, client_state: dict) -> None:
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
 
+def _clamp_logit_scale(param, max_scale: float = 100.0) -> None:
+    """open_clip's clamp of the learned CLIP scale to [1, 100], on the parameter after the step (never in the graph).
+
+    Under ZeRO the optimizer owns an fp32 master copy that overwrites the module's copy after every step, so the
+    master is clamped too (through DeepSpeed's safe_* accessors, which are collectives: every rank calls them).
+    """
+    import math
+
+    import torch
+    from deepspeed.utils import safe_get_full_fp32_param, safe_set_full_fp32_param
+
+    if not param.requires_grad:
+        return
+    with torch.no_grad():
+        master = safe_get_full_fp32_param(param)
+        if master is not None:
+            safe_set_full_fp32_param(param, master.clamp(0, math.log(max_scale)))
+        param.clamp_(0, math.log(max_scale))
+
+
 def _restore(engine) -> dict[str, Any]:
     import ray.train
 
@@ -51,7 +71,6 @@ def _restore(engine) -> dict[str, Any]:
 
 def _export(engine, lm, cfg: TrainConfig, storage: Storage, step: int, rank: int) -> None:
     import deepspeed
-    import torch
 
     from pcd_ray.config import dump
     from pcd_ray.model.export import export_model
@@ -65,12 +84,10 @@ def _export(engine, lm, cfg: TrainConfig, storage: Storage, step: int, rank: int
                                meta={"base": lm.source, "step": step, "trainable": cfg.trainable,
                                      "loss": cfg.loss.model_dump(), "train_config": dump(cfg)})
             log.warning("exported %s", uri)
-    del torch  # imported for its side effect of being loaded before deepspeed's checks
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Ray Train entry point. config: {"train": TrainConfig dict, "storage": StorageConfig dict, "rows": int}."""
-    import numpy as np
     import ray.train
     import torch
 
@@ -103,6 +120,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     state = _restore(engine)
     torch.manual_seed(cfg.seed * 1000 + rank + state["step"])
     keys = _batch_keys(cfg)
+    # DeepSpeed casts the module to bf16/fp16; pixels must follow (the loss itself computes in fp32).
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.deepspeed.precision)
     shard = ray.train.get_dataset_shard("train")
     metrics = MetricsLog(storage, cfg.output) if rank == 0 else None
     step, skipped = state["step"], state.get("skipped_steps", 0)
@@ -125,7 +144,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             b += 1
             if b <= done_in_epoch:  # data position of a mid-epoch resume
                 continue
-            feats = engine({k: batch[k] for k in keys})
+            feats = engine({k: batch[k].to(dtype) if dtype and batch[k].is_floating_point() else batch[k]
+                            for k in keys})
             out = pc_clip_loss(feats, cfg.loss, logit_scale=engine.module.clip.logit_scale, rank=rank,
                                world_size=world)
             # Skip a NaN step on every rank alike, or the next collective would hang.
@@ -138,8 +158,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 continue
             engine.backward(out["loss"])
             engine.step()
-            with torch.no_grad():  # open_clip's clamp, on the parameter after the step, never in the graph
-                engine.module.clip.logit_scale.clamp_(0, np.log(100))
+            _clamp_logit_scale(engine.module.clip.logit_scale)
             step += 1
             window["samples"] += micro * world
             if step % cfg.log_every == 0 or step == total_steps:

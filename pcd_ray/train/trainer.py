@@ -67,7 +67,7 @@ def run_train(job: JobConfig, storage: Storage, section: str = "train") -> dict[
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"train": cfg.model_dump(mode="json"),
-                           "storage": storage.cfg.model_dump(mode="json"), "rows": rows},
+                           "storage": storage.portable_cfg().model_dump(mode="json"), "rows": rows},
         scaling_config=ray.train.ScalingConfig(num_workers=scaling.num_workers, use_gpu=scaling.use_gpu,
                                                resources_per_worker={"CPU": scaling.cpus_per_worker}),
         # gloo on CPU workers; nccl when each worker holds a GPU.

@@ -172,6 +172,9 @@ class TrainConfig(_Strict):
     model: ModelSpec = Field(default_factory=ModelSpec)
     trainable: Literal["text_transformer", "text", "full"] = "text_transformer"
     """text_transformer = the paper (text blocks only); text = whole text tower; full = both towers."""
+    image_features: Literal["auto", "online", "precomputed"] = "auto"
+    """online: the image tower runs on pixels every step; precomputed: it embeds every image once before training
+    (only valid while it is frozen); auto: precomputed exactly when ``trainable`` freezes the image tower (the paper)."""
     data: Literal["pairs", "captions"] = "pairs"
     """pairs: pairs + diffs (+ image-caption rows from image A); captions: image-caption rows only (base pretraining)."""
     images: str = "images"
@@ -203,6 +206,8 @@ class TrainConfig(_Strict):
             raise ValueError(
                 f"batch_size {self.batch_size} is not divisible by scaling.num_workers {self.scaling.num_workers}"
             )
+        if self.image_features == "precomputed" and self.trainable == "full":
+            raise ValueError("image_features=precomputed needs a frozen image tower, but trainable=full trains it")
         if self.data == "captions" and self.loss.diff_weight:
             raise ValueError("data=captions has no difference texts: set loss.diff_weight=0")
         return self

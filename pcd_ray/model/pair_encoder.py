@@ -24,15 +24,22 @@ class PairEncoder(nn.Module):
         return self.clip.encode_image(pixels)
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """batch: image_a [n,3,H,W], optional image_b [n,3,H,W], diff_tokens [n,L], caption_tokens [n,L]."""
+        """batch: image_a [n,3,H,W] (or emb_a [n,D], the frozen tower's precomputed embedding), optional image_b
+        (or emb_b), diff_tokens [n,L], caption_tokens [n,L]."""
         out: dict[str, torch.Tensor] = {}
-        n = batch["image_a"].shape[0]
-        if "image_b" in batch:
-            # One image-tower call for both sides of every pair.
+        if "emb_a" in batch:  # embedded once before training (a frozen tower gives the same values every step)
+            if not self.image_frozen:
+                raise ValueError("precomputed image embeddings, but the image tower is training")
+            out["image_a"] = batch["emb_a"]
+            if "emb_b" in batch:
+                out["image_b"] = batch["emb_b"]
+        elif "image_b" in batch:  # one image-tower call for both sides of every pair
+            n = batch["image_a"].shape[0]
             images = self.encode_images(torch.cat([batch["image_a"], batch["image_b"]]))
             out["image_a"], out["image_b"] = images[:n], images[n:]
         else:
             out["image_a"] = self.encode_images(batch["image_a"])
+        n = out["image_a"].shape[0]
         texts = [batch[k] for k in ("diff_tokens", "caption_tokens") if k in batch]
         encoded = self.clip.encode_text(torch.cat(texts)) if texts else None
         if "diff_tokens" in batch:

@@ -87,3 +87,11 @@ def select_trainable(model: "nn.Module", which: str) -> list[str]:
 def image_tower_frozen(model: "nn.Module") -> bool:
     """True when no parameter of ``model.visual`` requires grad: the train loop may then run it under no_grad."""
     return not any(p.requires_grad for p in model.visual.parameters())
+
+
+def trains_image_tower(which: str) -> bool:
+    """Whether a mode trains the image tower (decides, before any model is built, whether image embeddings can be
+    computed once up front)."""
+    if which not in MODES:
+        raise ValueError(f"unknown trainable mode {which!r}; valid: {list(MODES)}")
+    return which == "full"

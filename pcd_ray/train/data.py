@@ -2,8 +2,9 @@
 
     pairs ⋈ diffs (pair_id) ⋈ images (image_id_a) ⋈ images (image_id_b)  ->  decode + open_clip preprocess + tokenise
 
-Train workers receive ready tensors from ``get_dataset_shard``: pixels ``image_a``/``image_b`` [3, H, W] float32,
-token ids ``diff_tokens``/``caption_tokens`` [context_length] int64. Heavy work (PNG decoding, resizing,
+Train workers receive ready tensors from ``get_dataset_shard``: pixels ``image_a``/``image_b`` [3, H, W] float32
+(or, when the image tower is frozen, its embeddings ``emb_a``/``emb_b`` [D] float32, computed once per image as
+the paper does), token ids ``diff_tokens``/``caption_tokens`` [context_length] int64. Heavy work (PNG decoding, resizing,
 tokenising) runs in Ray Data tasks on CPU workers, so on a cluster it scales on CPU nodes while GPUs train.
 ``data: captions`` (base pretraining) reads image-caption rows of the images artifact instead.
 """
@@ -17,6 +18,8 @@ import numpy as np
 
 from pcd_ray import artifacts
 from pcd_ray.config import ModelSpec, TrainConfig
+from pcd_ray.data.images import ImageDecodeError
+from pcd_ray.model.trainable import trains_image_tower
 from pcd_ray.storage import Storage
 
 log = logging.getLogger(__name__)
@@ -49,37 +52,75 @@ def preprocess_batch_fn(batch: dict[str, np.ndarray], *, spec_json: str, storage
     for key in ("image_a", "image_b"):
         if key in batch:
             out[key] = preprocess_batch(list(batch[key]), preprocess).numpy()
+    for key in ("emb_a", "emb_b"):
+        if key in batch:
+            out[key] = np.stack([np.asarray(e, dtype=np.float32) for e in batch[key]])
     for src, dst in (("text", "diff_tokens"), ("caption_a", "caption_tokens")):
         if src in batch:
             out[dst] = tokenizer([str(t) for t in batch[src]]).numpy()
     return out
 
 
-def joined_pairs(cfg: TrainConfig, storage: Storage):
-    """pairs ⋈ diffs ⋈ images(a) ⋈ images(b): one row per kept difference sentence, with both images' bytes."""
+def image_features_precomputed(cfg: TrainConfig) -> bool:
+    """Whether training reads precomputed image embeddings instead of pixels (``image_features``)."""
+    if cfg.image_features == "auto":
+        return not trains_image_tower(cfg.trainable)  # the paper: frozen tower -> embed every image once
+    return cfg.image_features == "precomputed"
+
+
+def _image_values(cfg: TrainConfig, storage: Storage, precomputed: bool):
+    """image_id + one value column per image: PNG bytes ("image"), or the frozen tower's embedding ("embedding"),
+    computed once here by a Ray Data actor pool instead of once per pair and epoch in the train loop."""
+    images = artifacts.read_dataset(storage, cfg.images, "images", columns=["image_id", "image"])
+    if not precomputed:
+        return images, "image"
+    from ray.data.expressions import col
+
+    from pcd_ray.embed.images import embed_images
+
+    emb = embed_images(images, cfg.model, storage, batch_size=256, num_actors=1).materialize()
+    failed = emb.filter(expr=col("error").is_not_null())
+    if failed.count():
+        raise ImageDecodeError(f"{storage.resolve(cfg.images)}: images that do not decode, e.g. "
+                               f"{failed.take(3)}: the images artifact is damaged")
+    return emb.select_columns(["image_id", "embedding"]), "embedding"
+
+
+def joined_pairs(cfg: TrainConfig, storage: Storage, precomputed: bool):
+    """pairs ⋈ diffs ⋈ images(a) ⋈ images(b): one row per kept difference sentence, with both images' bytes
+    (``image_a``/``image_b``) or embeddings (``emb_a``/``emb_b``)."""
     pairs = artifacts.read_dataset(storage, cfg.pairs, "pairs",
                                    columns=["pair_id", "image_id_a", "image_id_b", "caption_a"])
     diffs = artifacts.read_dataset(storage, cfg.diffs, "diffs", columns=["pair_id", "text"])
     n = max(1, cfg.scaling.num_workers * 2)
     ds = diffs.join(pairs, "inner", num_partitions=n, on=("pair_id",))
-    images = artifacts.read_dataset(storage, cfg.images, "images", columns=["image_id", "image"])
+    images, value = _image_values(cfg, storage, precomputed)
+    prefix = "emb" if precomputed else "image"
     for side in ("a", "b"):
-        ds = ds.join(images.rename_columns({"image_id": f"image_id_{side}", "image": f"image_{side}"}),
+        ds = ds.join(images.rename_columns({"image_id": f"image_id_{side}", value: f"{prefix}_{side}"}),
                      "inner", num_partitions=n, on=(f"image_id_{side}",))
-    return ds.select_columns(["pair_id", "text", "caption_a", "image_a", "image_b"])
+    return ds.select_columns(["pair_id", "text", "caption_a", f"{prefix}_a", f"{prefix}_b"])
 
 
-def caption_rows(cfg: TrainConfig, storage: Storage, split: str = "train"):
-    """Image-caption rows of one split, named like the pair columns the loop reads (image_a, caption_a)."""
-    ds = artifacts.read_dataset(storage, cfg.images, "images", columns=["image_id", "split", "image", "caption"])
+def caption_rows(cfg: TrainConfig, storage: Storage, precomputed: bool, split: str = "train"):
+    """Image-caption rows of one split, named like the pair columns the loop reads (image_a or emb_a, caption_a)."""
+    ds = artifacts.read_dataset(storage, cfg.images, "images", columns=["image_id", "split", "caption"])
     ds = ds.filter(lambda row: row["split"] == split)
-    return ds.rename_columns({"image": "image_a", "caption": "caption_a"}).select_columns(["image_a", "caption_a"])
+    images, value = _image_values(cfg, storage, precomputed)
+    key = "emb_a" if precomputed else "image_a"
+    ds = ds.join(images, "inner", num_partitions=max(1, cfg.scaling.num_workers * 2), on=("image_id",))
+    return ds.rename_columns({value: key, "caption": "caption_a"}).select_columns([key, "caption_a"])
 
 
 def build_train_dataset(cfg: TrainConfig, storage: Storage):
-    """The Ray Dataset the train workers iterate: tensors ready for the model (see module docstring)."""
-    ds = caption_rows(cfg, storage) if cfg.data == "captions" else joined_pairs(cfg, storage)
-    # The light rows (bytes + text) are kept in memory once; decoded pixels are recomputed per epoch, streaming.
+    """(Ray Dataset the train workers iterate -- tensors ready for the model, rows, precomputed image features?)."""
+    precomputed = image_features_precomputed(cfg)
+    if cfg.data == "captions":
+        ds = caption_rows(cfg, storage, precomputed)
+    else:
+        ds = joined_pairs(cfg, storage, precomputed)
+    # The light rows (bytes or embeddings + text) are kept in memory once; pixels and tokens are recomputed per
+    # epoch, streaming.
     ds = ds.materialize()
     rows = ds.count()
     if rows < cfg.batch_size:
@@ -88,4 +129,4 @@ def build_train_dataset(cfg: TrainConfig, storage: Storage):
     ds = ds.map_batches(preprocess_batch_fn, batch_size=256, num_cpus=1,
                         fn_kwargs={"spec_json": cfg.model.model_dump_json(),
                                    "storage_json": storage.portable_cfg().model_dump_json()})
-    return ds, rows
+    return ds, rows, precomputed

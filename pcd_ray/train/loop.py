@@ -20,10 +20,11 @@ log = logging.getLogger(__name__)
 DS_TAG = "ds"  # DeepSpeed checkpoint tag inside every Ray Train checkpoint directory
 
 
-def _batch_keys(cfg: TrainConfig) -> list[str]:
-    keys = ["image_a"]
+def _batch_keys(cfg: TrainConfig, precomputed: bool) -> list[str]:
+    a, b = ("emb_a", "emb_b") if precomputed else ("image_a", "image_b")
+    keys = [a]
     if cfg.loss.diff_weight:
-        keys += ["image_b", "diff_tokens"]
+        keys += [b, "diff_tokens"]
     if cfg.loss.clip_weight:
         keys += ["caption_tokens"]
     return keys
@@ -87,7 +88,8 @@ def _export(engine, lm, cfg: TrainConfig, storage: Storage, step: int, rank: int
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
-    """Ray Train entry point. config: {"train": TrainConfig dict, "storage": StorageConfig dict, "rows": int}."""
+    """Ray Train entry point. config: {"train": TrainConfig dict, "storage": StorageConfig dict, "rows": int,
+    "precomputed": bool (batches hold image embeddings emb_a/emb_b instead of pixels)}."""
     import ray.train
     import torch
 
@@ -119,7 +121,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                          use_gpu=cfg.scaling.use_gpu)
     state = _restore(engine)
     torch.manual_seed(cfg.seed * 1000 + rank + state["step"])
-    keys = _batch_keys(cfg)
+    keys = _batch_keys(cfg, config["precomputed"])
     # DeepSpeed casts the module to bf16/fp16; pixels must follow (the loss itself computes in fp32).
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.deepspeed.precision)
     shard = ray.train.get_dataset_shard("train")

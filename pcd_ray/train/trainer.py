@@ -60,14 +60,16 @@ def run_train(job: JobConfig, storage: Storage, section: str = "train") -> dict[
     init_ray(job.ray)
     t0 = time.perf_counter()
     print(f"[{section}] building the training set ({cfg.data}) ...", flush=True)
-    ds, rows = build_train_dataset(cfg, storage)
+    ds, rows, precomputed = build_train_dataset(cfg, storage)
     print(f"[{section}] {rows} rows; {cfg.epochs} epoch(s) of {rows // cfg.batch_size} steps at batch "
-          f"{cfg.batch_size} on {cfg.scaling.num_workers} worker(s)", flush=True)
+          f"{cfg.batch_size} on {cfg.scaling.num_workers} worker(s); image tower "
+          f"{'embedded once up front (frozen)' if precomputed else 'runs on pixels every step'}", flush=True)
     scaling = cfg.scaling
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"train": cfg.model_dump(mode="json"),
-                           "storage": storage.portable_cfg().model_dump(mode="json"), "rows": rows},
+                           "storage": storage.portable_cfg().model_dump(mode="json"), "rows": rows,
+                           "precomputed": precomputed},
         scaling_config=ray.train.ScalingConfig(num_workers=scaling.num_workers, use_gpu=scaling.use_gpu,
                                                resources_per_worker={"CPU": scaling.cpus_per_worker}),
         # gloo on CPU workers; nccl when each worker holds a GPU.

@@ -123,6 +123,15 @@ def write_table(table, storage: Storage, uri: str, kind: str, *, config: Any = N
     return _commit(storage, uri, kind, attempt, [shard], config, summary)
 
 
+def update_summary(storage: Storage, uri: str, **fields: Any) -> dict[str, Any]:
+    """Add fields to a committed artifact's summary (a lazy Ray Data pipeline knows its wall time only after the
+    write); rewrites the manifest atomically with the same shard list. Returns the new manifest."""
+    manifest = read_manifest(storage, uri)
+    manifest["summary"].update(fields)
+    storage.write_json(manifest_uri(storage, uri), manifest)
+    return manifest
+
+
 def files(storage: Storage, uri: str, kind: str) -> list[str]:
     manifest = read_manifest(storage, uri, kind)
     _check_columns(kind, manifest["columns"], storage.resolve(uri))

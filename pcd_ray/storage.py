@@ -40,11 +40,13 @@ class Storage:
         self._fs: dict[str, Any] = {}
 
     def portable_cfg(self) -> StorageConfig:
-        """The config with the endpoint/region this process resolved from its environment filled in: what a
-        worker on another node (which may lack the driver's environment) needs to reach the same storage."""
+        """The config with what this process resolved filled in (absolute root, S3 endpoint/region from its
+        environment): what a worker, with another cwd and maybe without the driver's environment, needs to reach
+        the same storage."""
         opts = self.s3_options()["client_kwargs"]
         s3 = self.cfg.s3.model_copy(update={"endpoint_url": opts.get("endpoint_url"), "region": opts["region_name"]})
-        return self.cfg.model_copy(update={"s3": s3})
+        # A relative local root means "relative to where the user ran the command", not to a worker's cwd.
+        return self.cfg.model_copy(update={"s3": s3, "root": self.root})
 
     def __getstate__(self):
         return {"cfg": self.portable_cfg()}

@@ -193,11 +193,9 @@ def make_images(job, storage) -> dict[str, Any]:
     manifest = artifacts.write_dataset(ds, storage, job.data.output, "images",
                                        config=job.data.model_dump(mode="json"), summary=summary,
                                        rows_per_file=cfg.rows_per_shard)
-    # The pipeline is lazy, so its wall time is known only after the write: record it in the committed manifest
-    # (rewriting it atomically with the same shard list).
     wall = time.time() - start
-    manifest["summary"].update(wall_s=round(wall, 3), images_per_s=round(total / max(wall, 1e-9), 1))
-    storage.write_json(artifacts.manifest_uri(storage, job.data.output), manifest)
+    manifest = artifacts.update_summary(storage, job.data.output, wall_s=round(wall, 3),
+                                        images_per_s=round(total / max(wall, 1e-9), 1))
     log.info("synthetic: %d images (%d train, %d test) in %.1f s -> %s", total, cfg.num_train, cfg.num_test, wall,
              storage.resolve(job.data.output))
     return manifest

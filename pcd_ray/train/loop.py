@@ -158,27 +158,33 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 skipped += 1
                 engine.zero_grad()
                 continue
+            boundary = engine.is_gradient_accumulation_boundary()  # the micro batch that ends a global batch
             engine.backward(out["loss"])
-            engine.step()
+            engine.step()  # DeepSpeed steps the optimizer (and the LR schedule) only at a boundary
+            window["samples"] += micro * world
+            if not boundary:
+                continue
             _clamp_logit_scale(engine.module.clip.logit_scale)
             step += 1
-            window["samples"] += micro * world
-            if step % cfg.log_every == 0 or step == total_steps:
-                elapsed = time.perf_counter() - window["t"]
-                row = {"step": step, "epoch": epoch, "loss": out["loss"].item(),
-                       "diff_loss": out["diff_loss"].item(), "clip_loss": out["clip_loss"].item(),
-                       "lr": engine.get_lr()[0], "samples_per_s": window["samples"] / elapsed,
-                       "data_wait_frac": window["wait"] / elapsed, "skipped_steps": skipped,
-                       "degenerate_pairs": int(out["degenerate_pairs"].item()),
-                       "logit_scale": engine.module.clip.logit_scale.exp().item()}
-                window = {"t": time.perf_counter(), "wait": 0.0, "samples": 0}
-                if metrics:
-                    metrics.add(row, total_steps)
-                if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < total_steps:
-                    _save_checkpoint(engine, row, {"epoch": epoch, "step": step, "batches_in_epoch": b,
-                                                   "skipped_steps": skipped})
-                else:
-                    ray.train.report(row)
+            log_now = step % cfg.log_every == 0 or step == total_steps
+            checkpoint_now = bool(cfg.checkpoint_every) and step % cfg.checkpoint_every == 0 and step < total_steps
+            if not (log_now or checkpoint_now):
+                continue
+            elapsed = time.perf_counter() - window["t"]
+            row = {"step": step, "epoch": epoch, "loss": out["loss"].item(),
+                   "diff_loss": out["diff_loss"].item(), "clip_loss": out["clip_loss"].item(),
+                   "lr": engine.get_lr()[0], "samples_per_s": window["samples"] / elapsed,
+                   "data_wait_frac": window["wait"] / elapsed, "skipped_steps": skipped,
+                   "degenerate_pairs": int(out["degenerate_pairs"].item()),
+                   "logit_scale": engine.module.clip.logit_scale.exp().item()}
+            window = {"t": time.perf_counter(), "wait": 0.0, "samples": 0}
+            if metrics:
+                metrics.add(row, total_steps)
+            if checkpoint_now:  # reports the metrics too: one barrier, not two
+                _save_checkpoint(engine, row, {"epoch": epoch, "step": step, "batches_in_epoch": b,
+                                               "skipped_steps": skipped})
+            else:
+                ray.train.report(row)
         # Stopped by max_steps mid-epoch: a longer re-run continues inside this epoch; otherwise at the next one.
         mid_epoch = batch is not None
         position = {"epoch": epoch if mid_epoch else epoch + 1, "step": step,

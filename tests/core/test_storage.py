@@ -114,3 +114,15 @@ def test_storage_pickles_the_resolved_endpoint(s3_server, monkeypatch):
     monkeypatch.delenv("AWS_ENDPOINT_URL")
     # A worker without the driver's environment still talks to the same endpoint.
     assert pickle.loads(blob).s3_options()["client_kwargs"]["endpoint_url"] == s3_server
+
+
+def test_relative_root_travels_as_an_absolute_path(tmp_path, monkeypatch):
+    """Ray workers run in another cwd: a relative root must mean the driver's directory, not theirs."""
+    import pickle
+
+    monkeypatch.chdir(tmp_path)
+    st = Storage(StorageConfig(root="./runs/local"))
+    assert st.portable_cfg().root == str(tmp_path / "runs" / "local")
+    monkeypatch.chdir("/")
+    worker = pickle.loads(pickle.dumps(st))
+    assert worker.resolve("base/export") == str(tmp_path / "runs" / "local" / "base" / "export")

@@ -25,7 +25,8 @@ def _job(root: str, **train) -> JobConfig:
             "batch_size": 16, "max_steps": 4, "log_every": 1, "checkpoint_every": 2,
             "loss": {"diff_weight": 1.0, "clip_weight": 0.5},
             "optimizer": {"lr": 1e-3},
-            "deepspeed": {"zero_stage": 2},
+            # Accumulating 2 micro batches of 4 per worker: steps count optimizer steps, not micro batches.
+            "deepspeed": {"zero_stage": 2, "gradient_accumulation_steps": 2},
             "scaling": {"num_workers": 2, "cpus_per_worker": 1},
             **train,
         },

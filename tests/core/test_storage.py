@@ -123,6 +123,7 @@ def test_relative_root_travels_as_an_absolute_path(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     st = Storage(StorageConfig(root="./runs/local"))
     assert st.portable_cfg().root == str(tmp_path / "runs" / "local")
+    blob = pickle.dumps(st)  # in the driver
     monkeypatch.chdir("/")
-    worker = pickle.loads(pickle.dumps(st))
+    worker = pickle.loads(blob)  # in a worker with another cwd
     assert worker.resolve("base/export") == str(tmp_path / "runs" / "local" / "base" / "export")

@@ -72,7 +72,7 @@ class SyntheticConfig(_Strict):
     """Images of split "test", drawn independently of num_train (ids syn-test-000000, ...)."""
     image_size: int = Field(64, ge=16)
     """Side of the square images in pixels; at 64 the smallest shapes keep a >= 4 px radius."""
-    seed: int = 0
+    seed: int = Field(0, ge=0)
     """Image i of a split is drawn from numpy's default_rng([seed, split, i]): any shard reproduces alone."""
     rows_per_shard: int = Field(2000, ge=1)
     """Images per Ray Data block (one render task each) and the minimum rows per Parquet file."""

@@ -8,10 +8,11 @@ compare models, not samples.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import time
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -62,23 +63,6 @@ def load_split(cfg: EvalConfig, storage: Storage):
     return ds.select_columns(["image_id", "image"]), ids, attrs, len(rows) - len(ids)
 
 
-def text_encoder(loaded, batch_size: int) -> Callable[[list[str]], np.ndarray]:
-    """list of k texts -> [k, D] float32 raw text embeddings, with the model's own tokenizer, in chunks."""
-    import torch
-
-    model = loaded.model.eval()
-
-    def encode(texts: list[str]) -> np.ndarray:
-        out = [np.zeros((0, loaded.embed_dim), dtype=np.float32)]
-        with torch.inference_mode():
-            for start in range(0, len(texts), batch_size):
-                tokens = loaded.tokenizer(texts[start:start + batch_size])
-                out.append(model.encode_text(tokens).float().numpy())
-        return np.concatenate(out)
-
-    return encode
-
-
 def evaluate_model(name: str, spec: ModelSpec, ds, ids: list, attrs: dict, cfg: EvalConfig,
                    storage: Storage) -> dict:
     """One model's entry of the report (see ``report.py``)."""
@@ -103,7 +87,8 @@ def evaluate_model(name: str, spec: ModelSpec, ds, ids: list, attrs: dict, cfg: 
 
     log.info("eval %s: scoring difference accuracy and zero-shot", name)
     loaded = load_model(spec, storage)
-    encode = text_encoder(loaded, cfg.batch_size)
+    loaded.model.eval()
+    encode = functools.partial(loaded.encode_texts, batch_size=cfg.batch_size)
     difference = {mode: difference_accuracy(image_emb, image_attrs, encode, seeds=cfg.seeds,
                                             pairs_per_attribute=cfg.pairs_per_attribute, mode=mode)
                   for mode in ("hard", "easy")}

@@ -50,6 +50,19 @@ class LoadedModel:
     def embed_dim(self) -> int:
         return int(self.model_cfg["embed_dim"])
 
+    def encode_texts(self, texts: list[str], *, batch_size: int = 256, normalize: bool = False):
+        """Texts -> float32 numpy [n, D] text embeddings with the model's own tokenizer, in chunks of batch_size."""
+        import numpy as np
+        import torch
+        import torch.nn.functional as F
+
+        out = [np.zeros((0, self.embed_dim), dtype=np.float32)]
+        with torch.inference_mode():
+            for start in range(0, len(texts), batch_size):
+                emb = self.model.encode_text(self.tokenizer(list(texts[start:start + batch_size]))).float()
+                out.append((F.normalize(emb, dim=-1) if normalize else emb).cpu().numpy())
+        return np.concatenate(out)
+
 
 def _from_dir(local_dir: Path, source: str, device: str, precision: str) -> LoadedModel:
     import open_clip

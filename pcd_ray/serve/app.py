@@ -8,8 +8,8 @@ Every replica loads the model once (``load_model``: an export, s3:// included, o
 with ``torch.inference_mode``. Bad input is a 4xx that names the field, never a 500: oversize body -> 413, bad
 base64 -> 400, undecodable or oversize image -> 422, schema errors -> 422 in FastAPI's format.
 
-Encoding lives in plain helpers (``encode_texts``, ``encode_images``) that the deployment calls through its
-``embed_texts`` / ``embed_images`` methods, the seam where request batching plugs in.
+Encoding lives in plain helpers (``LoadedModel.encode_texts``, ``encode_images``) that the deployment calls
+through its ``embed_texts`` / ``embed_images`` methods, the seam where request batching plugs in.
 """
 
 import asyncio
@@ -101,15 +101,6 @@ def prepare_image(text: str, field: str, preprocess, max_pixels: int):
 
 
 # ------------------------------------------------------------------------------------------------ model helpers
-def encode_texts(loaded: LoadedModel, texts: Sequence[str]) -> np.ndarray:
-    """Texts -> L2-normalised text embeddings, float32 [n, D]."""
-    import torch
-    import torch.nn.functional as F
-
-    with torch.inference_mode():
-        return F.normalize(loaded.model.encode_text(loaded.tokenizer(list(texts))).float(), dim=-1).numpy()
-
-
 def encode_images(loaded: LoadedModel, pixels: Sequence[Any]) -> np.ndarray:
     """Preprocessed images ([3, H, W] tensors) -> L2-normalised image embeddings, float32 [n, D]."""
     import torch
@@ -144,7 +135,7 @@ class PCDModelServer:
 
     async def embed_texts(self, texts: list[str]) -> np.ndarray:
         # A worker thread keeps the replica's event loop free for /healthz and body reads while torch computes.
-        return await asyncio.to_thread(encode_texts, self.loaded, texts)
+        return await asyncio.to_thread(self.loaded.encode_texts, texts, normalize=True)
 
     async def embed_images(self, pixels: list[Any]) -> np.ndarray:
         return await asyncio.to_thread(encode_images, self.loaded, pixels)

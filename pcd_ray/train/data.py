@@ -104,12 +104,14 @@ def joined_pairs(cfg: TrainConfig, storage: Storage, precomputed: bool):
 
 def caption_rows(cfg: TrainConfig, storage: Storage, precomputed: bool, split: str = "train"):
     """Image-caption rows of one split, named like the pair columns the loop reads (image_a or emb_a, caption_a)."""
-    ds = artifacts.read_dataset(storage, cfg.images, "images", columns=["image_id", "split", "caption"])
+    columns = ["image_id", "split", "caption"] + ([] if precomputed else ["image"])
+    ds = artifacts.read_dataset(storage, cfg.images, "images", columns=columns)
     ds = ds.filter(lambda row: row["split"] == split)
-    images, value = _image_values(cfg, storage, precomputed)
-    key = "emb_a" if precomputed else "image_a"
-    ds = ds.join(images, "inner", num_partitions=max(1, cfg.scaling.num_workers * 2), on=("image_id",))
-    return ds.rename_columns({value: key, "caption": "caption_a"}).select_columns([key, "caption_a"])
+    if not precomputed:  # the bytes are in the same rows: no join
+        return ds.rename_columns({"image": "image_a", "caption": "caption_a"}).select_columns(["image_a", "caption_a"])
+    embeddings, _ = _image_values(cfg, storage, precomputed)
+    ds = ds.join(embeddings, "inner", num_partitions=max(1, cfg.scaling.num_workers * 2), on=("image_id",))
+    return ds.rename_columns({"embedding": "emb_a", "caption": "caption_a"}).select_columns(["emb_a", "caption_a"])
 
 
 def build_train_dataset(cfg: TrainConfig, storage: Storage):

@@ -123,6 +123,76 @@ def write_table(table, storage: Storage, uri: str, kind: str, *, config: Any = N
     return _commit(storage, uri, kind, attempt, [shard], config, summary)
 
 
+class Appender:
+    """An artifact committed batch by batch, for jobs that must survive being killed (generation of millions of pairs).
+
+    Workers write shards under ``data/<attempt>/``; the driver lists them here and ``commit()`` rewrites the manifest
+    atomically with the new shards added. A kill loses only shards written since the last commit, and those are never
+    read: they are not in the manifest, and the next run deletes them. ``identity`` is whatever makes two runs'
+    outputs interchangeable (engine, model, prompt, seed, input): a run resumes a committed artifact only when it
+    matches, else it starts over with an empty manifest. ``complete`` marks the artifact finished.
+    """
+
+    def __init__(self, storage: Storage, uri: str, kind: str, *, columns: list[str], config: Any,
+                 identity: Any, resume: bool = True):
+        self.storage, self.kind, self.columns, self.config = storage, kind, columns, config
+        self.base = storage.resolve(uri)
+        self.attempt = _new_attempt()
+        self.pending: list[dict[str, Any]] = []
+        old = read_manifest(storage, uri) if exists(storage, uri) else None
+        self.resumed = bool(resume and old is not None and old.get("kind") == kind
+                            and old.get("identity") == identity)
+        if self.resumed:
+            self.manifest = old
+        else:
+            # Start over: an empty, incomplete manifest first, so a reader (or a later resume) never mixes the old
+            # artifact with this run's shards.
+            self.manifest = {"kind": kind, "identity": identity, "num_rows": 0, "columns": columns, "files": [],
+                             "config": config, "summary": {}, "complete": False}
+            self._write(complete=False)
+        self._drop_unlisted()
+
+    @property
+    def staging(self) -> str:
+        return join(self.base, "data", self.attempt)
+
+    @property
+    def num_rows(self) -> int:
+        return int(self.manifest["num_rows"])
+
+    def paths(self) -> list[str]:
+        """URIs of the committed shards."""
+        return [join(self.base, *e["path"].split("/")) for e in self.manifest["files"]]
+
+    def add(self, uri: str, rows: int) -> None:
+        """Queue a finished shard (written under ``staging``) for the next commit."""
+        if not uri.startswith(self.base.rstrip("/") + "/"):
+            raise ValueError(f"{uri} is not inside the artifact {self.base}")
+        self.pending.append({"path": uri[len(self.base.rstrip("/")) + 1:], "rows": int(rows)})
+
+    def commit(self, summary: dict | None = None, *, complete: bool = False) -> dict[str, Any]:
+        self.manifest["files"] = self.manifest["files"] + self.pending
+        self.manifest["num_rows"] = sum(e["rows"] for e in self.manifest["files"])
+        self.pending = []
+        if summary is not None:
+            self.manifest["summary"] = summary
+        self.manifest["config"] = self.config
+        self._write(complete=complete)
+        return self.manifest
+
+    def _write(self, *, complete: bool) -> None:
+        self.manifest.update(attempt=self.attempt, complete=complete, columns=self.columns,
+                             created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+        self.storage.write_json(join(self.base, MANIFEST), self.manifest)
+
+    def _drop_unlisted(self) -> None:
+        """Delete shards no manifest lists: leftovers of a killed run or of the artifact this run replaces."""
+        listed = set(self.paths())
+        for f in self.storage.find(join(self.base, "data")):
+            if f not in listed:
+                self.storage.rm(f)
+
+
 def update_summary(storage: Storage, uri: str, **fields: Any) -> dict[str, Any]:
     """Add fields to a committed artifact's summary (a lazy Ray Data pipeline knows its wall time only after the
     write); rewrites the manifest atomically with the same shard list. Returns the new manifest."""
@@ -144,6 +214,9 @@ def read_dataset(storage: Storage, uri: str, kind: str, columns: list[str] | Non
 
     paths = files(storage, uri, kind)
     if not paths:
+        if read_manifest(storage, uri).get("complete") is not None:
+            # An appended artifact (generate) may commit zero shards; it is empty, not broken.
+            return ray.data.from_arrow(_empty_table(read_manifest(storage, uri)["columns"], columns))
         raise ArtifactError(f"{storage.resolve(uri)}: the {kind} artifact is empty")
     fs, _ = storage.arrow_fs(paths[0])
     return ray.data.read_parquet([storage.fs(p)[1] for p in paths], filesystem=fs, columns=columns)
@@ -160,5 +233,13 @@ def read_table(storage: Storage, uri: str, kind: str, columns: list[str] | None 
         with fs.open(path, "rb") as fh:
             tables.append(pq.read_table(fh, columns=columns, filters=filters))
     if not tables:
+        if read_manifest(storage, uri).get("complete") is not None:
+            return _empty_table(read_manifest(storage, uri)["columns"], columns)
         raise ArtifactError(f"{storage.resolve(uri)}: the {kind} artifact is empty")
     return pa.concat_tables(tables)
+
+
+def _empty_table(all_columns: list[str], columns: list[str] | None):
+    import pyarrow as pa
+
+    return pa.table({c: pa.array([], pa.string()) for c in (columns or all_columns)})

@@ -78,12 +78,95 @@ class SyntheticConfig(_Strict):
     """Images per Ray Data block (one render task each) and the minimum rows per Parquet file."""
 
 
+class CocoConfig(_Strict):
+    """COCO captions: the annotations JSON (captions_train2014.json) and the folder of its images."""
+
+    annotations: str
+    """URI of the captions JSON (images[] with id/file_name, annotations[] with image_id/caption)."""
+    images: str
+    """URI of the image folder the JSON's file_name values are relative to (train2014/)."""
+    split: str = "train"
+    """Split name written on every row."""
+    caption: Literal["first", "random"] = "first"
+    """Which of an image's captions (COCO has about five): the one with the lowest annotation id, or a seeded pick."""
+    seed: int = 0
+
+
+class WebDatasetConfig(_Strict):
+    """webdataset tar shards as img2dataset writes them: <key>.jpg (or png/webp), <key>.txt, <key>.json."""
+
+    shards: str | list[str]
+    """URI(s) of .tar shards: a directory, a glob (s3://b/shards/*.tar) or a brace range ({00000..00099}.tar)."""
+    split: str = "train"
+    caption_member: str = "txt"
+    """Member extension holding the caption."""
+    image_members: list[str] = Field(default_factory=lambda: ["jpg", "jpeg", "png", "webp"], min_length=1)
+    """Member extensions tried, in order, for the image."""
+
+
+class ParquetSourceConfig(_Strict):
+    """Parquet rows with a caption and either image bytes or an image URI."""
+
+    paths: str | list[str]
+    """URI(s) of Parquet files or directories."""
+    caption_column: str = "caption"
+    image_column: str | None = "image"
+    """Binary column of encoded image bytes (or a struct with a ``bytes`` field, as Hugging Face datasets store
+    images); null when ``uri_column`` is used."""
+    uri_column: str | None = None
+    """Column of image URIs (absolute, or relative to ``uri_root``), read by the workers."""
+    uri_root: str | None = None
+    id_column: str | None = None
+    """Column of unique image ids; null = derived from the URI, or the sha1 of the image bytes."""
+    split: str = "train"
+    split_column: str | None = None
+    """Column holding each row's split; null = ``split`` for every row."""
+
+    @model_validator(mode="after")
+    def _one_image_source(self):
+        if (self.image_column is None) == (self.uri_column is None):
+            raise ValueError("set exactly one of image_column and uri_column")
+        return self
+
+
+class FolderConfig(_Strict):
+    """A folder of images plus a captions file (CSV, TSV or JSON lines) naming each image's file and caption."""
+
+    root: str
+    """URI of the image folder."""
+    captions: str
+    """URI of the captions file: .csv, .tsv or .jsonl."""
+    file_column: str = "file_name"
+    """Column with each image's path relative to ``root``."""
+    caption_column: str = "caption"
+    split: str = "train"
+    split_column: str | None = None
+
+
 class DataConfig(_Strict):
-    source: Literal["synthetic"] = "synthetic"
-    """Where images come from: synthetic (procedural shapes with known attributes)."""
+    source: Literal["synthetic", "coco", "webdataset", "parquet", "folder"] = "synthetic"
+    """Where images come from: synthetic (procedural shapes with known attributes), or a real image-caption
+    dataset read by Ray Data (the section of the same name)."""
     synthetic: SyntheticConfig = Field(default_factory=SyntheticConfig)
+    coco: CocoConfig | None = None
+    webdataset: WebDatasetConfig | None = None
+    parquet: ParquetSourceConfig | None = None
+    folder: FolderConfig | None = None
     output: str = "images"
     """URI of the images artifact written."""
+    rejects: str = "image_rejects"
+    """URI of the artifact listing every input row not written to ``output``, with its reason."""
+    max_image_bytes: int = Field(32 * 1024 * 1024, ge=1)
+    max_image_pixels: int = Field(8192 * 8192, ge=1)
+    """Images over either limit are rejected (decompression bombs), checked before decoding pixels."""
+    rows_per_task: int = Field(1000, ge=1)
+    """Rows per Ray task that fetches and checks images (one webdataset shard is always one task)."""
+
+    @model_validator(mode="after")
+    def _source_section(self):
+        if self.source != "synthetic" and getattr(self, self.source) is None:
+            raise ValueError(f"data.source is {self.source!r} but there is no data.{self.source} section")
+        return self
 
 
 class PairsConfig(_Strict):
@@ -96,9 +179,53 @@ class PairsConfig(_Strict):
     num_images: int | None = Field(None, ge=2)
     """Sample this many images first, as the paper does (1000); null pairs among all images of the split."""
     num_pairs: int = Field(20000, ge=1)
-    """Ordered pairs (i, j), i != j, drawn without duplicates; an error if above n(n-1) of the n images."""
+    """Budget: ordered pairs (i, j), i != j, without duplicates, spread evenly over the images as first image;
+    an error if above n(n-1) of the n images."""
+    max_pairs_per_image: int | None = Field(None, ge=1)
+    """Cap on the pairs an image is the first image of (as second image it appears as often on average); the
+    pairs written are min(num_pairs, n * cap). null = no cap beyond the budget."""
     seed: int = 0
     """Seed of the image sample and the pair draw (pair ids do not depend on it)."""
+    anchors_per_task: int = Field(4096, ge=1)
+    """First images per Ray task drawing pairs: fixed, so the pairs depend on the seed, not on the cluster."""
+
+
+class SamplingConfig(_Strict):
+    """Sampling parameters of the LLM engines (vLLM's SamplingParams / transformers' generate kwargs)."""
+
+    temperature: float = Field(0.7, ge=0)
+    """0 = greedy."""
+    top_p: float = Field(0.9, gt=0, le=1)
+    top_k: int | None = Field(None, ge=1)
+    max_tokens: int = Field(128, ge=1)
+    """New tokens per pair; the paper's texts are one or two sentences."""
+    repetition_penalty: float = Field(1.0, gt=0)
+    seed: int | None = None
+    """Per-request seed; null = generate.seed. A pair's seed mixes in its pair id, so output is batch-independent
+    where the engine supports per-request seeds (vLLM)."""
+
+
+class LLMConfig(_Strict):
+    """Which LLM the transformers / vLLM engines load, and how."""
+
+    model: str = "meta-llama/Llama-2-13b-chat-hf"
+    """Hub id or local directory (the paper used LLaMA-2-13B-chat)."""
+    tokenizer: str | None = None
+    """Hub id or directory of the tokenizer; null = model."""
+    revision: str | None = None
+    chat_template: Literal["auto", "always", "never"] = "auto"
+    """Wrap the prompt in the tokenizer's chat template: auto = when the tokenizer has one (instruct models)."""
+    system_prompt: str | None = None
+    """System message for chat templates; null = none."""
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
+    tensor_parallel_size: int = Field(1, ge=1)
+    """vLLM: GPUs per engine (one actor holds them all)."""
+    max_model_len: int | None = Field(None, ge=16)
+    gpu_memory_utilization: float = Field(0.9, gt=0, le=1)
+    """vLLM: fraction of each GPU the engine may take."""
+    trust_remote_code: bool = False
+    engine_kwargs: dict[str, Any] = Field(default_factory=dict)
+    """Passed through to vllm.LLM(...) / AutoModelForCausalLM.from_pretrained(...) as is."""
 
 
 class GenerateConfig(_Strict):
@@ -108,16 +235,28 @@ class GenerateConfig(_Strict):
     """URI of the diffs artifact written (kept texts)."""
     rejects: str = "rejects"
     """URI of the rejects artifact written (every dropped output, with its reason)."""
-    engine: Literal["rule"] = "rule"
-    """Which engine writes the difference text: rule (attributes, synthetic set). vllm/transformers: next issue."""
+    engine: Literal["rule", "transformers", "vllm"] = "rule"
+    """Which engine writes the difference text: rule (ground truth from the synthetic set's attributes),
+    transformers (any causal LM, CPU or GPU), vllm (GPU, continuous batching, tensor parallel)."""
+    llm: LLMConfig = Field(default_factory=LLMConfig)
+    """The LLM of the transformers and vllm engines (ignored by rule)."""
+    sampling: SamplingConfig = Field(default_factory=SamplingConfig)
     prompt_version: str = "paper-v1"
     """Key of generate/prompts.py PROMPTS; recorded in every diffs row."""
     batch_size: int = Field(256, ge=1)
-    """Pairs per engine call (one Ray Data batch)."""
+    """Pairs per engine call (one Ray Data batch); vLLM batches continuously inside a call."""
     num_actors: int = Field(1, ge=1)
-    """Size of the Ray Data actor pool running the engine."""
+    """Size of the fixed Ray Data actor pool running the engine (one engine per actor)."""
+    num_gpus_per_actor: float | None = Field(None, ge=0)
+    """GPUs each actor reserves; null = llm.tensor_parallel_size for vllm, 0 otherwise."""
+    num_cpus_per_actor: float = Field(1, gt=0)
+    resume: bool = True
+    """Re-running skips pairs already committed to diffs or rejects by the same generation settings; false starts
+    over. Settings that change the text (engine, llm, sampling, prompt, seed, input) always start over."""
+    commit_every_s: float = Field(30.0, ge=0)
+    """How often finished shards are committed to the output manifests: the most work a kill can lose."""
     seed: int = 0
-    """Seed of the rule engine's wording choice (stable per pair id)."""
+    """Seed of the rule engine's wording choice and the LLM sampling (stable per pair id)."""
 
 
 # ----------------------------------------------------------------------------------------------------------- train
@@ -127,7 +266,23 @@ class LossConfig(_Strict):
     clip_weight: float = Field(0.0, ge=0)
     """Weight of the ordinary image-caption CLIP loss (not in the paper; keeps zero-shot from drifting)."""
     diff_temperature: float = Field(1.0, gt=0)
-    """tau of the difference logits t @ d.T / tau (the paper fixes 1.0)."""
+    """tau of the difference logits t @ d.T / tau (the paper fixes 1.0); the initial value when learned."""
+    learn_diff_temperature: bool = False
+    """Learn the difference log-scale (initialised at log(1/diff_temperature), clamped to [1/100, 100] after each
+    optimizer step, like CLIP's). Not in the paper."""
+    clip_temperature: float | None = Field(None, gt=0)
+    """Fixed tau of the CLIP group; null = the model's learned logit_scale (open_clip's setting)."""
+    near_duplicate_distance: float = Field(1e-6, ge=0)
+    """Pairs with |normalise(e_a) - normalise(e_b)| below this are masked (no direction) and counted."""
+    impl: Literal["fused", "reference"] = "fused"
+    """fused: one packed all-gather, chunked LSEs, no [n, N] logits (LOSS.md); reference: per-group gather with
+    gradient and full logits (the float64 test oracle)."""
+    chunk_size: int = Field(1024, ge=16)
+    """fused: edge of the logit tiles; loss memory grows with its square, not with the global batch."""
+    gather_dtype: Literal["fp32", "bf16"] = "fp32"
+    """fused: dtype of the feature all-gather (bf16 halves the bytes; logits and LSEs stay fp32)."""
+    skip_nonfinite: bool = True
+    """Skip (and count) a step whose global loss is NaN/Inf, as the paper does; false = stop with an error."""
 
     @model_validator(mode="after")
     def _some_loss(self) -> "LossConfig":
@@ -214,9 +369,40 @@ class TrainConfig(_Strict):
 
 
 # ------------------------------------------------------------------------------------------------------------ eval
+class EvalDatasetConfig(_Strict):
+    """One labelled evaluation dataset in its standard layout (pcd_ray/eval/datasets.py, docs/EVAL.md)."""
+
+    kind: Literal["cifar100", "flowers102", "cub", "eurosat", "sun397", "awa2", "coco"]
+    root: str
+    """Directory (local or s3://) that holds the dataset's folder (cifar-100-python/, flowers-102/, ...)."""
+    split: str = "test"
+    """Split to evaluate: test/train (val for flowers102; all/test classes for awa2; val2014 etc. for coco)."""
+    seed: int = Field(0, ge=0)
+    """Seed of the 90/10 split (eurosat, sun397) and of the max_images subsample."""
+    max_images: int | None = Field(None, ge=1)
+    """Evaluate a seeded random subset of at most this many images; null = the whole split."""
+    differences: str | None = None
+    """File (.jsonl/.csv/.parquet) of image_a, image_b, text rows: per-pair difference sentences (CUB's LLM
+    differences from the generate stage); ids are the dataset's image ids (paths relative to its image folder)."""
+    comparatives: str | None = None
+    """File of class_i, class_j, text rows (class names): how class i differs from class j, for comparative
+    prompting and geometry; without it those tasks are skipped for this dataset."""
+
+
+class ComparativeConfig(_Strict):
+    alpha: float = Field(0.85, ge=0, le=1)
+    """Weight of the plain class embedding in h_j = normalise(alpha t_j + (1 - alpha) s_j) (the paper: 0.8-0.9)."""
+    num_pairs: int = Field(3, ge=1)
+    """Most-confused class pairs that get comparatives (the paper: 3)."""
+    alphas: list[float] = Field(default_factory=lambda: [round(0.1 * k, 1) for k in range(11)], min_length=1)
+    """Sweep for the accuracy-vs-alpha plot."""
+    holdout_fraction: float = Field(0.5, gt=0, lt=1)
+    """Share of images that pick the pairs in the held-out protocol (the rest measure accuracy)."""
+
+
 class EvalConfig(_Strict):
-    images: str = "images"
-    """URI of the images artifact (needs the attributes column: the synthetic set)."""
+    images: str | None = "images"
+    """URI of the images artifact (needs the attributes column: the synthetic set); null = external sets only."""
     split: str = "test"
     """Only images of this split are evaluated (images the pairs/train stages never saw)."""
     models: dict[str, ModelSpec] = Field(
@@ -236,9 +422,42 @@ class EvalConfig(_Strict):
     """Size of the Ray Data actor pool that embeds images (each actor holds one copy of the model)."""
     num_gpus: float = Field(0, ge=0)
     """GPUs per embedding actor: 0 runs the image tower on CPU, 1 puts each actor on its own GPU (a cluster)."""
+    datasets: dict[str, EvalDatasetConfig] = Field(default_factory=dict)
+    """Labelled datasets evaluated besides the synthetic set, by display name."""
+    templates: list[Literal["paper", "ensemble"]] = Field(default_factory=lambda: ["paper", "ensemble"],
+                                                          min_length=1)
+    """Zero-shot prompt sets: the paper's template and/or open_clip's (CLIP's) per-dataset template ensembles."""
+    comparative: ComparativeConfig = Field(default_factory=ComparativeConfig)
+    analogies_per_seed: int = Field(500, ge=1)
+    """Analogies drawn per seed for the geometry task (synthetic set)."""
+    retrieval_k: list[int] = Field(default_factory=lambda: [1, 5, 10], min_length=1)
+    """k of recall@k (caption retrieval and difference-conditioned retrieval)."""
+    conditioned_queries: int = Field(300, ge=1)
+    """Query images per seed for difference-conditioned retrieval (synthetic set)."""
+
+    @model_validator(mode="after")
+    def _something_to_evaluate(self):
+        if self.images is None and not self.datasets:
+            raise ValueError("eval needs images (the synthetic set) or at least one entry in datasets")
+        return self
 
 
 # ----------------------------------------------------------------------------------------------------------- serve
+class ServeAutoscalingConfig(_Strict):
+    """Replica autoscaling of the model deployment (Ray Serve's autoscaling_config, the keys that matter here)."""
+
+    min_replicas: int = Field(1, ge=0)
+    max_replicas: int = Field(4, ge=1)
+    target_ongoing_requests: float = Field(16, gt=0)
+    """Requests in flight per replica that Serve aims for; batching needs several in flight to fill a batch."""
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "ServeAutoscalingConfig":
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"min_replicas ({self.min_replicas}) > max_replicas ({self.max_replicas})")
+        return self
+
+
 class ServeConfig(_Strict):
     model: ModelSpec = Field(default_factory=lambda: ModelSpec(checkpoint="train/export"))
     """The model every replica loads once at start-up (normally the finetuned export)."""
@@ -258,6 +477,28 @@ class ServeConfig(_Strict):
     """Largest accepted HTTP request body; larger ones get 413 (base64 images count ~4/3 of their size)."""
     max_image_pixels: int = Field(4096 * 4096, ge=1)
     """Largest accepted image (width * height, read from the header before decoding); larger ones get 422."""
+    batching: bool = True
+    """Dynamic batching across requests (@serve.batch, texts and images separately); off: each request alone."""
+    max_ongoing_requests: int = Field(64, ge=1)
+    """Requests one replica accepts at once; batches can only fill up to this many requests."""
+    autoscaling: ServeAutoscalingConfig | None = None
+    """Scale replicas with load instead of a fixed num_replicas (leave num_replicas at 1 when set)."""
+    gpus_per_replica: float = Field(0, ge=0)
+    """GPUs per replica (ray_actor_options.num_gpus); a replica given a GPU runs the model on it."""
+    text_cache_size: int = Field(4096, ge=0)
+    """Text embeddings each replica keeps (LRU): repeated labels and attribute texts skip the model. 0: off."""
+    auth_token_env: str | None = None
+    """Name of an environment variable holding a bearer token; when set, /v1/* requires
+    ``Authorization: Bearer <token>`` and a replica refuses to start without the variable."""
+
+    @model_validator(mode="after")
+    def _one_replica_setting(self) -> "ServeConfig":
+        if self.autoscaling is not None and self.num_replicas != 1:
+            raise ValueError("set either num_replicas or autoscaling (min_replicas/max_replicas), not both")
+        if self.max_batch_size > self.max_ongoing_requests:
+            raise ValueError(f"max_batch_size ({self.max_batch_size}) > max_ongoing_requests "
+                             f"({self.max_ongoing_requests}): batches of one-item requests could never fill")
+        return self
 
 
 # ------------------------------------------------------------------------------------------------------------- job

@@ -18,9 +18,9 @@ from pcd_ray.storage import Storage, join
 
 
 def _data(job: JobConfig, storage: Storage) -> Any:
-    from pcd_ray.data.synthetic import make_images
+    from pcd_ray.data.readers import make_images_artifact
 
-    return make_images(job, storage)
+    return make_images_artifact(job, storage)
 
 
 def _pairs(job: JobConfig, storage: Storage) -> Any:
@@ -70,7 +70,9 @@ class Stage:
         uri = cfg.output
         if not artifacts.exists(storage, uri):
             return False
-        return artifacts.read_manifest(storage, uri).get("config") == cfg.model_dump(mode="json")
+        manifest = artifacts.read_manifest(storage, uri)
+        # An artifact committed piece by piece (generate) is up to date only once finished; a re-run resumes it.
+        return manifest.get("complete", True) and manifest.get("config") == cfg.model_dump(mode="json")
 
 
 STAGES = [Stage("data", _data), Stage("pairs", _pairs), Stage("generate", _generate),

@@ -1,16 +1,29 @@
 """The generate stage: pairs -> difference texts (``diffs``) and the outputs the filter dropped (``rejects``).
 
-A Ray Data job: the pairs artifact is read in parallel, an actor pool runs the engine (built once per actor) and the
-paper's filter over batches, and the result is materialized once, so the engine runs exactly once per pair however
-many consumers read it. Every pair ends in exactly one of the two artifacts; both manifests carry the summary.
+A streaming Ray Data job that can be killed at any point and re-run:
+
+1. the pairs already committed to ``diffs`` or ``rejects`` by a run with the same settings are removed from the input
+   (a left-anti join on pair_id, distributed, so millions of done ids never sit in the driver);
+2. an actor pool of fixed size runs the engine (built once per actor: an LLM loads once) and the paper's filter;
+3. a writer task writes each block of results as one diffs shard and one rejects shard under the artifacts'
+   ``data/<attempt>/``;
+4. the driver receives only shard names and counts, and commits them into both manifests every
+   ``commit_every_s`` seconds (``artifacts.Appender``).
+
+A pair is committed with the shard that holds it, and only once: shards of a killed run were never committed and are
+deleted by the next run, which regenerates their pairs. At the end every pair of the input is in exactly one of the
+two artifacts (checked, not assumed), and a summary is written into both manifests and ``<diffs>/_summary.json``.
 
 Imports numpy, pyarrow and ray only (no torch): see ``engines.py``.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import sys
 import time
+import uuid
 from collections import Counter
 from typing import Any
 
@@ -20,96 +33,234 @@ log = logging.getLogger(__name__)
 
 INPUT_COLUMNS = ["pair_id", "caption_a", "caption_b", "attributes_a", "attributes_b"]
 DIFF_COLUMNS = ["pair_id", "text", "raw", "engine", "prompt_version"]
-REJECT_COLUMNS = ["pair_id", "raw", "reason"]
+REJECT_COLUMNS = ["pair_id", "raw", "reason", "engine", "prompt_version"]
+SUMMARY_FILE = "_summary.json"
+ROWS_PER_SHARD = 4096
+"""Rows per written shard (both artifacts): few enough files at millions of pairs, small enough to commit often."""
 
 
-def _reason_counts(table) -> Any:
-    """map_batches UDF: a block of generate output -> (reason, n) rows; reason "" stands for kept."""
+def identity(cfg, pairs_manifest: dict, storage) -> dict[str, Any]:
+    """What makes two runs' outputs interchangeable: only then may a run resume the other's committed rows."""
+    c = cfg.model_dump(mode="json")
+    return {
+        "input": storage.resolve(cfg.input),
+        "input_attempt": pairs_manifest.get("attempt"),
+        **{k: c[k] for k in ("engine", "prompt_version", "seed")},
+        # The rule engine ignores the LLM and sampling settings; changing them must not discard its output.
+        **({k: c[k] for k in ("llm", "sampling")} if cfg.engine != "rule" else {}),
+    }
+
+
+def actor_resources(cfg) -> dict[str, float]:
+    """Ray resources of one engine actor: vLLM holds llm.tensor_parallel_size GPUs; the driver asks for none."""
+    gpus = cfg.num_gpus_per_actor
+    if gpus is None:
+        gpus = float(cfg.llm.tensor_parallel_size) if cfg.engine == "vllm" else 0.0
+    return {"num_cpus": cfg.num_cpus_per_actor, "num_gpus": gpus}
+
+
+def _put(storage, table, directory: str, name: str) -> str:
+    import io
+
+    import pyarrow.parquet as pq
+
+    from pcd_ray.storage import join
+
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    uri = join(directory, name)
+    storage.write_bytes(uri, buf.getvalue())
+    return uri
+
+
+def write_shards(table, storage, diffs_dir: str, rejects_dir: str):
+    """map_batches UDF (tasks): one block of generate output -> a diffs shard and a rejects shard, each written
+    atomically; returns one row naming them with the block's counts. Nothing here commits: the driver does."""
     import pyarrow as pa
+    import pyarrow.compute as pc
 
-    counts = Counter(r or "" for r in table.column("reason").to_pylist())
-    return pa.table({"reason": pa.array(list(counts), pa.string()), "n": pa.array(list(counts.values()), pa.int64())})
-
-
-def _count(out) -> tuple[int, dict[str, int]]:
-    """(kept, {reason: rejected}) over a materialized generate output; counted in parallel, summed here."""
-    totals: Counter = Counter()
-    for row in out.map_batches(_reason_counts, batch_format="pyarrow").take_all():
-        totals[row["reason"]] += row["n"]
-    kept = totals.pop("", 0)
-    return kept, dict(sorted(totals.items()))
-
-
-def _empty(columns: list[str]):
-    import pyarrow as pa
-
-    return pa.table({c: pa.array([], pa.string()) for c in columns})
+    kept_mask = pc.is_valid(table.column("text"))
+    kept, rejected = table.filter(kept_mask), table.filter(pc.invert(kept_mask))
+    name = f"part-{uuid.uuid4().hex}.parquet"  # unique: a retried task never overwrites a committed shard
+    diffs = _put(storage, kept.select(DIFF_COLUMNS), diffs_dir, name) if kept.num_rows else ""
+    rejects = _put(storage, rejected.select(REJECT_COLUMNS), rejects_dir, name) if rejected.num_rows else ""
+    reasons = Counter(rejected.column("reason").to_pylist())
+    return pa.table({
+        "diffs": [diffs], "diffs_rows": [kept.num_rows],
+        "rejects": [rejects], "rejects_rows": [rejected.num_rows],
+        "reasons": [json.dumps(reasons)],
+        "tokens": [int(pc.sum(table.column("tokens")).as_py() or 0)],
+    })
 
 
-def _write(ds, n: int, storage, uri: str, kind: str, columns: list[str], config, summary) -> dict[str, Any]:
-    """Commit ``ds`` (already filtered to this artifact's rows) as ``kind``; an empty table when there are none."""
-    from pcd_ray import artifacts
+class _Progress:
+    """A progress bar in a terminal; a log line every 30 s otherwise (job logs, CI)."""
 
-    if n == 0:
-        # Readers need a committed artifact with the right columns even when nothing was rejected (or kept).
-        return artifacts.write_table(_empty(columns), storage, uri, kind, config=config, summary=summary)
-    return artifacts.write_dataset(ds.select_columns(columns), storage, uri, kind, config=config, summary=summary)
+    def __init__(self, total: int, done: int):
+        self.total, self.start_done, self.t0, self.last = total, done, time.time(), 0.0
+        self.bar = None
+        if sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=done, unit="pair", desc="generate", dynamic_ncols=True)
+
+    def update(self, n: int, done: int, kept: int, tokens: int) -> None:
+        dt = max(time.time() - self.t0, 1e-9)
+        rate, tok_rate = (done - self.start_done) / dt, tokens / dt
+        if self.bar is not None:
+            self.bar.update(n)
+            self.bar.set_postfix(kept=kept, tok_s=f"{tok_rate:.0f}")
+        elif time.time() - self.last >= 30:
+            self.last = time.time()
+            log.info("generate: %d/%d pairs (%.1f%%), %d kept, %.1f pairs/s, %.0f tokens/s", done, self.total,
+                     100 * done / max(self.total, 1), kept, rate, tok_rate)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _committed_ids(paths: list[str], storage):
+    """The pair ids in committed shards, as a Ray Dataset of one column (None when there are none)."""
+    import ray.data
+
+    if not paths:
+        return None
+    fs, _ = storage.arrow_fs(paths[0])
+    return ray.data.read_parquet([storage.fs(p)[1] for p in paths], filesystem=fs, columns=["pair_id"])
+
+
+def _check_unique(ds, pairs_manifest: dict, uri: str) -> None:
+    """Exactly once needs unique pair ids. pcd-ray's sampler guarantees them (and says so in its manifest);
+    a pairs artifact from elsewhere is checked with a distributed group-by."""
+    if pairs_manifest.get("summary", {}).get("unique_pair_ids"):
+        return
+    dups = ds.select_columns(["pair_id"]).groupby("pair_id").count().filter(
+        lambda r: r["count()"] > 1).take(5)
+    if dups:
+        raise RuntimeError(f"{uri}: duplicate pair ids, e.g. {[d['pair_id'] for d in dups]}; every pair must have "
+                           f"its own id (pcd-ray pairs writes sha1 ids of the ordered image ids)")
 
 
 def run_generate(job, storage) -> dict[str, Any]:
-    """Write ``diffs`` and ``rejects`` for every pair of ``job.generate.input``; returns the stage summary.
+    """Write ``diffs`` and ``rejects`` for every pair of ``job.generate.input``, resuming a killed run; returns the
+    stage summary.
 
-    Summary keys: pairs_in, written, rejected, rejected_by_reason {reason: n}, engine, prompt_version, wall_s
-    (reading + generation + filtering, not the final Parquet writes), pairs_per_s, diffs, rejects (URIs).
+    Summary keys: pairs_in, skipped (committed before this run), processed (this run), written and rejected (totals
+    over the artifact), rejected_by_reason {reason: n} (totals), engine, prompt_version, tokens (this run), wall_s,
+    pairs_per_s and tokens_per_s (this run), resumed, complete, diffs, rejects (URIs).
     Raises ArtifactError if the pairs artifact is missing or empty, KeyError for an unknown engine or prompt version,
     RuntimeError if the output does not account for every pair exactly once.
     """
     import ray.data
-    from ray.data.expressions import col
 
     from pcd_ray import artifacts
     from pcd_ray.runtime import init_ray
+    from pcd_ray.storage import join
 
     cfg = job.generate
     init_ray(job.ray)
     start = time.time()
-    manifest = artifacts.read_manifest(storage, cfg.input, "pairs")
-    pairs_in = int(manifest["num_rows"])
-    # attributes_* are optional in a pairs artifact (real datasets have none); engines that need them reject the row.
-    columns = [c for c in INPUT_COLUMNS if c in manifest["columns"]]
-    ds = artifacts.read_dataset(storage, cfg.input, "pairs", columns=columns)
-    out = ds.map_batches(
-        GenerateActor,
-        fn_constructor_kwargs={"cfg": cfg.model_dump(mode="json"), "in_worker": True},
-        compute=ray.data.ActorPoolStrategy(size=cfg.num_actors),
-        batch_size=cfg.batch_size,
-        batch_format="numpy",
-        num_cpus=1,
-        udf_modifying_row_count=False,
-    ).materialize()
-    written, by_reason = _count(out)
-    rejected = sum(by_reason.values())
-    if written + rejected != pairs_in:
-        raise RuntimeError(f"generate: {written} kept + {rejected} rejected != {pairs_in} pairs in "
-                           f"{storage.resolve(cfg.input)}")
-    wall = time.time() - start
-    summary = {
-        "pairs_in": pairs_in,
-        "written": written,
-        "rejected": rejected,
-        "rejected_by_reason": by_reason,
-        "engine": cfg.engine,
-        "prompt_version": cfg.prompt_version,
-        "wall_s": round(wall, 3),
-        "pairs_per_s": round(pairs_in / max(wall, 1e-9), 1),
-        "diffs": storage.resolve(cfg.output),
-        "rejects": storage.resolve(cfg.rejects),
-    }
+    pairs_manifest = artifacts.read_manifest(storage, cfg.input, "pairs")
+    pairs_in = int(pairs_manifest["num_rows"])
+    ident = identity(cfg, pairs_manifest, storage)
     config = cfg.model_dump(mode="json")
-    _write(out.filter(expr=col("text").is_not_null()), written, storage, cfg.output, "diffs", DIFF_COLUMNS,
-           config, summary)
-    _write(out.filter(expr=col("text").is_null()), rejected, storage, cfg.rejects, "rejects", REJECT_COLUMNS,
-           config, summary)
-    log.info("generate: %d pairs -> %d diffs, %d rejects %s in %.1f s (%.0f pairs/s)", pairs_in, written, rejected,
-             by_reason, wall, summary["pairs_per_s"])
+    diffs = artifacts.Appender(storage, cfg.output, "diffs", columns=DIFF_COLUMNS, config=config, identity=ident,
+                               resume=cfg.resume)
+    rejects = artifacts.Appender(storage, cfg.rejects, "rejects", columns=REJECT_COLUMNS, config=config,
+                                 identity=ident, resume=cfg.resume and diffs.resumed)
+    if diffs.resumed and not rejects.resumed:
+        # The two must describe the same run; a lone rejects artifact from other settings cannot be resumed with it.
+        diffs = artifacts.Appender(storage, cfg.output, "diffs", columns=DIFF_COLUMNS, config=config, identity=ident,
+                                   resume=False)
+    skipped = diffs.num_rows + rejects.num_rows
+    previous = diffs.manifest.get("summary", {}) if diffs.resumed else {}
+    by_reason: Counter = Counter(previous.get("rejected_by_reason", {}))
+    if skipped:
+        log.info("generate: resuming, %d of %d pairs already committed", skipped, pairs_in)
+
+    # attributes_* are optional in a pairs artifact (real datasets have none); engines that need them reject the row.
+    columns = [c for c in INPUT_COLUMNS if c in pairs_manifest["columns"]]
+    ds = artifacts.read_dataset(storage, cfg.input, "pairs", columns=columns)
+    _check_unique(ds, pairs_manifest, storage.resolve(cfg.input))
+    done = _committed_ids(diffs.paths() + rejects.paths(), storage)
+    if done is not None:
+        ds = ds.join(done, join_type="left_anti", on=("pair_id",),
+                     num_partitions=max(1, min(64, (pairs_in - skipped) // 50_000 + 1)))
+
+    processed = tokens = 0
+    summary: dict[str, Any] = {}
+    progress = _Progress(pairs_in, skipped)
+
+    def make_summary(complete: bool) -> dict[str, Any]:
+        wall = time.time() - start
+        rejected = sum(by_reason.values())
+        return {
+            "pairs_in": pairs_in, "skipped": skipped, "processed": processed,
+            "written": diffs.num_rows + sum(e["rows"] for e in diffs.pending), "rejected": rejected,
+            "rejected_by_reason": dict(sorted(by_reason.items())),
+            "engine": cfg.engine, "prompt_version": cfg.prompt_version,
+            "model": cfg.llm.model if cfg.engine != "rule" else None,
+            "tokens": tokens, "wall_s": round(wall, 3),
+            "pairs_per_s": round(processed / max(wall, 1e-9), 2),
+            "tokens_per_s": round(tokens / max(wall, 1e-9), 1),
+            "resumed": diffs.resumed, "complete": complete,
+            "diffs": diffs.base, "rejects": rejects.base,
+        }
+
+    def commit(complete: bool) -> None:
+        nonlocal summary
+        summary = make_summary(complete)
+        # rejects first: a kill between the two commits leaves pairs that the next run regenerates, never twice.
+        rejects.commit(summary, complete=complete)
+        diffs.commit(summary, complete=complete)
+
+    if skipped < pairs_in:
+        out = ds.map_batches(
+            GenerateActor,
+            fn_constructor_kwargs={"cfg": config, "in_worker": True},
+            compute=ray.data.ActorPoolStrategy(size=cfg.num_actors),
+            batch_size=cfg.batch_size,
+            batch_format="numpy",
+            udf_modifying_row_count=False,
+            # Ray Data's actor pools restart a dead actor (a crashed LLM engine) and retry its batch by default
+            # (max_restarts=-1, max_task_retries=-1); a row the engine rejects never fails the job (GenerateActor).
+            **actor_resources(cfg),
+        ).map_batches(
+            write_shards,
+            fn_args=(storage, diffs.staging, rejects.staging),
+            batch_size=min(ROWS_PER_SHARD, max(cfg.batch_size, pairs_in // 16 + 1)),
+            batch_format="pyarrow",
+            num_cpus=0.25,
+        )
+        last_commit = time.time()
+        try:
+            for row in out.iter_rows():
+                if row["diffs"]:
+                    diffs.add(row["diffs"], row["diffs_rows"])
+                if row["rejects"]:
+                    rejects.add(row["rejects"], row["rejects_rows"])
+                n = row["diffs_rows"] + row["rejects_rows"]
+                processed += n
+                tokens += row["tokens"]
+                by_reason.update(json.loads(row["reasons"]))
+                progress.update(n, skipped + processed, diffs.num_rows + sum(e["rows"] for e in diffs.pending),
+                                tokens)
+                if time.time() - last_commit >= cfg.commit_every_s:
+                    commit(complete=False)
+                    last_commit = time.time()
+        finally:
+            progress.close()
+
+    total = diffs.num_rows + sum(e["rows"] for e in diffs.pending) + \
+        rejects.num_rows + sum(e["rows"] for e in rejects.pending)
+    if total != pairs_in:
+        commit(complete=False)  # keep what was made; a re-run resumes and the check runs again
+        raise RuntimeError(f"generate: {total} rows in diffs + rejects != {pairs_in} pairs in "
+                           f"{storage.resolve(cfg.input)}")
+    commit(complete=True)
+    storage.write_json(join(diffs.base, SUMMARY_FILE), summary)
+    log.info("generate: %d pairs -> %d diffs, %d rejects %s; this run %d pairs in %.1f s (%.1f pairs/s, "
+             "%.0f tokens/s)", pairs_in, summary["written"], summary["rejected"], summary["rejected_by_reason"],
+             processed, summary["wall_s"], summary["pairs_per_s"], summary["tokens_per_s"])
     return summary

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+from collections import Counter
 
 import numpy as np
 import pyarrow as pa
@@ -10,7 +11,7 @@ import pytest
 
 from pcd_ray import artifacts
 from pcd_ray.config import JobConfig
-from pcd_ray.data.pairs import pair_id, sample_ordered_pairs, sample_pairs
+from pcd_ray.data.pairs import draw_partners, pair_id, pairs_per_anchor, sample_pairs
 from pcd_ray.data.synthetic import make_example
 from pcd_ray.storage import Storage
 
@@ -28,6 +29,10 @@ def _setup(root, num_train=40, num_test=10, reverse=False, **pairs) -> tuple[Job
     return job, storage
 
 
+def _sorted(t: pa.Table) -> pa.Table:
+    return t.sort_by("pair_id")
+
+
 def _ids_by_pair(t: pa.Table) -> dict[tuple[str, str], str]:
     return {(r["image_id_a"], r["image_id_b"]): r["pair_id"] for r in t.to_pylist()}
 
@@ -39,24 +44,29 @@ def test_pair_id_is_a_function_of_the_ordered_image_ids():
     assert pair_id("ab", "c") != pair_id("a", "bc")
 
 
-def test_sample_ordered_pairs_all_and_none_twice():
-    i, j = sample_ordered_pairs(4, 12, np.random.default_rng(0))
-    assert sorted(zip(i.tolist(), j.tolist())) == [(a, b) for a in range(4) for b in range(4) if a != b]
+def test_budget_is_spread_evenly_and_capped():
+    counts = pairs_per_anchor(10, 23, None, np.random.default_rng(0))
+    assert counts.sum() == 23 and set(counts.tolist()) == {2, 3} and (counts == 3).sum() == 3
+    assert pairs_per_anchor(10, 23, 1, np.random.default_rng(0)).tolist() == [1] * 10  # the cap wins
+    assert pairs_per_anchor(4, 12, None, np.random.default_rng(0)).tolist() == [3] * 4  # every ordered pair
     with pytest.raises(ValueError, match="exceeds the 12 ordered pairs"):
-        sample_ordered_pairs(4, 13, np.random.default_rng(0))
+        pairs_per_anchor(4, 13, None, np.random.default_rng(0))
 
 
-def test_sample_ordered_pairs_scales_without_enumerating():
-    i, j = sample_ordered_pairs(100_000, 50_000, np.random.default_rng(1))
-    assert (i != j).all() and len(set(zip(i.tolist(), j.tolist()))) == 50_000
-    assert i.min() >= 0 and max(i.max(), j.max()) < 100_000
+def test_partners_are_distinct_never_self_and_scale_without_enumerating():
+    i, j = draw_partners(0, np.full(4, 3), 4, np.random.default_rng(0))
+    assert sorted(zip(i.tolist(), j.tolist())) == [(a, b) for a in range(4) for b in range(4) if a != b]
+    n = 1_000_000  # a million images: drawing 5 partners for 2000 of them touches no O(n) structure
+    i, j = draw_partners(5000, np.full(2000, 5), n, np.random.default_rng(1))
+    assert len(i) == 10_000 and (i != j).all() and len(set(zip(i.tolist(), j.tolist()))) == 10_000
+    assert i.min() == 5000 and i.max() == 6999 and j.max() < n
 
 
-def test_pairs_artifact(tmp_path):
+def test_pairs_artifact(ray_local, tmp_path):
     job, storage = _setup(tmp_path, num_pairs=300, seed=3)
     manifest = sample_pairs(job, storage)
     assert manifest["kind"] == "pairs" and manifest["num_rows"] == 300
-    assert manifest["summary"]["possible_pairs"] == 40 * 39
+    assert manifest["summary"]["possible_pairs"] == 40 * 39 and manifest["summary"]["unique_pair_ids"]
     t = artifacts.read_table(storage, "pairs", "pairs")
     assert t.column_names == ["pair_id", "image_id_a", "image_id_b", "caption_a", "caption_b", "attributes_a",
                               "attributes_b"]
@@ -71,18 +81,29 @@ def test_pairs_artifact(tmp_path):
         assert row["pair_id"] == pair_id(row["image_id_a"], row["image_id_b"])
         seen.add((row["image_id_a"], row["image_id_b"]))
     assert len(seen) == 300
+    # The budget is spread over the first images: 300 / 40 -> 7 or 8 each.
+    assert set(Counter(t["image_id_a"].to_pylist()).values()) == {7, 8}
 
 
-def test_pairs_are_deterministic_and_ids_stable_across_configs(tmp_path):
+def test_cap_and_many_tasks(ray_local, tmp_path):
+    job, storage = _setup(tmp_path, num_pairs=1000, max_pairs_per_image=3, anchors_per_task=7, seed=1)
+    manifest = sample_pairs(job, storage)
+    assert manifest["num_rows"] == 120 and manifest["summary"]["max_pairs_per_image"] == 3
+    t = artifacts.read_table(storage, "pairs", "pairs")
+    assert set(Counter(t["image_id_a"].to_pylist()).values()) == {3}
+    assert len(set(t["pair_id"].to_pylist())) == 120
+
+
+def test_pairs_are_deterministic_and_ids_stable_across_configs(ray_local, tmp_path):
     job, storage = _setup(tmp_path / "a", num_pairs=200, seed=0)
     sample_pairs(job, storage)
-    first = artifacts.read_table(storage, "pairs", "pairs")
+    first = _sorted(artifacts.read_table(storage, "pairs", "pairs"))
     sample_pairs(job, storage)
-    assert artifacts.read_table(storage, "pairs", "pairs").equals(first)
-    # Shard order of the images artifact does not matter.
+    assert _sorted(artifacts.read_table(storage, "pairs", "pairs")).equals(first)
+    # Shard order of the images artifact does not matter, nor how many tasks draw the pairs.
     job_r, storage_r = _setup(tmp_path / "b", reverse=True, num_pairs=200, seed=0)
     sample_pairs(job_r, storage_r)
-    assert artifacts.read_table(storage_r, "pairs", "pairs").equals(first)
+    assert _sorted(artifacts.read_table(storage_r, "pairs", "pairs")).equals(first)
     # Another seed draws other pairs, but a pair drawn by both has the same id.
     job2 = job.model_copy(update={"pairs": job.pairs.model_copy(update={"seed": 1})})
     sample_pairs(job2, storage)
@@ -93,7 +114,7 @@ def test_pairs_are_deterministic_and_ids_stable_across_configs(tmp_path):
     assert common and all(ids1[k] == ids2[k] for k in common)
 
 
-def test_num_images_samples_images_first(tmp_path):
+def test_num_images_samples_images_first(ray_local, tmp_path):
     job, storage = _setup(tmp_path, num_images=8, num_pairs=56, seed=2)
     manifest = sample_pairs(job, storage)
     assert manifest["summary"]["images_sampled"] == 8 and manifest["summary"]["possible_pairs"] == 56
@@ -104,7 +125,7 @@ def test_num_images_samples_images_first(tmp_path):
     assert sorted(t["image_id_a"].to_pylist()) == sorted(t["image_id_b"].to_pylist())
 
 
-def test_bad_requests_fail_clearly(tmp_path):
+def test_bad_requests_fail_clearly(ray_local, tmp_path):
     job, storage = _setup(tmp_path, num_images=5, num_pairs=21)
     with pytest.raises(ValueError, match="num_pairs=21 exceeds the 20 ordered pairs"):
         sample_pairs(job, storage)

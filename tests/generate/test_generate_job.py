@@ -69,11 +69,11 @@ def test_actor_marks_every_row_kept_or_rejected_with_a_reason():
     actor = GenerateActor(GenerateConfig().model_dump())
     out = actor(_batch([("p-ok", A1, A2), ("p-same", A1, A1), ("p-none", A1, None), ("p-bad", {"kind": 1}, A2)]))
     rows = {r["pair_id"]: r for r in out.to_pylist()}
-    assert out.column_names == ["pair_id", "raw", "text", "reason", "engine", "prompt_version"]
+    assert out.column_names == ["pair_id", "raw", "text", "reason", "engine", "prompt_version", "tokens"]
     assert rows["p-ok"]["reason"] is None and rows["p-ok"]["text"] == rows["p-ok"]["raw"]
     assert len(rows["p-ok"]["text"]) >= 60
     assert rows["p-same"] == {"pair_id": "p-same", "raw": SAME_TEXT, "text": None, "reason": "too_short",
-                              "engine": "rule", "prompt_version": "paper-v1"}
+                              "engine": "rule", "prompt_version": "paper-v1", "tokens": 0}
     assert (rows["p-none"]["raw"], rows["p-none"]["text"], rows["p-none"]["reason"]) == ("", None, "no_attributes")
     assert (rows["p-bad"]["text"], rows["p-bad"]["reason"]) == (None, "empty")
 
@@ -179,7 +179,7 @@ def _check_end_to_end(root: str) -> None:
     diffs = artifacts.read_table(storage, "diffs", "diffs")
     rejects = artifacts.read_table(storage, "rejects", "rejects")
     assert diffs.column_names == ["pair_id", "text", "raw", "engine", "prompt_version"]
-    assert rejects.column_names == ["pair_id", "raw", "reason"]
+    assert rejects.column_names == ["pair_id", "raw", "reason", "engine", "prompt_version"]
     assert summary["pairs_in"] == pairs.num_rows == 500 + len(same_ids) + 1
     assert summary["written"] == diffs.num_rows and summary["rejected"] == rejects.num_rows
     assert diffs.num_rows + rejects.num_rows == pairs.num_rows
@@ -225,5 +225,5 @@ def test_no_rejects_still_writes_an_empty_rejects_artifact(ray_local, tmp_path):
     summary = run_generate(job, storage)
     assert (summary["written"], summary["rejected"], summary["rejected_by_reason"]) == (5, 0, {})
     rejects = artifacts.read_table(storage, "rejects", "rejects")
-    assert rejects.num_rows == 0 and rejects.column_names == ["pair_id", "raw", "reason"]
+    assert rejects.num_rows == 0 and rejects.column_names == ["pair_id", "raw", "reason", "engine", "prompt_version"]
     assert artifacts.read_manifest(storage, "rejects", "rejects")["num_rows"] == 0

@@ -1,0 +1,453 @@
+"""Readers for the image-caption datasets users have, into the ``images`` artifact (plus ``image_rejects``).
+
+Sources (``DataConfig.source``), local or s3://, all streamed through Ray Data tasks:
+
+- ``coco``: a COCO captions JSON and its image folder. The JSON is metadata (about 20 MB for train2014) and is parsed
+  on the driver; image bytes are only ever read by the tasks.
+- ``webdataset``: tar shards as img2dataset writes them (``<key>.jpg``, ``<key>.txt``, ``<key>.json``), one task per
+  shard. We read the tar stream ourselves instead of with ``ray.data.read_webdataset``: that reader aborts the whole
+  job on one truncated shard (tarfile.ReadError), where a job over thousands of shards must keep the samples read so
+  far and record the shard as a reject row.
+- ``parquet``: rows with a caption and image bytes (or a Hugging Face ``{bytes, path}`` struct) or an image URI,
+  read with ``ray.data.read_parquet``.
+- ``folder``: an image folder and a captions file (CSV/TSV via ``ray.data.read_csv`` with the caption read as
+  binary, so one non-UTF-8 caption rejects its row instead of failing the file; JSON lines via ``read_json``).
+
+Every input row ends in exactly one artifact: ``images`` (image_id, split, caption, image bytes as stored, attributes
+null, source) or ``image_rejects`` (image_id, source, reason, detail), with reasons ``no_caption``,
+``empty_caption``, ``caption_not_utf8``, ``missing_image``, ``image_too_large``, ``corrupt_image``,
+``corrupt_shard``. Image bytes are checked by decoding them (the header's size first, so a bomb is rejected before
+its pixels are allocated) and stored unchanged.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import posixpath
+import re
+import sys
+import tarfile
+import time
+import uuid
+from collections import Counter
+from typing import Any, Iterator
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+IMAGE_COLUMNS = ["image_id", "split", "caption", "image", "attributes", "source"]
+REJECT_COLUMNS = ["image_id", "source", "reason", "detail"]
+REASONS = ("no_caption", "empty_caption", "caption_not_utf8", "missing_image", "image_too_large", "corrupt_image",
+           "corrupt_shard")
+# The columns every source produces before the checks; error (a reason code) is set when reading already failed.
+CANDIDATE_COLUMNS = ["image_id", "split", "caption", "image", "source", "error"]
+
+
+# ------------------------------------------------------------------------------------------------ the checks
+def _caption(value: Any) -> tuple[str | None, str | None]:
+    """(caption, None) or (None, reason). Whitespace runs (newlines in .txt members) become one space."""
+    if value is None:
+        return None, "no_caption"
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        try:
+            value = bytes(value).decode("utf-8")
+        except UnicodeDecodeError:
+            return None, "caption_not_utf8"
+    text = " ".join(str(value).split())
+    return (text, None) if text else (None, "empty_caption")
+
+
+def _image(data: Any, max_bytes: int, max_pixels: int) -> tuple[str | None, str]:
+    """(None, "") for a usable image, else (reason, detail)."""
+    from pcd_ray.data.images import ImageDecodeError, decode_image
+
+    if data is None:
+        return "missing_image", "no image in the row"
+    data = bytes(data)
+    if len(data) > max_bytes:
+        return "image_too_large", f"{len(data)} bytes, over the limit of {max_bytes}"
+    try:
+        decode_image(data, max_pixels=max_pixels)
+    except ImageDecodeError as e:
+        return ("image_too_large" if "over the limit" in str(e) or "too large" in str(e) else "corrupt_image"), str(e)
+    return None, ""
+
+
+def check_batch(batch, max_image_bytes: int, max_image_pixels: int):
+    """map_batches UDF: candidate rows -> the same rows with ``caption`` decoded and ``reason``/``detail`` set for
+    rows that cannot be used (null for good rows)."""
+    import pyarrow as pa
+
+    rows = batch.to_pylist()
+    ids, captions, reasons, details = [], [], [], []
+    for r in rows:
+        caption, reason, detail = None, r.get("error"), ""
+        if reason:
+            detail = reason.partition(": ")[2]
+            reason = reason.partition(": ")[0]
+        else:
+            caption, reason = _caption(r["caption"])
+            if reason is None:
+                reason, detail = _image(r["image"], max_image_bytes, max_image_pixels)
+        image_id = r["image_id"]
+        if image_id is None and r["image"] is not None:
+            image_id = "sha1-" + hashlib.sha1(bytes(r["image"])).hexdigest()[:20]
+        ids.append(image_id if image_id is not None else f"row-{r['source']}")
+        captions.append(caption)
+        reasons.append(reason)
+        details.append(detail or None)
+    return pa.table({
+        "image_id": pa.array(ids, pa.string()),
+        "split": pa.array([r["split"] for r in rows], pa.string()),
+        "caption": pa.array(captions, pa.string()),
+        "image": pa.array([None if r["image"] is None else bytes(r["image"]) for r in rows], pa.binary()),
+        "attributes": pa.nulls(len(rows), pa.string()),
+        "source": pa.array([r["source"] for r in rows], pa.string()),
+        "reason": pa.array(reasons, pa.string()),
+        "detail": pa.array(details, pa.string()),
+    })
+
+
+def _candidates(columns: dict[str, list]):
+    import pyarrow as pa
+
+    n = len(columns["source"])
+    types = {"image_id": pa.string(), "split": pa.string(), "caption": pa.binary(), "image": pa.binary(),
+             "source": pa.string(), "error": pa.string()}
+    out = {}
+    for c in CANDIDATE_COLUMNS:
+        values = columns.get(c, [None] * n)
+        if c == "caption":
+            values = [v.encode() if isinstance(v, str) else v for v in values]
+        out[c] = pa.array(values, types[c])
+    return pa.table(out)
+
+
+def fetch_images(batch, storage, uri_column: str = "uri"):
+    """map_batches UDF: read each row's image bytes from its URI (missing or unreadable -> error missing_image)."""
+    import pyarrow as pa
+
+    t = batch
+    images, errors = [], []
+    existing_err = t.column("error").to_pylist() if "error" in t.column_names else [None] * t.num_rows
+    for uri, err in zip(t.column(uri_column).to_pylist(), existing_err):
+        if err or uri is None:
+            images.append(None)
+            errors.append(err or "missing_image: no image URI")
+            continue
+        try:
+            images.append(storage.read_bytes(uri))
+            errors.append(None)
+        except (FileNotFoundError, IsADirectoryError, PermissionError, OSError) as e:
+            images.append(None)
+            errors.append(f"missing_image: {type(e).__name__}: {uri}")
+    cols = {c: t.column(c) for c in t.column_names if c not in ("image", "error", uri_column)}
+    cols["image"] = pa.array(images, pa.binary())
+    cols["error"] = pa.array(errors, pa.string())
+    cols.setdefault("source", t.column(uri_column))
+    return _candidates({c: (v.to_pylist() if hasattr(v, "to_pylist") else v) for c, v in cols.items()})
+
+
+# ------------------------------------------------------------------------------------------------- sources
+def _blocks(table, rows_per_task: int):
+    import ray.data
+
+    slices = [table.slice(k, rows_per_task) for k in range(0, max(table.num_rows, 1), rows_per_task)]
+    return ray.data.from_arrow(slices)
+
+
+def read_coco(cfg, data_cfg, storage):
+    """COCO captions JSON + image folder -> candidate rows (one per image in the JSON's images[])."""
+    import pyarrow as pa
+
+    from pcd_ray.storage import join
+
+    meta = storage.read_json(cfg.annotations)
+    if not isinstance(meta, dict) or "images" not in meta or "annotations" not in meta:
+        raise ValueError(f"{storage.resolve(cfg.annotations)}: not a COCO captions file (needs images[] and "
+                         f"annotations[])")
+    by_image: dict[int, list[tuple[int, str]]] = {}
+    for ann in meta["annotations"]:
+        by_image.setdefault(ann["image_id"], []).append((ann.get("id", 0), ann.get("caption")))
+    ids, uris, captions = [], [], []
+    for img in meta["images"]:
+        anns = sorted(by_image.get(img["id"], []), key=lambda a: a[0])
+        if not anns:
+            caption = None
+        elif cfg.caption == "first":
+            caption = anns[0][1]
+        else:
+            caption = anns[int(np.random.default_rng([cfg.seed, int(img["id"])]).integers(len(anns)))][1]
+        ids.append(f"coco-{img['id']}")
+        uris.append(join(storage.resolve(cfg.images), *img["file_name"].split("/")))
+        captions.append(caption)
+    table = pa.table({"image_id": pa.array(ids, pa.string()), "split": pa.array([cfg.split] * len(ids), pa.string()),
+                      "caption": pa.array(captions, pa.string()), "uri": pa.array(uris, pa.string())})
+    return _blocks(table, data_cfg.rows_per_task).map_batches(
+        fetch_images, fn_args=(storage,), batch_format="pyarrow", batch_size=None)
+
+
+def _expand_braces(pattern: str) -> list[str]:
+    """webdataset's shard notation: "shards-{00000..00099}.tar" -> 100 names (zero padding kept)."""
+    m = re.search(r"\{(\d+)\.\.(\d+)\}", pattern)
+    if not m:
+        return [pattern]
+    lo, hi = m.group(1), m.group(2)
+    width = len(lo) if lo.startswith("0") else 0
+    head, tail = pattern[:m.start()], pattern[m.end():]
+    return [x for k in range(int(lo), int(hi) + 1) for x in _expand_braces(f"{head}{k:0{width}d}{tail}")]
+
+
+def list_shards(spec: str | list[str], storage) -> list[str]:
+    """Shard URIs from a directory, glob, brace range or list. Raises FileNotFoundError when none match."""
+    specs = [spec] if isinstance(spec, str) else list(spec)
+    out: list[str] = []
+    for s in specs:
+        for pattern in _expand_braces(s):
+            uri = storage.resolve(pattern)
+            fs, path = storage.fs(uri)
+            if any(ch in path for ch in "*?["):
+                prefix = uri[: len(uri) - len(path)] if "://" in uri else ""
+                out += [prefix + p for p in sorted(fs.glob(path))]
+            elif fs.isdir(path):
+                out += [f for f in storage.find(uri) if f.endswith(".tar")]
+            elif fs.exists(path):
+                out.append(uri)
+    if not out:
+        raise FileNotFoundError(f"no webdataset shards match {spec!r}")
+    return sorted(dict.fromkeys(out))
+
+
+def _tar_samples(stream, shard: str, cfg) -> Iterator[dict[str, Any]]:
+    """Group a tar stream's members into samples by key (img2dataset writes a sample's members together)."""
+    key, members = None, {}
+    with tarfile.open(fileobj=stream, mode="r|*") as tar:
+        for info in tar:
+            if not info.isfile():
+                continue
+            base = posixpath.basename(info.name)
+            k, _, ext = base.partition(".")
+            k = posixpath.join(posixpath.dirname(info.name), k)
+            if key is not None and k != key:
+                yield _sample(key, members, shard, cfg)
+                members = {}
+            key = k
+            members[ext.lower()] = tar.extractfile(info).read()
+    if key is not None:
+        yield _sample(key, members, shard, cfg)
+
+
+def _sample(key: str, members: dict[str, bytes], shard: str, cfg) -> dict[str, Any]:
+    image = next((members[e] for e in cfg.image_members if e in members), None)
+    return {"image_id": key, "split": cfg.split, "caption": members.get(cfg.caption_member), "image": image,
+            "source": f"{shard}#{key}", "error": None if image is not None else "missing_image: no image member"}
+
+
+def read_webdataset_shards(batch, storage, cfg, rows_per_block: int):
+    """map_batches UDF (generator): shard URIs -> candidate rows, a block at a time; a corrupt shard keeps the
+    samples read before the damage and adds one ``corrupt_shard`` row."""
+    for shard in batch["shard"].tolist():
+        rows: list[dict[str, Any]] = []
+        fs, path = storage.fs(shard)
+        try:
+            with fs.open(path, "rb") as f:
+                for sample in _tar_samples(f, shard, cfg):
+                    rows.append(sample)
+                    if len(rows) >= rows_per_block:
+                        yield _candidates({c: [r[c] for r in rows] for c in CANDIDATE_COLUMNS})
+                        rows = []
+        except (tarfile.TarError, EOFError, OSError) as e:
+            log.warning("webdataset: %s is damaged after %d samples: %s", shard, len(rows), e)
+            rows.append({"image_id": None, "split": cfg.split, "caption": None, "image": None,
+                         "source": shard, "error": f"corrupt_shard: {type(e).__name__}: {e}"})
+        if rows:
+            yield _candidates({c: [r[c] for r in rows] for c in CANDIDATE_COLUMNS})
+
+
+def read_webdataset(cfg, data_cfg, storage):
+    import ray.data
+
+    shards = list_shards(cfg.shards, storage)
+    log.info("webdataset: %d shards", len(shards))
+    return ray.data.from_items([{"shard": s} for s in shards], override_num_blocks=len(shards)).map_batches(
+        read_webdataset_shards, fn_args=(storage, cfg, data_cfg.rows_per_task), batch_size=1,
+        batch_format="numpy")
+
+
+def _parquet_rows(batch, cfg, storage):
+    """map_batches UDF: user Parquet rows -> candidate rows (image bytes in place, or fetched from their URI)."""
+    import pyarrow as pa
+
+    from pcd_ray.storage import join
+
+    t = batch
+    n = t.num_rows
+    caption = t.column(cfg.caption_column).to_pylist()
+    split = t.column(cfg.split_column).to_pylist() if cfg.split_column else [cfg.split] * n
+    ids = t.column(cfg.id_column).to_pylist() if cfg.id_column else [None] * n
+    ids = [None if i is None else str(i) for i in ids]
+    if cfg.image_column:
+        raw = t.column(cfg.image_column).to_pylist()
+        # Hugging Face datasets store an image as {"bytes": ..., "path": ...}.
+        images = [r.get("bytes") if isinstance(r, dict) else r for r in raw]
+        sources = [f"{cfg.image_column}[{k}]" for k in range(n)]
+        return _candidates({"image_id": ids, "split": split, "caption": caption, "image": images,
+                            "source": sources, "error": [None] * n})
+    uris = [None if u is None else (storage.resolve(join(cfg.uri_root, u)) if cfg.uri_root and "://" not in u
+                                    else storage.resolve(u)) for u in t.column(cfg.uri_column).to_pylist()]
+    ids = [i if i is not None or u is None else u for i, u in zip(ids, uris)]
+    table = pa.table({"image_id": pa.array(ids, pa.string()), "split": pa.array(split, pa.string()),
+                      "caption": pa.array([c.encode() if isinstance(c, str) else c for c in caption], pa.binary()),
+                      "uri": pa.array(uris, pa.string())})
+    return fetch_images(table, storage)
+
+
+def read_parquet_source(cfg, data_cfg, storage):
+    import ray.data
+
+    paths = [cfg.paths] if isinstance(cfg.paths, str) else list(cfg.paths)
+    resolved = [storage.resolve(p) for p in paths]
+    fs, _ = storage.arrow_fs(resolved[0])
+    columns = [c for c in (cfg.caption_column, cfg.image_column, cfg.uri_column, cfg.id_column, cfg.split_column)
+               if c]
+    ds = ray.data.read_parquet([storage.fs(p)[1] for p in resolved], filesystem=fs, columns=columns)
+    return ds.map_batches(_parquet_rows, fn_args=(cfg, storage), batch_format="pyarrow",
+                          batch_size=data_cfg.rows_per_task)
+
+
+def _folder_rows(batch, cfg, storage):
+    import pyarrow as pa
+
+    from pcd_ray.storage import join
+
+    t = batch
+    n = t.num_rows
+    root = storage.resolve(cfg.root)
+    files = [None if f is None else str(f) for f in t.column(cfg.file_column).to_pylist()]
+    split = t.column(cfg.split_column).to_pylist() if cfg.split_column else [cfg.split] * n
+    table = pa.table({
+        "image_id": pa.array(files, pa.string()),
+        "split": pa.array(split, pa.string()),
+        "caption": pa.array([c.encode() if isinstance(c, str) else c
+                             for c in t.column(cfg.caption_column).to_pylist()], pa.binary()),
+        "uri": pa.array([None if f is None else join(root, *f.split("/")) for f in files], pa.string()),
+    })
+    return fetch_images(table, storage)
+
+
+def read_folder(cfg, data_cfg, storage):
+    import pyarrow as pa
+    import pyarrow.csv as pacsv
+    import ray.data
+
+    uri = storage.resolve(cfg.captions)
+    fs, path = storage.arrow_fs(uri)
+    if uri.endswith((".jsonl", ".json")):
+        ds = ray.data.read_json(path, filesystem=fs)  # newline-delimited (pyarrow's JSON reader)
+    elif uri.endswith((".csv", ".tsv")):
+        ds = ray.data.read_csv(
+            path, filesystem=fs,
+            parse_options=pacsv.ParseOptions(delimiter="\t" if uri.endswith(".tsv") else ","),
+            # Binary, not string: a caption that is not UTF-8 becomes a reject row instead of failing the file.
+            convert_options=pacsv.ConvertOptions(column_types={cfg.caption_column: pa.binary(),
+                                                               cfg.file_column: pa.string()}))
+    else:
+        raise ValueError(f"{uri}: captions file must be .csv, .tsv or .jsonl")
+    return ds.map_batches(_folder_rows, fn_args=(cfg, storage), batch_format="pyarrow",
+                          batch_size=data_cfg.rows_per_task)
+
+
+SOURCES = {"coco": read_coco, "webdataset": read_webdataset, "parquet": read_parquet_source, "folder": read_folder}
+
+
+# ------------------------------------------------------------------------------------------------- the job
+def write_checked(table, storage, images_dir: str, rejects_dir: str):
+    """map_batches UDF: checked rows -> an images shard and a rejects shard; one row of names and counts back."""
+    import io
+
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    from pcd_ray.storage import join
+
+    good_mask = pc.is_null(table.column("reason"))
+    good, bad = table.filter(good_mask), table.filter(pc.invert(good_mask))
+    name = f"part-{uuid.uuid4().hex}.parquet"
+
+    def put(t, directory):
+        buf = io.BytesIO()
+        pq.write_table(t, buf)
+        uri = join(directory, name)
+        storage.write_bytes(uri, buf.getvalue())
+        return uri
+
+    return pa.table({
+        "images": [put(good.select(IMAGE_COLUMNS), images_dir) if good.num_rows else ""],
+        "images_rows": [good.num_rows],
+        "rejects": [put(bad.select(REJECT_COLUMNS), rejects_dir) if bad.num_rows else ""],
+        "rejects_rows": [bad.num_rows],
+        "reasons": [json.dumps(Counter(bad.column("reason").to_pylist()))],
+    })
+
+
+def read_images(job, storage) -> dict[str, Any]:
+    """Read ``job.data``'s real dataset into the images artifact (and image_rejects); returns the images manifest.
+
+    Raises ValueError / FileNotFoundError naming the path when the dataset is missing or not of the declared kind.
+    """
+    from pcd_ray import artifacts
+    from pcd_ray.runtime import init_ray
+
+    data = job.data
+    src_cfg = getattr(data, data.source)
+    init_ray(job.ray)
+    start = time.time()
+    config = data.model_dump(mode="json")
+    images = artifacts.Appender(storage, data.output, "images", columns=IMAGE_COLUMNS, config=config,
+                                identity=None, resume=False)
+    rejects = artifacts.Appender(storage, data.rejects, "image_rejects", columns=REJECT_COLUMNS, config=config,
+                                 identity=None, resume=False)
+    ds = SOURCES[data.source](src_cfg, data, storage)
+    ds = ds.map_batches(check_batch, fn_args=(data.max_image_bytes, data.max_image_pixels), batch_format="pyarrow",
+                        batch_size=None)
+    ds = ds.map_batches(write_checked, fn_args=(storage, images.staging, rejects.staging), batch_format="pyarrow",
+                        batch_size=None)
+    by_reason: Counter = Counter()
+    bar = None
+    if sys.stderr.isatty():
+        from tqdm import tqdm
+
+        bar = tqdm(unit="img", desc=f"data ({data.source})", dynamic_ncols=True)
+    for row in ds.iter_rows():
+        if row["images"]:
+            images.add(row["images"], row["images_rows"])
+        if row["rejects"]:
+            rejects.add(row["rejects"], row["rejects_rows"])
+        by_reason.update(json.loads(row["reasons"]))
+        if bar is not None:
+            bar.update(row["images_rows"] + row["rejects_rows"])
+    if bar is not None:
+        bar.close()
+    wall = time.time() - start
+    kept = sum(e["rows"] for e in images.pending)
+    summary = {"source": data.source, "rows_in": kept + sum(by_reason.values()), "images": kept,
+               "rejected": sum(by_reason.values()), "rejected_by_reason": dict(sorted(by_reason.items())),
+               "wall_s": round(wall, 3), "images_per_s": round(kept / max(wall, 1e-9), 1)}
+    rejects.commit(summary, complete=True)
+    manifest = images.commit(summary, complete=True)
+    log.info("data (%s): %d images, %d rejected %s in %.1f s -> %s", data.source, kept, summary["rejected"],
+             summary["rejected_by_reason"], wall, images.base)
+    return manifest
+
+
+def make_images_artifact(job, storage) -> dict[str, Any]:
+    """The data stage: the synthetic set, or a real dataset through the readers above."""
+    if job.data.source == "synthetic":
+        from pcd_ray.data.synthetic import make_images
+
+        return make_images(job, storage)
+    return read_images(job, storage)

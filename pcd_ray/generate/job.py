@@ -215,6 +215,14 @@ def run_generate(job, storage) -> dict[str, Any]:
         rejects.commit(summary, complete=complete)
         diffs.commit(summary, complete=complete)
 
+    cpus = ray.cluster_resources().get("CPU", 0)
+    if cfg.num_actors * cfg.num_cpus_per_actor >= cpus:
+        # Without an autoscaler to add nodes, the actors would hold every CPU and Ray Data's read and write tasks
+        # would never run: the job would hang, not fail.
+        log.warning("generate: %d actors x %s CPUs take all %s CPUs of the cluster; read/write tasks need some "
+                    "left (lower generate.num_cpus_per_actor or add nodes)", cfg.num_actors, cfg.num_cpus_per_actor,
+                    cpus)
+
     if skipped < pairs_in:
         out = ds.map_batches(
             GenerateActor,

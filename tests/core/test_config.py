@@ -105,3 +105,12 @@ def test_cli_reports_config_errors_with_exit_code_2():
     out = _run("-m", "pcd_ray", "train", "train.optimizer.lrr=1")
     assert out.returncode == 2
     assert "train.optimizer.lrr: unknown key" in out.stderr
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parents[2] / "jobs").glob("*.yaml")),
+                         ids=lambda p: p.name)
+def test_every_shipped_job_file_loads(path):
+    from pcd_ray.config import load_job
+
+    job = load_job(str(path), [])
+    assert job.storage.root

@@ -1,0 +1,89 @@
+"""A tiny randomly initialised Llama and an offline-trained tokenizer, written to a directory like a hub model.
+
+No model hub is reachable in tests, so the LLM engines load this instead: ``write_tiny_llm(path)`` trains a byte-level
+BPE tokenizer on synthetic captions and difference sentences, saves it as a ``PreTrainedTokenizerFast`` (with a small
+chat template unless ``chat_template=False``, and without a pad token so the engines' fallback runs), and saves a
+2-layer ``LlamaForCausalLM`` with ``save_pretrained``. Works in the main venv and in .venv-vllm (torch, transformers and
+tokenizers only). Random weights give near-uniform next-token distributions: sampled outputs are strings of word
+pieces from the training text, which is what the filter and the bookkeeping need, not sensible sentences.
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+from pathlib import Path
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}</s>{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+"""Marks each message with its role; the tests look for ``<|user|>`` / ``<|system|>`` in the rendered prompt."""
+
+SPECIAL = ["<unk>", "<s>", "</s>", "<|system|>", "<|user|>", "<|assistant|>"]
+
+_COLOURS = ["red", "blue", "green", "yellow", "purple", "orange", "white", "black"]
+_KINDS = ["circle", "square", "triangle", "star", "cat", "dog", "bird", "car", "flower", "tree"]
+_SIZES = ["large", "small", "tiny", "huge", "medium sized"]
+_PLACES = ["on the left", "on the right", "in the middle", "near the top", "at the bottom"]
+
+
+def corpus(n: int = 400, seed: int = 0) -> list[str]:
+    """``n`` synthetic captions, paper prompts and difference sentences (ASCII only, so every token is ASCII)."""
+    rng = random.Random(seed)
+
+    def thing() -> str:
+        return f"a {rng.choice(_SIZES)} {rng.choice(_COLOURS)} {rng.choice(_KINDS)} {rng.choice(_PLACES)}"
+
+    texts = []
+    for k in itertools.count():
+        if len(texts) >= n:
+            break
+        a, b = thing(), thing()
+        texts.append([
+            f"A photo of {a}.",
+            f"What is the visual difference between an image with a description of {a} and an image with a "
+            f"description of {b}?",
+            f"The first image shows {a}, while the second image shows {b}.",
+            f"Compared to the second image, the first one is brighter and the object is {rng.choice(_SIZES)}.",
+        ][k % 4])
+    return texts
+
+
+def write_tiny_llm(path: str | Path, *, chat_template: bool = True, seed: int = 0, vocab_size: int = 600,
+                   hidden_size: int = 64, max_position_embeddings: int = 512) -> Path:
+    """Write tokenizer + model files into ``path`` (created) and return it; loadable by Auto* classes and vLLM.
+
+    head_dim is 32 (vLLM's CPU attention needs >= 32): ``hidden_size / 32`` heads.
+    """
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    # An empty initial alphabet keeps the vocabulary to bytes seen in the (ASCII) corpus: a random model cannot emit
+    # half a UTF-8 character.
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL, initial_alphabet=[],
+                                  show_progress=False)
+    tok.train_from_iterator(corpus(seed=seed), trainer=trainer)
+    hf_tok = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+                                     model_max_length=max_position_embeddings)
+    if chat_template:
+        hf_tok.chat_template = CHAT_TEMPLATE
+    hf_tok.save_pretrained(path)
+
+    heads = hidden_size // 32
+    config = LlamaConfig(
+        vocab_size=len(hf_tok), hidden_size=hidden_size, intermediate_size=2 * hidden_size, num_hidden_layers=2,
+        num_attention_heads=heads, num_key_value_heads=heads, max_position_embeddings=max_position_embeddings,
+        bos_token_id=hf_tok.bos_token_id, eos_token_id=hf_tok.eos_token_id, tie_word_embeddings=False,
+        dtype="float32",
+    )
+    torch.manual_seed(seed)
+    LlamaForCausalLM(config).save_pretrained(path)
+    return path

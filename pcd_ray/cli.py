@@ -19,7 +19,8 @@ STAGES = {
     "pairs": "sample ordered image pairs",
     "generate": "write difference texts for the pairs (diffs + rejects)",
     "train": "finetune with Ray Train + DeepSpeed (--section base_train for the base pretraining)",
-    "eval": "difference accuracy and zero-shot, base vs finetuned (JSON, Markdown, PNG)",
+    "eval": "difference accuracy, zero-shot, comparative prompting, geometry, retrieval; base vs finetuned "
+            "(JSON, Markdown, PNG); --compare puts several runs side by side",
     "serve": "host an export on Ray Serve (HTTP on 127.0.0.1 by default)",
     "pipeline": "every stage of the job in order (up-to-date stages are skipped)",
     "demo": "the whole method on the embedded default, then the base-vs-finetuned table",
@@ -46,6 +47,10 @@ def build_parser() -> argparse.ArgumentParser:
                            help="run only these stages (comma-separated)")
         if name == "serve":
             p.add_argument("--detach", action="store_true", help="start the app and return (Serve keeps running)")
+        if name == "eval":
+            p.add_argument("--compare", nargs="+", metavar="RUN",
+                           help="write the reports of these runs (eval output dirs or run roots) side by side to "
+                                "eval.output instead of evaluating")
     return parser
 
 
@@ -76,6 +81,12 @@ def run(args: argparse.Namespace) -> int:
         from pcd_ray.serve.app import run_serve
 
         run_serve(job, storage, blocking=not args.detach)
+        return 0
+    if args.stage == "eval" and args.compare:
+        from pcd_ray.eval.compare import compare_runs
+        from pcd_ray.eval.report import format_table
+
+        print("\n" + format_table(compare_runs(args.compare, storage, job.eval.output)))
         return 0
     from pcd_ray.runtime import init_ray
 

@@ -1,9 +1,11 @@
-"""The eval stage: images artifact + models -> difference accuracy (hard, easy), zero-shot, report files.
+"""The eval stage: models x evaluation sets -> stored embeddings -> every task's numbers -> report files.
 
-Per model: the image tower runs in a Ray Data actor pool (``embed_images``), the embeddings come back to the driver
-ordered by image_id, the (few, distinct) prompts are encoded in the driver, and the scoring is plain numpy. Every
-model sees the same images in the same order and the same seeds, hence the same pairs and sentences: the numbers
-compare models, not samples.
+Per model and set, the image tower runs in a Ray Data actor pool (``embed_images``; GPU actors on a cluster) and its
+output is committed as an ``embeddings`` artifact under ``<output>/embeddings/<model>/<set>``; the metrics are then
+computed in the driver from that stored table (plain numpy, chunked where it grows with n^2), so a 100k-image test
+set is one Ray Data job plus a table read. Prompts and sentences are few and distinct and are encoded in the driver.
+Every model sees the same images in the same order and the same seeds, hence the same pairs and sentences: the
+numbers compare models, not samples.
 """
 
 from __future__ import annotations
@@ -18,11 +20,26 @@ import numpy as np
 
 from pcd_ray import artifacts
 from pcd_ray.config import EvalConfig, JobConfig, ModelSpec
-from pcd_ray.storage import Storage
+from pcd_ray.storage import Storage, join
 
 log = logging.getLogger(__name__)
 
 MAX_ERRORS_KEPT = 5  # embedding errors quoted in the report; the count is always complete
+SYNTHETIC = "synthetic"
+
+
+class TextCache:
+    """A model's text encoder that encodes each distinct text once (tasks share prompts; captions repeat)."""
+
+    def __init__(self, encode):
+        self.encode = encode
+        self.cache: dict[str, np.ndarray] = {}
+
+    def __call__(self, texts: list[str]) -> np.ndarray:
+        new = [t for t in dict.fromkeys(texts) if t not in self.cache]
+        if new:
+            self.cache.update(zip(new, self.encode(new)))
+        return np.stack([self.cache[t] for t in texts]) if len(texts) else self.encode([])
 
 
 def _collect(ds):
@@ -45,69 +62,131 @@ def _parse_attributes(raw: Any) -> dict | None:
 
 
 def load_split(cfg: EvalConfig, storage: Storage):
-    """(Dataset of the split's image_id + image, sorted image ids, attrs per id, rows without attributes).
+    """(Dataset of image_id + image, sorted image ids, attrs per id, captions per id, rows without attributes).
 
     Raises ArtifactError for a missing artifact, ValueError when no image of the split has attributes.
     """
     from ray.data.expressions import col
 
-    ds = artifacts.read_dataset(storage, cfg.images, "images", columns=["image_id", "split", "image", "attributes"])
+    ds = artifacts.read_dataset(storage, cfg.images, "images",
+                                columns=["image_id", "split", "image", "attributes", "caption"])
     ds = ds.filter(expr=col("split") == cfg.split)
-    meta = _collect(ds.select_columns(["image_id", "attributes"]))
+    meta = _collect(ds.select_columns(["image_id", "attributes", "caption"]))
     rows = meta.to_pylist() if meta is not None else []
     attrs = {r["image_id"]: _parse_attributes(r["attributes"]) for r in rows}
+    captions = {r["image_id"]: r["caption"] or "" for r in rows}
     ids = sorted(i for i, a in attrs.items() if a is not None)
     if not ids:
         raise ValueError(f"{storage.resolve(cfg.images)}: no images of split {cfg.split!r} with attributes "
                          f"({len(rows)} rows in the split); difference accuracy needs the synthetic set's attributes")
-    return ds.select_columns(["image_id", "image"]), ids, attrs, len(rows) - len(ids)
+    return ds.select_columns(["image_id", "image"]), ids, attrs, captions, len(rows) - len(ids)
 
 
-def evaluate_model(name: str, spec: ModelSpec, ds, ids: list, attrs: dict, cfg: EvalConfig,
-                   storage: Storage) -> dict:
-    """One model's entry of the report (see ``report.py``)."""
+def stored_embeddings(ds, ids: list, spec: ModelSpec, uri: str, cfg: EvalConfig,
+                      storage: Storage) -> tuple[np.ndarray, list[int], list[str]]:
+    """Embed ``ds`` into the embeddings artifact at ``uri`` and read it back.
+
+    Returns (embeddings [m, D] float32 in ``ids`` order, positions in ``ids`` that were embedded, error strings).
+    """
     from pcd_ray.embed.images import embed_images
-    from pcd_ray.eval.difference import difference_accuracy
-    from pcd_ray.eval.zeroshot import zeroshot_accuracy
-    from pcd_ray.model.factory import load_model
 
     t0 = time.time()
-    log.info("eval %s: embedding %d images (%d actors)", name, len(ids), cfg.num_actors)
-    table = _collect(embed_images(ds, spec, storage, batch_size=cfg.batch_size, num_actors=cfg.num_actors,
-                                  num_gpus=cfg.num_gpus))
-    rows = table.to_pylist() if table is not None else []
-    emb = {r["image_id"]: r["embedding"] for r in rows if r["embedding"] is not None}
-    errors = [f"{r['image_id']}: {r['error']}" for r in rows if r["embedding"] is None]
-    kept = [i for i in ids if i in emb]  # sorted by image_id, the order every model shares
-    if not kept:
-        raise RuntimeError(f"eval {name}: no image could be embedded (first errors: {errors[:MAX_ERRORS_KEPT]})")
-    image_emb = np.asarray([emb[i] for i in kept], dtype=np.float32)
-    image_attrs = [attrs[i] for i in kept]
-    t_embed = time.time() - t0
+    embedded = embed_images(ds, spec, storage, batch_size=cfg.batch_size, num_actors=cfg.num_actors,
+                            num_gpus=cfg.num_gpus)
+    artifacts.write_dataset(embedded, storage, uri, "embeddings", config=spec.model_dump(mode="json"))
+    table = artifacts.read_table(storage, uri, "embeddings", columns=["image_id", "embedding", "error"])
+    artifacts.update_summary(storage, uri, rows=table.num_rows, elapsed_s=round(time.time() - t0, 2))
+    # Column-wise (no per-float Python objects): a 100k x 768 table converts in about two seconds.
+    ok = table.column("embedding").is_valid().to_numpy(zero_copy_only=False)
+    errors = [f"{i}: {e}" for i, e in zip(table.filter(~ok).column("image_id").to_pylist(),
+                                          table.filter(~ok).column("error").to_pylist())]
+    good = table.filter(ok)
+    flat = good.column("embedding").combine_chunks().flatten().to_numpy() if good.num_rows else np.zeros(0)
+    matrix = flat.reshape(good.num_rows, -1).astype(np.float32, copy=False)
+    row = {i: k for k, i in enumerate(good.column("image_id").to_pylist())}
+    kept = [k for k, i in enumerate(ids) if i in row]
+    return matrix[[row[ids[k]] for k in kept]], kept, errors
 
-    log.info("eval %s: scoring difference accuracy and zero-shot", name)
+
+def _read_inputs(name: str, dcfg, ds, storage: Storage) -> dict:
+    """Files a dataset's tasks need, read once for every model (pair texts, comparatives)."""
+    from pcd_ray.eval.class_difference import read_pair_texts
+    from pcd_ray.eval.dataset_suite import read_comparatives
+
+    out: dict = {}
+    if dcfg.differences:
+        out["pair_rows"], skipped = read_pair_texts(storage, dcfg.differences, ds)
+        log.info("eval %s: %d difference sentences (%d rows not in the split skipped)", name, len(out["pair_rows"]),
+                 skipped)
+    if dcfg.comparatives:
+        out["comparatives"] = read_comparatives(storage, dcfg.comparatives, ds)
+    return out
+
+
+def evaluate_model(name: str, spec: ModelSpec, sets: dict, cfg: EvalConfig, storage: Storage) -> dict:
+    """One model's entry of the report (see ``report.py``); ``sets`` is what ``run_eval`` read."""
+    from pcd_ray.eval.dataset_suite import evaluate_dataset
+    from pcd_ray.eval.synthetic_suite import evaluate_synthetic
+    from pcd_ray.model.factory import load_model
+
     loaded = load_model(spec, storage)
     loaded.model.eval()
-    encode = functools.partial(loaded.encode_texts, batch_size=cfg.batch_size)
-    difference = {mode: difference_accuracy(image_emb, image_attrs, encode, seeds=cfg.seeds,
-                                            pairs_per_attribute=cfg.pairs_per_attribute, mode=mode)
-                  for mode in ("hard", "easy")}
-    zeroshot = zeroshot_accuracy(image_emb, image_attrs, encode)
-    hard = difference["hard"]["overall"]["accuracy"]
-    log.info("eval %s: hard difference accuracy %s, zero-shot mean %s", name,
-             "n/a" if hard is None else f"{hard:.1f}%",
-             "n/a" if zeroshot["mean_accuracy"] is None else f"{zeroshot['mean_accuracy']:.1f}%")
-    return {"source": loaded.source, "spec": spec.model_dump(mode="json"), "num_embedded": len(kept),
-            "embedding_errors": len(errors), "errors": errors[:MAX_ERRORS_KEPT],
-            "difference": difference, "zeroshot": zeroshot,
-            "timings_s": {"embed": round(t_embed, 2), "score": round(time.time() - t0 - t_embed, 2)}}
+    encode = TextCache(functools.partial(loaded.encode_texts, batch_size=cfg.batch_size))
+    entry: dict = {"source": loaded.source, "spec": spec.model_dump(mode="json"), "datasets": {}, "timings_s": {}}
+    for set_name, s in sets.items():
+        t0 = time.time()
+        uri = join(storage.resolve(cfg.output), "embeddings", name, set_name)
+        log.info("eval %s/%s: embedding %d images (%d actors)", name, set_name, len(s["ids"]), cfg.num_actors)
+        emb, kept, errors = stored_embeddings(s["ray"], s["ids"], spec, uri, cfg, storage)
+        if not kept:
+            raise RuntimeError(f"eval {name}/{set_name}: no image could be embedded (first errors: "
+                               f"{errors[:MAX_ERRORS_KEPT]})")
+        t_embed = time.time() - t0
+        log.info("eval %s/%s: scoring", name, set_name)
+        if set_name == SYNTHETIC:
+            kept_ids = [s["ids"][k] for k in kept]
+            result = evaluate_synthetic(emb, [s["attrs"][i] for i in kept_ids], [s["captions"][i] for i in kept_ids],
+                                        encode, cfg)
+            entry.update(result, num_embedded=len(kept), embedding_errors=len(errors),
+                         errors=errors[:MAX_ERRORS_KEPT], embeddings=uri)
+        else:
+            ds = s["set"].subset(np.asarray(kept))
+            result = evaluate_dataset(ds, emb, encode, s["cfg"], cfg, storage, s["inputs"])
+            entry["datasets"][set_name] = {**result, "num_embedded": len(kept), "embedding_errors": len(errors),
+                                           "errors": errors[:MAX_ERRORS_KEPT], "embeddings": uri}
+        entry["timings_s"][set_name] = {"embed": round(t_embed, 2), "score": round(time.time() - t0 - t_embed, 2)}
+    return entry
+
+
+def read_sets(cfg: EvalConfig, storage: Storage) -> tuple[dict, dict]:
+    """Every evaluation set, read once: ({set name: what evaluate_model needs}, the report's data section)."""
+    from pcd_ray.eval.datasets import read_dataset
+
+    sets: dict = {}
+    data: dict = {"datasets": {}}
+    if cfg.images is not None:
+        ds, ids, attrs, captions, unlabelled = load_split(cfg, storage)
+        log.info("eval: %d %s images from %s (%d without attributes skipped)", len(ids), cfg.split,
+                 storage.resolve(cfg.images), unlabelled)
+        sets[SYNTHETIC] = {"ray": ds, "ids": ids, "attrs": attrs, "captions": captions}
+        data.update(images=storage.resolve(cfg.images), split=cfg.split, num_images=len(ids),
+                    skipped_without_attributes=unlabelled)
+    for name, dcfg in cfg.datasets.items():
+        ds = read_dataset(storage, dcfg.kind, dcfg.root, dcfg.split, seed=dcfg.seed, max_images=dcfg.max_images)
+        log.info("eval: %s: %d %s images, %d classes from %s", name, len(ds), dcfg.split, len(ds.classes), ds.root)
+        sets[name] = {"ray": ds.to_dataset(storage), "ids": ds.image_ids, "set": ds, "cfg": dcfg,
+                      "inputs": _read_inputs(name, dcfg, ds, storage)}
+        data["datasets"][name] = {"kind": dcfg.kind, "root": ds.root, "split": dcfg.split, "seed": dcfg.seed,
+                                  "num_images": len(ds), "num_classes": len(ds.classes)}
+    return sets, data
 
 
 def run_eval(job: JobConfig, storage: Storage) -> dict:
-    """Evaluate every model of ``job.eval.models`` and write the report to ``job.eval.output``; returns the report.
+    """Evaluate every model of ``job.eval.models`` on every set and write the report to ``job.eval.output``.
 
-    Raises ArtifactError (no images artifact), ValueError (no attributed images in the split), RuntimeError (a
-    model embedded nothing), and load errors of a model spec.
+    Raises ArtifactError (no images artifact), DatasetError (a missing or malformed dataset, naming the path),
+    ValueError (no attributed images in the split), RuntimeError (a model embedded nothing), and load errors of a
+    model spec.
     """
     from pcd_ray.data.attributes import ORDERED, ZEROSHOT_TEMPLATE
     from pcd_ray.eval.report import write_report
@@ -116,14 +195,11 @@ def run_eval(job: JobConfig, storage: Storage) -> dict:
     cfg = job.eval
     init_ray(job.ray)
     t0 = time.time()
-    ds, ids, attrs, unlabelled = load_split(cfg, storage)
-    log.info("eval: %d %s images from %s (%d without attributes skipped)", len(ids), cfg.split,
-             storage.resolve(cfg.images), unlabelled)
-    models = {name: evaluate_model(name, spec, ds, ids, attrs, cfg, storage) for name, spec in cfg.models.items()}
+    sets, data = read_sets(cfg, storage)
+    models = {name: evaluate_model(name, spec, sets, cfg, storage) for name, spec in cfg.models.items()}
     report = {
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "data": {"images": storage.resolve(cfg.images), "split": cfg.split, "num_images": len(ids),
-                 "skipped_without_attributes": unlabelled},
+        "data": data,
         "settings": {"seeds": list(cfg.seeds), "pairs_per_attribute": cfg.pairs_per_attribute,
                      "attributes": list(ORDERED), "zeroshot_template": ZEROSHOT_TEMPLATE,
                      "config": cfg.model_dump(mode="json")},

@@ -1,21 +1,23 @@
-"""The evaluation report: report.json (every number), report.md (tables), report.png (bars), and a terminal table.
+"""The evaluation report: report.json (every number), report.md (tables), PNG plots, and a terminal table.
 
 The report dict is what ``eval.job.run_eval`` builds::
 
-    {"created", "data": {"images", "split", "num_images"},
+    {"created", "data": {"images", "split", "num_images", "datasets": {name: {...}}},
      "settings": {"seeds", "pairs_per_attribute", "attributes", "zeroshot_template", "config"},
      "baseline": <first model's name>,
      "models": {name: {"source", "spec", "num_embedded", "embedding_errors", "errors",
-                       "difference": {"hard": <difference_accuracy()>, "easy": <...>},
-                       "zeroshot": <zeroshot_accuracy()>, "timings_s"}}}
+                       "difference": {"hard", "easy"}, "zeroshot", "zeroshot_ensemble", "comparative",
+                       "geometry", "retrieval",                              # the synthetic set
+                       "datasets": {name: {"zeroshot": {template set: ...}, "difference", "comparative",
+                                           "geometry", "retrieval"}}, "timings_s"}}}
 
-Every table puts the models side by side in the order given, with deltas of each later model against the first
-(the baseline). The Markdown and the plain-text table render the same rows, so they cannot disagree.
+Sections a report lacks (no synthetic set, a dataset without comparatives, an older report) are left out. Every
+table puts the models side by side in the order given, with deltas of each later model against the first (the
+baseline). The Markdown and the plain-text table render the same rows, so they cannot disagree.
 """
 
 from __future__ import annotations
 
-import io
 from typing import Any
 
 from pcd_ray.storage import Storage, join
@@ -23,49 +25,192 @@ from pcd_ray.storage import Storage, join
 Section = tuple[str, list[str], list[list[str]]]  # (title, header, rows of cells)
 
 
-def _cell(mean: float | None, stderr: float | None = None) -> str:
+def _cell(mean: float | None, stderr: float | None = None, digits: int = 1) -> str:
     if mean is None:
         return "n/a"
-    return f"{mean:.1f}" if stderr is None else f"{mean:.1f} ± {stderr:.1f}"
+    return f"{mean:.{digits}f}" if stderr is None else f"{mean:.{digits}f} ± {stderr:.{digits}f}"
 
 
-def _delta(value: float | None, base: float | None) -> str:
-    return "n/a" if value is None or base is None else f"{value - base:+.1f}"
+def _delta(value: float | None, base: float | None, digits: int = 1) -> str:
+    return "n/a" if value is None or base is None else f"{value - base:+.{digits}f}"
 
 
-def _sections(report: dict) -> list[Section]:
-    """The rows every rendering shares: hard and easy difference accuracy, then zero-shot."""
-    names = list(report["models"])
-    models = [report["models"][n] for n in names]
-    delta_cols = [f"Δ {n}" for n in names[1:]]
-    seeds = report["settings"]["seeds"]
-    sections: list[Section] = []
+def _get(d: Any, *path: Any) -> Any:
+    for p in path:
+        if not isinstance(d, dict) or p not in d:
+            return None
+        d = d[p]
+    return d
+
+
+def _row(label: list[str], entries: list[tuple[float | None, float | None]], digits: int = 1) -> list[str]:
+    """label cells + one cell per model + one delta per later model against the first."""
+    return (label + [_cell(m, s, digits) for m, s in entries]
+            + [_delta(m, entries[0][0], digits) for m, _ in entries[1:]])
+
+
+def _difference_sections(models, names, seeds) -> list[Section]:
+    sections = []
     for mode in ("hard", "easy"):
-        results = [m["difference"][mode] for m in models]
-        keys = list(results[0]["attributes"]) + ["overall"]
+        results = [_get(m, "difference", mode) for m in models]
+        if any(r is None for r in results):
+            continue
         rows = []
-        for key in keys:
+        for key in list(results[0]["attributes"]) + ["overall"]:
             entries = [r["overall"] if key == "overall" else r["attributes"][key] for r in results]
             pairs = entries[0]["pairs_per_seed"]
             pair_txt = str(pairs[0]) if len(set(pairs)) == 1 else f"{min(pairs)}-{max(pairs)}"
             if mode == "easy" and key != "overall":
                 pair_txt += f" of {entries[0]['available_pairs']}"
-            rows.append([key, pair_txt] + [_cell(e["accuracy"], e["stderr"]) for e in entries]
-                        + [_delta(e["accuracy"], entries[0]["accuracy"]) for e in entries[1:]])
-        title = f"Difference accuracy, {mode} pairs (%, chance 50; mean ± s.e. over {len(seeds)} seeds)"
-        sections.append((title, ["attribute", "pairs/seed"] + names + delta_cols, rows))
-    zs = [m["zeroshot"] for m in models]
-    rows = []
-    for task, entry in zs[0]["tasks"].items():
-        accs = [z["tasks"][task]["accuracy"] for z in zs]
-        rows.append([task, f"{entry['chance']:.1f}"] + [_cell(a) for a in accs]
-                    + [_delta(a, accs[0]) for a in accs[1:]])
-    means = [z["mean_accuracy"] for z in zs]
-    rows.append(["mean", _cell(zs[0]["mean_chance"])] + [_cell(a) for a in means]
-                + [_delta(a, means[0]) for a in means[1:]])
-    sections.append((f"Zero-shot classification (%, prompt \"{zs[0]['template']}\")",
-                     ["task", "chance"] + names + delta_cols, rows))
+            rows.append(_row([key, pair_txt], [(e["accuracy"], e["stderr"]) for e in entries]))
+        title = f"Difference accuracy, {mode} pairs (synthetic set; %, chance 50; mean ± s.e. over {len(seeds)} seeds)"
+        sections.append((title, ["attribute", "pairs/seed"] + names + [f"Δ {n}" for n in names[1:]], rows))
     return sections
+
+
+def _zeroshot_sections(models, names) -> list[Section]:
+    out = []
+    deltas = [f"Δ {n}" for n in names[1:]]
+    zs = [m.get("zeroshot") for m in models]
+    if all(zs):
+        rows = [_row([task, f"{entry['chance']:.1f}"], [(z["tasks"][task]["accuracy"], None) for z in zs])
+                for task, entry in zs[0]["tasks"].items()]
+        rows.append(_row(["mean", _cell(zs[0]["mean_chance"])], [(z["mean_accuracy"], None) for z in zs]))
+        out.append((f"Zero-shot classification (synthetic set; %, prompt \"{zs[0]['template']}\")",
+                    ["task", "chance"] + names + deltas, rows))
+    ens = [m.get("zeroshot_ensemble") for m in models]
+    if all(ens):
+        rows = [_row([task, f"{entry['chance']:.1f}"], [(e["tasks"][task]["accuracy"], None) for e in ens])
+                for task, entry in ens[0]["tasks"].items()]
+        rows.append(_row(["mean", _cell(ens[0]["mean_chance"])], [(e["mean_accuracy"], None) for e in ens]))
+        out.append((f"Zero-shot classification, template ensemble (synthetic set; %, {ens[0]['templates']})",
+                    ["task", "chance"] + names + deltas, rows))
+    return out
+
+
+def _comparative_rows(comps: list[dict | None], task: str) -> list[list[str]]:
+    """Rows per protocol and subset: each model's cell is 'zero-shot → comparative (gain)'."""
+    rows = []
+    for protocol in ("paper", "heldout"):
+        p0 = comps[0]["protocols"][protocol]
+        pairs = "; ".join(f"{a} / {b}" for a, b, _ in p0["pairs"]) or "none"
+        for subset in ("full", "confused"):
+            cells = []
+            gains = []
+            for c in comps:
+                p = c["protocols"][protocol]
+                before, after = p["zeroshot"][subset], p["comparative"][subset]
+                gain = None if before is None or after is None else after - before
+                gains.append(gain)
+                cells.append(f"{_cell(before)} → {_cell(after)} ({_delta(after, before)})")
+            rows.append([task, protocol, subset, pairs if subset == "full" else "", *cells]
+                        + [_delta(g, gains[0]) for g in gains[1:]])
+    return rows
+
+
+def _comparative_section(title: str, per_task: dict[str, list], names) -> Section | None:
+    rows = [r for task, comps in per_task.items() if all(comps) for r in _comparative_rows(comps, task)]
+    if not rows:
+        return None
+    return (title, ["task", "protocol", "subset", "confused pairs (baseline's)"] + names
+            + [f"Δ gain {n}" for n in names[1:]], rows)
+
+
+def _geometry_rows(geos: list[dict], task: str) -> list[list[str]]:
+    rows = []
+    for key, better in (("forward", "lower"), ("reverse", "higher")):
+        entries = [(g[key], g[f"{key}_stderr"]) for g in geos]
+        rows.append(_row([task, f"{key} ({better} is better)", str(geos[0]["num_pairs"])], entries, digits=3))
+    return rows
+
+
+def _synthetic_extra_sections(models, names) -> list[Section]:
+    out: list[Section] = []
+    deltas = [f"Δ {n}" for n in names[1:]]
+    comps = [m.get("comparative") for m in models]
+    if all(comps):
+        alpha = next(iter(comps[0].values()))["alpha"]
+        sec = _comparative_section(f"Comparative prompting (synthetic set; %, alpha {alpha}; "
+                                   "zero-shot → comparative)",
+                                   {t: [c.get(t) for c in comps] for t in comps[0]}, names)
+        if sec:
+            out.append(sec)
+    geos = [m.get("geometry") for m in models]
+    if all(geos):
+        rows = [r for task in geos[0]["distances"]
+                for r in _geometry_rows([g["distances"][task] for g in geos], task)]
+        out.append(("Geometry (synthetic set): 1 - cos(class-prompt difference, comparative text), mean ± s.e. over "
+                    "pairs", ["task", "distance", "pairs"] + names + deltas, rows))
+        an = [g["analogy"] for g in geos]
+        rows = [_row([f"{an[0]['task']}: {kind}", _cell(an[0][f"chance_{kind}"])],
+                     [(a[kind]["accuracy"], a[kind]["stderr"]) for a in an]) for kind in ("text", "image")]
+        out.append(("Analogy accuracy (synthetic set; %): ĝ(a) - ĝ(b) + ĝ(c) nearest to the right class prompt "
+                    "/ image",
+                    ["analogy", "chance"] + names + deltas, rows))
+    rets = [m.get("retrieval") for m in models]
+    if all(rets):
+        rows = []
+        for direction in ("text_to_image", "image_to_text"):
+            for k in rets[0]["captions"][direction]:
+                rows.append(_row([direction.replace("_", " "), k],
+                                 [(r["captions"][direction][k], None) for r in rets]))
+        for mode in ("text", "image"):
+            for k in rets[0]["conditioned"][mode]:
+                label = "like A but more/less" if mode == "text" else "image A only (reference)"
+                rows.append(_row([label, k], [(r["conditioned"][mode][k]["accuracy"],
+                                               r["conditioned"][mode][k]["stderr"]) for r in rets]))
+        out.append(("Retrieval (synthetic set; %): captions and difference-conditioned",
+                    ["query", "recall"] + names + deltas, rows))
+    return out
+
+
+def _dataset_sections(models, names) -> list[Section]:
+    deltas = [f"Δ {n}" for n in names[1:]]
+    per_ds = [m.get("datasets") or {} for m in models]
+    datasets = [d for d in per_ds[0] if all(d in x for x in per_ds)]
+    if not datasets:
+        return []
+    entries = {d: [x[d] for x in per_ds] for d in datasets}
+    out: list[Section] = []
+    rows = []
+    for d in datasets:
+        for tmpl in (entries[d][0].get("zeroshot") or {}):
+            rows.append(_row([d, tmpl, _cell(entries[d][0]["zeroshot"][tmpl]["chance"])],
+                             [(e["zeroshot"][tmpl]["accuracy"], None) for e in entries[d]]))
+    if rows:
+        out.append(("Zero-shot classification (labelled datasets; %)",
+                    ["dataset", "templates", "chance"] + names + deltas, rows))
+    rows = [_row([d, entries[d][0]["difference"]["task"], str(max(entries[d][0]["difference"]["pairs_per_seed"]))],
+                 [(e["difference"]["accuracy"], e["difference"]["stderr"]) for e in entries[d]])
+            for d in datasets if all(e.get("difference") for e in entries[d])]
+    if rows:
+        out.append(("Difference accuracy (labelled datasets; %, chance 50; mean ± s.e. over seeds)",
+                    ["dataset", "task", "pairs/seed"] + names + deltas, rows))
+    sec = _comparative_section("Comparative prompting (labelled datasets; %; zero-shot → comparative)",
+                               {d: [e.get("comparative") for e in entries[d]] for d in datasets}, names)
+    if sec:
+        out.append(sec)
+    rows = [r for d in datasets if all(_get(e, "geometry", "distances") for e in entries[d])
+            for r in _geometry_rows([e["geometry"]["distances"] for e in entries[d]], d)]
+    if rows:
+        out.append(("Geometry (labelled datasets): 1 - cos(class-prompt difference, comparative text)",
+                    ["dataset", "distance", "pairs"] + names + deltas, rows))
+    rows = [_row([d, direction.replace("_", " "), k], [(e["retrieval"]["captions"][direction][k], None)
+                                                       for e in entries[d]])
+            for d in datasets if all(e.get("retrieval") for e in entries[d])
+            for direction in ("text_to_image", "image_to_text")
+            for k in entries[d][0]["retrieval"]["captions"][direction]]
+    if rows:
+        out.append(("Caption retrieval (labelled datasets; %)", ["dataset", "query", "recall"] + names + deltas, rows))
+    return out
+
+
+def _sections(report: dict) -> list[Section]:
+    """The rows every rendering shares."""
+    names = list(report["models"])
+    models = [report["models"][n] for n in names]
+    return (_difference_sections(models, names, report["settings"]["seeds"]) + _zeroshot_sections(models, names)
+            + _synthetic_extra_sections(models, names) + _dataset_sections(models, names))
 
 
 def format_table(report: dict) -> str:
@@ -81,85 +226,71 @@ def format_table(report: dict) -> str:
     return "\n".join(out).rstrip() + "\n"
 
 
-def to_markdown(report: dict) -> str:
+NOTES = ("Hard pairs: random test images whose attribute differs (the headline). Easy pairs: images equal in every "
+         "other attribute (a sanity check that saturates; `of N` = how many such pairs exist). Difference sentences "
+         "use held-out wordings. Comparative prompting: `paper` picks the most-confused pairs from the model's own "
+         "confusion matrix on the evaluated images; `heldout` picks them on a seeded half and scores the other half. "
+         "Geometry: reverse = 2 - forward pair by pair. See docs/EVAL.md for what each task measures.")
+
+
+def to_markdown(report: dict, plots: dict[str, str] | None = None) -> str:
     data, settings = report["data"], report["settings"]
-    lines = ["# pcd-ray evaluation", "",
-             f"Images `{data['images']}`, split `{data['split']}` ({data['num_images']} images); seeds "
-             f"{settings['seeds']}; up to {settings['pairs_per_attribute']} pairs per attribute and seed. "
-             f"Baseline for deltas: `{report['baseline']}`. Created {report.get('created', 'n/a')}.", "",
-             "| model | source | images embedded | embedding errors |", "|---|---|---|---|"]
+    lines = ["# pcd-ray evaluation", ""]
+    if data.get("images"):
+        lines.append(f"Synthetic set `{data['images']}`, split `{data['split']}` ({data['num_images']} images).")
+    for name, d in (data.get("datasets") or {}).items():
+        lines.append(f"Dataset `{name}`: {d['kind']} `{d['root']}`, split `{d['split']}` ({d['num_images']} "
+                     f"images, {d['num_classes']} classes).")
+    lines += ["", f"Seeds {settings['seeds']}; up to {settings['pairs_per_attribute']} pairs per attribute and seed. "
+              f"Baseline for deltas: `{report['baseline']}`. Created {report.get('created', 'n/a')}.", "",
+              "| model | source | images embedded | embedding errors |", "|---|---|---|---|"]
     for name, m in report["models"].items():
-        lines.append(f"| {name} | `{m['source']}` | {m['num_embedded']} | {m['embedding_errors']} |")
+        lines.append(f"| {name} | `{m['source']}` | {m.get('num_embedded', 'n/a')} | "
+                     f"{m.get('embedding_errors', 'n/a')} |")
     for title, header, rows in _sections(report):
         lines += ["", f"## {title}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         lines += ["| " + " | ".join(r) + " |" for r in rows]
-    lines += ["", "Hard pairs: random test images whose attribute differs (the headline). Easy pairs: images equal "
-              "in every other attribute (a sanity check; `of N` = how many such pairs exist). Difference sentences "
-              "use held-out wordings.", ""]
-    return "\n".join(lines)
-
-
-def _bars(ax, groups: list[str], series: list[tuple[str, list, list]], title: str, chance: list[float]) -> None:
-    """Grouped bars: one group per attribute/task, one bar (one colour) per model, error bars where known."""
-    import numpy as np
-
-    x = np.arange(len(groups))
-    width = 0.8 / max(len(series), 1)
-    for k, (name, means, errs) in enumerate(series):
-        vals = [np.nan if v is None else v for v in means]
-        yerr = None if all(e is None for e in errs) else [0.0 if e is None else e for e in errs]
-        ax.bar(x + (k - (len(series) - 1) / 2) * width, vals, width, yerr=yerr, capsize=3, label=name,
-               color=f"C{k}")
-    for g, c in enumerate(chance):  # chance per group (zero-shot tasks differ in class count)
-        ax.hlines(c, g - 0.45, g + 0.45, colors="k", linestyles="dashed", linewidth=1,
-                  label="chance" if g == 0 else None)
-    ax.set_xticks(x, groups)
-    ax.set_ylim(0, 105)
-    ax.set_ylabel("accuracy (%)")
-    ax.set_title(title, fontsize=10)
-
-
-def render_png(report: dict) -> bytes:
-    """report.png: hard / easy difference accuracy and zero-shot, side by side; dashed lines mark chance."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    names = list(report["models"])
-    models = [report["models"][n] for n in names]
-    fig = Figure(figsize=(14, 4.2), layout="constrained")
-    FigureCanvasAgg(fig)  # explicit Agg canvas: no pyplot, no global backend state, works headless
-    axes = fig.subplots(1, 3)
-    for ax, mode in zip(axes, ("hard", "easy")):
-        first = models[0]["difference"][mode]
-        groups = list(first["attributes"]) + ["overall"]
-        series = []
-        for name, m in zip(names, models):
-            r = m["difference"][mode]
-            entries = [r["attributes"][g] if g != "overall" else r["overall"] for g in groups]
-            series.append((name, [e["accuracy"] for e in entries], [e["stderr"] for e in entries]))
-        _bars(ax, groups, series, f"difference accuracy, {mode} pairs", [first["chance"]] * len(groups))
-    zs0 = models[0]["zeroshot"]
-    tasks = list(zs0["tasks"])
-    series = [(name, [m["zeroshot"]["tasks"][t]["accuracy"] for t in tasks] + [m["zeroshot"]["mean_accuracy"]],
-               [None] * (len(tasks) + 1)) for name, m in zip(names, models)]
-    chance = [zs0["tasks"][t]["chance"] for t in tasks] + [zs0["mean_chance"] or 0.0]
-    _bars(axes[2], tasks + ["mean"], series, "zero-shot classification", chance)
-    axes[0].legend(loc="lower left", fontsize=8)
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    return buf.getvalue()
+    lines += ["", NOTES, ""]
+    for key, uri in (plots or {}).items():
+        lines.append(f"![{key}]({uri.rsplit('/', 1)[-1]})")
+    return "\n".join(lines) + "\n"
 
 
 def write_report(report: dict, storage: Storage, uri: str) -> dict[str, Any]:
-    """Write report.json, report.md and report.png under a directory URI (local or s3://); returns their URIs.
+    """Write report.json, report.md and the PNG plots under a directory URI (local or s3://); returns their URIs.
 
     Each file is written atomically (see ``storage.write_bytes``). Raises KeyError for a report missing a section.
     """
+    from pcd_ray.eval.plots import render_plots
+
     base = storage.resolve(uri)
-    paths = {"json": join(base, "report.json"), "md": join(base, "report.md"), "png": join(base, "report.png")}
     # Render everything before writing anything, so a malformed report leaves no partial set of files.
-    md, png = to_markdown(report), render_png(report)
+    pngs = render_plots(report)
+    plot_uris = {name: join(base, f"{name}.png") for name in pngs}
+    md = to_markdown(report, plot_uris)
+    paths = {"json": join(base, "report.json"), "md": join(base, "report.md"), "png": plot_uris["report"],
+             "plots": plot_uris}
     storage.write_json(paths["json"], report)
     storage.write_text(paths["md"], md)
-    storage.write_bytes(paths["png"], png)
+    for name, data in pngs.items():
+        storage.write_bytes(plot_uris[name], data)
     return paths
+
+
+def render_png(report: dict) -> bytes:
+    """report.png alone (the overview)."""
+    from pcd_ray.eval.plots import render_plots
+
+    return render_plots(report)["report"]
+
+
+def merge_reports(reports: dict[str, dict]) -> dict:
+    """Several runs' reports side by side: models renamed '<run>/<model>', in the order given; the first run's
+    first model is the baseline. Data and settings are the first run's; each run's own go under ``runs``."""
+    if not reports:
+        raise ValueError("nothing to compare")
+    first = next(iter(reports.values()))
+    models = {f"{run}/{name}": m for run, r in reports.items() for name, m in r["models"].items()}
+    return {**first, "models": models, "baseline": next(iter(models)),
+            "runs": {run: {"data": r["data"], "settings": r["settings"], "created": r.get("created")}
+                     for run, r in reports.items()}}

@@ -91,3 +91,41 @@ def zeroshot_accuracy(image_emb: np.ndarray, attrs: Sequence[dict | None],
     out["mean_accuracy"] = float(np.mean([e["accuracy"] for e in scored])) if scored else None
     out["mean_chance"] = float(np.mean([e["chance"] for e in scored])) if scored else None
     return out
+
+
+# ---------------------------------------------------------------------------------------- labelled datasets
+def class_embeddings(encode_texts: Callable[[list[str]], np.ndarray], classnames: Sequence[str],
+                     templates: Sequence[Callable[[str], str]]) -> np.ndarray:
+    """[k, D] unit class embeddings: per class the normalised mean of its normalised template embeddings
+    (open_clip's ``build_zero_shot_classifier``); one template gives that prompt's unit embedding."""
+    texts = [t(c) for c in classnames for t in templates]
+    emb = np.asarray(encode_texts(texts), dtype=np.float64)
+    if len(emb) != len(texts):
+        raise ValueError(f"encode_texts returned {len(emb)} rows for {len(texts)} prompts")
+    emb = _normalise(emb).reshape(len(classnames), len(templates), -1).mean(axis=1)
+    return _normalise(emb)
+
+
+def top_confused(confusion: np.ndarray, classes: Sequence[str], n: int = 5) -> list[list]:
+    """The n largest off-diagonal cells as [true class, predicted class, count], largest first."""
+    cm = np.asarray(confusion).copy()
+    np.fill_diagonal(cm, 0)
+    flat = np.argsort(-cm, axis=None, kind="stable")[:n]
+    return [[classes[i], classes[j], int(cm[i, j])] for i, j in zip(*np.unravel_index(flat, cm.shape))
+            if cm[i, j] > 0]
+
+
+def labelled_zeroshot(image_emb: np.ndarray, labels: np.ndarray, class_emb: np.ndarray, classes: Sequence[str],
+                      *, max_confusion_classes: int = 20) -> dict:
+    """Argmax-cosine accuracy (%) of unit ``class_emb`` [k, D] on raw images [n, D] with labels [n].
+
+    Returns {"accuracy", "chance", "num_images", "num_classes", "top_confused", "confusion" (only for
+    k <= max_confusion_classes: a 397-class matrix does not belong in a report)}.
+    """
+    pred = np.argmax(_normalise(np.asarray(image_emb, dtype=np.float64)) @ class_emb.T, axis=1)
+    cm = confusion_matrix(np.asarray(labels), pred, len(classes))
+    out = {"accuracy": float(100.0 * np.mean(pred == labels)), "chance": 100.0 / len(classes),
+           "num_images": int(len(labels)), "num_classes": len(classes), "top_confused": top_confused(cm, classes)}
+    if len(classes) <= max_confusion_classes:
+        out["confusion"] = cm.tolist()
+    return out

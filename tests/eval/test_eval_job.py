@@ -162,7 +162,7 @@ def test_run_eval_end_to_end(ray_local, tmp_path, s3_root):
         storage=storage.cfg,
         data=DataConfig(synthetic=SyntheticConfig(num_train=20, num_test=150, image_size=32, rows_per_shard=60)),
         eval=EvalConfig(models=models, seeds=[0, 1, 2], pairs_per_attribute=100, batch_size=32, num_actors=1,
-                        output=f"{s3_root}/eval"))
+                        output=f"{s3_root}/eval", analogies_per_seed=40, conditioned_queries=30))
     make_images(job, storage)
     report = run_eval(job, storage)
 
@@ -180,9 +180,21 @@ def test_run_eval_end_to_end(ray_local, tmp_path, s3_root):
         for task in ("kind", "colour", "size"):
             zs = entry["zeroshot"]["tasks"][task]
             assert 0.0 <= zs["accuracy"] <= 100.0 and sum(map(sum, zs["confusion"])) == 150
+        # The other tasks of the synthetic set, each with its documented shape.
+        assert set(entry["comparative"]) == {"kind", "size", "size+colour"}
+        paper = entry["comparative"]["size+colour"]["protocols"]["paper"]
+        assert len(paper["pairs"]) == 3 and len(paper["sweep"]["confused"]) == 11
+        held = entry["comparative"]["size+colour"]["protocols"]["heldout"]
+        assert held["num_select"] + held["num_test"] == 150
+        assert entry["geometry"]["distances"]["size+colour"]["num_pairs"] == 18 * 17
+        assert entry["geometry"]["analogy"]["text"]["per_seed"] and entry["zeroshot_ensemble"]["mean_accuracy"] >= 0
+        assert entry["retrieval"]["captions"]["num_captions"] == 150
+        assert entry["retrieval"]["conditioned"]["queries_per_seed"] == [30, 30, 30]
+        assert storage.exists(f"{s3_root}/eval/embeddings/{name}/synthetic/_manifest.json")
     # Same images, seeds and hence pairs for both models: two random inits must still score differently.
     assert (report["models"]["base"]["difference"]["hard"]["overall"]["per_seed"]
             != report["models"]["finetuned"]["difference"]["hard"]["overall"]["per_seed"])
     saved = json.loads(storage.read_text(f"{s3_root}/eval/report.json"))
     assert saved["models"]["finetuned"]["difference"] == report["models"]["finetuned"]["difference"]
     assert storage.exists(f"{s3_root}/eval/report.png") and "finetuned" in format_table(report)
+    assert storage.exists(f"{s3_root}/eval/comparative_alpha.png") and storage.exists(f"{s3_root}/eval/confusion.png")

@@ -65,10 +65,14 @@ def _pipeline(job, storage) -> tuple[float, int, dict]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--engines", default="rule,transformers")
-    parser.add_argument("--rule-pairs", type=int, default=50_000)
+    parser.add_argument("--rule-pairs", type=int, default=200_000)
     parser.add_argument("--llm-pairs", type=int, default=384)
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--threads", type=int, default=2, help="CPU threads for the engine on both sides")
+    parser.add_argument("--rule-actors", type=int, default=2,
+                        help="pipeline actors for the rule engine: it is single-threaded Python, so where the "
+                             "transformers engine fills --threads cores with torch threads in one actor, the "
+                             "pipeline fills them with one rule actor per core")
     parser.add_argument("--repeats", type=int, default=2, help="alternating runs per side; the best is kept")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "generate_throughput.json"))
     args = parser.parse_args()
@@ -93,8 +97,9 @@ def main() -> None:
         model = _tiny_llm(Path(tmp) / "tiny-llm") if "transformers" in args.engines else None
         for engine in args.engines.split(","):
             pairs = args.rule_pairs if engine == "rule" else args.llm_pairs
-            generate = {"engine": engine, "batch_size": 512 if engine == "rule" else 16, "num_actors": 1,
-                        "num_cpus_per_actor": args.threads, "resume": False, "commit_every_s": 30}
+            actors = args.rule_actors if engine == "rule" else 1
+            generate = {"engine": engine, "batch_size": 512 if engine == "rule" else 16, "num_actors": actors,
+                        "num_cpus_per_actor": args.threads / actors, "resume": False, "commit_every_s": 30}
             if engine != "rule":
                 generate |= {"llm": {"model": model, "dtype": "float32"},
                              "sampling": {"temperature": 0.7, "max_tokens": args.max_tokens}}
@@ -111,7 +116,7 @@ def main() -> None:
                 pipe.append(_pipeline(job, storage))
             d_s, d_n = min(direct)
             p_s, p_n, summary = min(pipe, key=lambda r: r[0])
-            row = {"engine": engine, "pairs": pairs, "threads": args.threads,
+            row = {"engine": engine, "pairs": pairs, "threads": args.threads, "pipeline_actors": actors,
                    "direct_pairs_per_s": round(d_n / d_s, 2), "pipeline_pairs_per_s": round(p_n / p_s, 2),
                    "ratio": round((p_n / p_s) / (d_n / d_s), 3), "direct_s": [round(r[0], 2) for r in direct],
                    "pipeline_s": [round(r[0], 2) for r in pipe], "tokens_per_s": summary["tokens_per_s"]}
@@ -121,10 +126,11 @@ def main() -> None:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                                           "cpu_count": os.cpu_count(), "results": results}, indent=2) + "\n")
-    print(f"\n| engine | pairs | direct pairs/s | pipeline pairs/s | pipeline / direct |\n|---|---|---|---|---|")
+    print(f"\n| engine | pairs | pipeline actors | direct pairs/s | pipeline pairs/s | pipeline / direct |\n"
+          f"|---|---|---|---|---|---|")
     for r in results:
-        print(f"| {r['engine']} | {r['pairs']} | {r['direct_pairs_per_s']} | {r['pipeline_pairs_per_s']} | "
-              f"{r['ratio']:.2f} |")
+        print(f"| {r['engine']} | {r['pairs']} | {r['pipeline_actors']} | {r['direct_pairs_per_s']} | "
+              f"{r['pipeline_pairs_per_s']} | {r['ratio']:.2f} |")
 
 
 if __name__ == "__main__":

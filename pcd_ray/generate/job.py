@@ -224,6 +224,9 @@ def run_generate(job, storage) -> dict[str, Any]:
                     cpus)
 
     if skipped < pairs_in:
+        # Blocks of a few batches, whatever the pairs artifact's file sizes: one big file would otherwise be one
+        # block, i.e. one actor busy and the rest idle (a streaming split, no barrier).
+        ds = ds.repartition(target_num_rows_per_block=cfg.batch_size * 4)
         out = ds.map_batches(
             GenerateActor,
             fn_constructor_kwargs={"cfg": config, "in_worker": True},

@@ -1,127 +1,27 @@
-"""The Serve app over real HTTP: a pcd-micro export served by Ray Serve on 127.0.0.1, queried with httpx.
+"""The v1 API over real HTTP: a finetuned pcd-micro export served by Ray Serve on 127.0.0.1, queried with httpx.
 
-Embeddings and difference scores must equal what the same export computes directly in this process; bad input
-must be a 4xx naming the field, never a 5xx. The fast tests at the top (schemas, the Serve YAML, the application
-builder) start nothing.
+Answers must equal what the same export computes directly in this process, and rank synthetic images by size far
+beyond chance; bad input must be the right 4xx with a message, never a 5xx (the clients fail any test on a 5xx).
 """
 
 from __future__ import annotations
 
-import base64
 import io
 import json
-import subprocess
-import sys
-from pathlib import Path
-from types import SimpleNamespace
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
-import yaml
-from conftest import free_port
-from pydantic import ValidationError
+from serve_helpers import (MAX_BYTES, MAX_PIXELS, TOKEN, b64, noise_png, order_concordance,
+                           synthetic_by_size)
 
-from pcd_ray.config import JobConfig, ModelSpec, ServeConfig, StorageConfig, load_job
-from pcd_ray.serve.schemas import MAX_ITEMS, DifferenceRequest, EmbedRequest
+from pcd_ray.serve import scoring
+from pcd_ray.serve.schemas import MAX_ITEMS
 
-REPO = Path(__file__).resolve().parents[2]
-MAX_BYTES = 64 * 1024  # small enough to exceed cheaply, large enough for the test images
-MAX_PIXELS = 64 * 64
+pytestmark = pytest.mark.slow
 
 
-# ------------------------------------------------------------------------------------------ fast: no Serve
-def test_request_schemas_validate():
-    assert EmbedRequest(texts=["a"]).images is None
-    for bad in ({}, {"texts": [], "images": []}, {"texts": ["a"] * (MAX_ITEMS + 1)}, {"texts": ["a"], "txt": 1}):
-        with pytest.raises(ValidationError):
-            EmbedRequest.model_validate(bad)
-    with pytest.raises(ValidationError, match="texts"):
-        DifferenceRequest.model_validate({"image_a": "x", "image_b": "y", "texts": []})
-
-
-def test_import_loads_no_torch():
-    code = "import sys, pcd_ray.serve.app; print(sorted(m for m in ('torch', 'open_clip') if m in sys.modules))"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "[]"
-
-
-def test_serve_yaml_is_a_valid_serve_config_and_builds():
-    from ray.serve._private.api import call_user_app_builder_with_args_if_necessary
-    from ray.serve.schema import ServeDeploySchema
-    from ray._common.utils import import_attr
-
-    schema = ServeDeploySchema.model_validate(yaml.safe_load((REPO / "serve" / "local.yaml").read_text()))
-    (spec,) = schema.applications
-    assert (spec.name, spec.route_prefix, spec.import_path) == ("pcd", "/", "pcd_ray.serve.app:build_app")
-    assert (schema.http_options.host, schema.http_options.port) == ("127.0.0.1", 8000)
-    # The same call `serve run` makes: Ray checks the builder's signature, then builds (no model is loaded).
-    app = call_user_app_builder_with_args_if_necessary(import_attr(spec.import_path), spec.args)
-    local = load_job("local").serve
-    deployment = app._bound_deployment
-    assert deployment.num_replicas == local.num_replicas
-    assert deployment.init_args[0] == local.model
-    assert deployment.init_kwargs["max_request_bytes"] == local.max_request_bytes
-
-
-def test_build_app_args():
-    from pcd_ray.serve.app import build_app
-
-    app = build_app({"checkpoint": "s3://bucket/run/export", "overrides": ["serve.num_replicas=2"]})
-    assert app._bound_deployment.init_args[0] == ModelSpec(checkpoint="s3://bucket/run/export")
-    assert app._bound_deployment.num_replicas == 2
-    for bad in ({}, {"confg": "local"}, {"config": "local", "overrides": "serve.port=1"}):
-        with pytest.raises(ValidationError):
-            build_app(bad)
-
-
-# ------------------------------------------------------------------------------------- slow: real Serve
-def _no_5xx(response):
-    assert response.status_code < 500, f"{response.request.method} {response.request.url}: {response.status_code}"
-
-
-def _image(seed: int, size=(40, 30), fmt="PNG") -> bytes:
-    from PIL import Image
-
-    pixels = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
-    buf = io.BytesIO()
-    Image.fromarray(pixels).save(buf, format=fmt)
-    return buf.getvalue()
-
-
-def _b64(data: bytes) -> str:
-    return base64.b64encode(data).decode()
-
-
-@pytest.fixture(scope="module")
-def server(ray_local, tmp_path_factory):
-    """A pcd-micro random-init export served through run_serve, and the same export loaded here."""
-    import httpx
-    from ray import serve
-
-    from pcd_ray.model.export import export_model
-    from pcd_ray.model.factory import load_model
-    from pcd_ray.serve.app import run_serve
-    from pcd_ray.storage import Storage
-
-    storage = Storage(StorageConfig(root=str(tmp_path_factory.mktemp("serve"))))
-    base = load_model(ModelSpec(name="pcd-micro"))
-    uri = export_model(base.model.state_dict(), base.model_cfg, base.preprocess_cfg, storage, "export",
-                       meta={"run": "test-serve"})
-    job = JobConfig(storage=storage.cfg, serve=ServeConfig(
-        model=ModelSpec(checkpoint="export"), port=free_port(), max_request_bytes=MAX_BYTES,
-        max_image_pixels=MAX_PIXELS))
-    url = run_serve(job, storage, blocking=False)
-    direct = load_model(ModelSpec(checkpoint=uri))
-    direct.model.eval()
-    client = httpx.Client(base_url=url, timeout=60, event_hooks={"response": [_no_5xx]})
-    try:
-        yield SimpleNamespace(url=url, uri=uri, client=client, direct=direct)
-    finally:
-        client.close()
-        serve.shutdown()
-
-
-def _direct_texts(direct, texts) -> np.ndarray:
+def _texts(direct, texts) -> np.ndarray:
     import torch
 
     with torch.no_grad():
@@ -129,7 +29,7 @@ def _direct_texts(direct, texts) -> np.ndarray:
         return torch.nn.functional.normalize(emb, dim=-1).numpy()
 
 
-def _direct_images(direct, images: list[bytes]) -> np.ndarray:
+def _images(direct, images: list[bytes]) -> np.ndarray:
     import torch
     from PIL import Image
 
@@ -138,102 +38,208 @@ def _direct_images(direct, images: list[bytes]) -> np.ndarray:
         return torch.nn.functional.normalize(direct.model.encode_image(batch), dim=-1).numpy()
 
 
-def _error(response, status: int, *words: str) -> None:
+def _error(response, status: int, *words: str) -> dict:
     assert response.status_code == status, response.text
     body = response.json()
     text = json.dumps(body)
     for word in words:
         assert word in text, f"{word!r} not in {body}"
+    return body
 
 
-@pytest.mark.slow
-def test_healthz_and_model_info(server):
-    assert server.client.get("/healthz").json() == {"status": "ok"}
-    info = server.client.get("/model").json()
-    assert info["source"] == f"export {server.uri}"
-    assert info["embed_dim"] == 32 and info["model_cfg"]["vision_cfg"]["image_size"] == 32
-    assert info["meta"] == {"run": "test-serve"}
+# ------------------------------------------------------------------------------------------- the endpoints
+def test_healthz_docs_and_model_info(server):
+    from pcd_ray.serve.runner import weights_id
+
+    assert server.anon.get("/healthz").json() == {"status": "ok"}  # probes need no token
+    paths = server.anon.get("/openapi.json").json()["paths"]
+    assert {"/v1/embed", "/v1/difference", "/v1/rank", "/v1/classify", "/v1/model", "/healthz"} <= set(paths)
+    assert "requestBody" in paths["/v1/rank"]["post"]
+    assert server.anon.get("/docs").status_code == 200
+    info = server.client.get("/v1/model").json()
+    assert info["name"] == "export" and info["source"] == f"export {server.uri}"
+    assert info["export_id"] == weights_id(server.direct.model.state_dict())
+    assert info["embed_dim"] == 32 and info["device"] == "cpu" and info["batching"] is True
+    assert info["meta"]["run"] == "test-serve"
     assert info["limits"]["max_request_bytes"] == MAX_BYTES and info["limits"]["max_image_pixels"] == MAX_PIXELS
 
 
-@pytest.mark.slow
 def test_embed_matches_direct_model(server):
-    texts = ["a red circle", "The first image shows a larger animal, while the second shows a smaller one."]
-    images = [_image(0), _image(1, size=(17, 50)), _image(2, fmt="JPEG")]
-    r = server.client.post("/embed", json={"texts": texts, "images": [_b64(b) for b in images]})
+    texts = ["a red circle", "The first image shows larger shapes than the second one."]
+    images = [noise_png(0), noise_png(1, size=(17, 50)), noise_png(2, fmt="JPEG")]
+    r = server.client.post("/v1/embed", json={"texts": texts, "images": [b64(b) for b in images]})
     assert r.status_code == 200, r.text
     body = r.json()
     assert body["dim"] == 32 and body["model"] == f"export {server.uri}"
-    np.testing.assert_allclose(body["text_embeddings"], _direct_texts(server.direct, texts), atol=1e-5)
-    np.testing.assert_allclose(body["image_embeddings"], _direct_images(server.direct, images), atol=1e-5)
+    np.testing.assert_allclose(body["text_embeddings"], _texts(server.direct, texts), atol=1e-5)
+    np.testing.assert_allclose(body["image_embeddings"], _images(server.direct, images), atol=1e-5)
     np.testing.assert_allclose(np.linalg.norm(body["image_embeddings"], axis=1), 1.0, atol=1e-5)
 
-    only_text = server.client.post("/embed", json={"texts": texts[:1]}).json()
+    only_text = server.client.post("/v1/embed", json={"texts": texts[:1]}).json()
     assert only_text["image_embeddings"] == [] and len(only_text["text_embeddings"]) == 1
-    # A data URL is accepted as well as bare base64.
-    data_url = server.client.post("/embed", json={"images": ["data:image/png;base64," + _b64(images[0])]}).json()
+    data_url = server.client.post("/v1/embed", json={"images": ["data:image/png;base64," + b64(images[0])]}).json()
     np.testing.assert_allclose(data_url["image_embeddings"], body["image_embeddings"][:1], atol=1e-6)
 
 
-@pytest.mark.slow
+def test_concurrent_requests_are_batched_without_mixing_answers(server):
+    """Requests arriving together share forward passes; each must still get exactly its own embeddings."""
+    texts = [f"{n} large red circles on the left" for n in range(24)]
+    images = [noise_png(10 + k) for k in range(8)]
+
+    def one(k: int) -> dict:
+        body = {"texts": [texts[k]]} if k < len(texts) else {"images": [b64(images[k - len(texts)])]}
+        r = server.client.post("/v1/embed", json=body)
+        assert r.status_code == 200, r.text
+        return r.json()
+
+    with ThreadPoolExecutor(16) as pool:
+        out = list(pool.map(one, range(len(texts) + len(images))))
+    np.testing.assert_allclose([o["text_embeddings"][0] for o in out[:len(texts)]], _texts(server.direct, texts),
+                               atol=1e-5)
+    np.testing.assert_allclose([o["image_embeddings"][0] for o in out[len(texts):]], _images(server.direct, images),
+                               atol=1e-5)
+
+
 def test_difference_matches_direct_model(server):
-    a, b = _image(3), _image(4)
+    a, b = noise_png(3), noise_png(4)
     texts = [f"the first image is more {w}" for w in ("red", "blue", "round", "square", "large")]
-    r = server.client.post("/difference", json={"image_a": _b64(a), "image_b": _b64(b), "texts": texts})
+    r = server.client.post("/v1/difference", json={"image_a": b64(a), "image_b": b64(b), "texts": texts})
     assert r.status_code == 200, r.text
     body = r.json()
-    emb_a, emb_b = _direct_images(server.direct, [a, b])
+    emb_a, emb_b = _images(server.direct, [a, b])
     d = (emb_a - emb_b) / np.linalg.norm(emb_a - emb_b)
-    expected = _direct_texts(server.direct, texts) @ d
-    np.testing.assert_allclose(body["scores"], expected, atol=1e-5)
+    np.testing.assert_allclose(body["scores"], _texts(server.direct, texts) @ d, atol=1e-5)
     assert body["best_index"] == int(np.argmax(body["scores"])) and body["best_text"] == texts[body["best_index"]]
-
     # Order matters: swapping the images flips the difference direction.
-    swapped = server.client.post("/difference", json={"image_a": _b64(b), "image_b": _b64(a), "texts": texts}).json()
-    np.testing.assert_allclose(swapped["scores"], -np.asarray(body["scores"]), atol=1e-5)
+    swapped = server.client.post("/v1/difference", json={"image_a": b64(b), "image_b": b64(a), "texts": texts})
+    np.testing.assert_allclose(swapped.json()["scores"], -np.asarray(body["scores"]), atol=1e-5)
     # Identical images: no direction, all scores 0 (not NaN, which JSON cannot carry).
-    same = server.client.post("/difference", json={"image_a": _b64(a), "image_b": _b64(a), "texts": texts})
+    same = server.client.post("/v1/difference", json={"image_a": b64(a), "image_b": b64(a), "texts": texts})
     assert same.status_code == 200 and same.json()["scores"] == [0.0] * len(texts)
 
 
-@pytest.mark.slow
+def test_rank_orders_held_out_synthetic_images_by_size(server):
+    """60 held-out images (20 small, 20 medium, 20 large, shuffled) ranked by "larger" and by "smaller".
+
+    A random order puts 50% +- 6% of the differently sized pairs right (P(>= 70%) is about 5e-4); the finetuned
+    export must put >= 70% right in both directions (jointly about 1e-7 by chance) and order the three class means
+    strictly in both directions."""
+    images, sizes = synthetic_by_size(20)
+    perm = np.random.default_rng(0).permutation(len(images))
+    images, sizes = [images[k] for k in perm], [sizes[k] for k in perm]
+    encoded = [b64(x) for x in images]
+    emb = _images(server.direct, images)
+    for attribute, sign in (("larger", 1), ("smaller", -1)):
+        r = server.client.post("/v1/rank", json={"images": encoded, "attribute": attribute})
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["text"] == f"The first image shows {attribute} objects than the second image."
+        assert sorted(body["order"]) == list(range(len(images)))
+        values = [sign * s for s in sizes]
+        assert order_concordance(body["order"], values) >= 0.7, (attribute, body["order"])
+        means = [np.mean([sc for sc, v in zip(body["scores"], values) if v == c]) for c in sorted(set(values))]
+        assert means[0] < means[1] < means[2], (attribute, means)
+        # The scores are the direct model's: t . e_i minus its mean.
+        order, expected = scoring.rank_scores(_texts(server.direct, [body["text"]])[0], emb)
+        np.testing.assert_allclose(body["scores"], expected, atol=1e-5)
+
+    # A template of "{attribute}" uses the text verbatim; braces elsewhere in a template are plain text.
+    r = server.client.post("/v1/rank", json={"images": encoded[:3], "attribute": "the first is {larger}",
+                                             "template": "{x} {attribute}"})
+    assert r.status_code == 200 and r.json()["text"] == "{x} the first is {larger}"
+
+
+def test_classify_with_and_without_comparatives(server):
+    image = noise_png(7)
+    labels = ["small shape", "medium shape", "large shape"]
+    comparatives = [{"first": "large shape", "second": "small shape",
+                     "text": "The first image shows larger shapes than the second one."},
+                    {"first": "medium shape", "second": "small shape",
+                     "text": "The shapes in the first image are bigger than in the second image."}]
+    body = {"image": b64(image), "labels": labels, "comparatives": comparatives, "alpha": 0.5}
+    r = server.client.post("/v1/classify", json=body)
+    assert r.status_code == 200, r.text
+    out = r.json()
+    (x,) = _images(server.direct, [image])
+    t = _texts(server.direct, [f"This is a photo of a {label}" for label in labels])
+    d = _texts(server.direct, [c["text"] for c in comparatives])
+    # The paper's formula by hand: only "small shape" (class 0) has comparatives.
+    s0 = ((t[2] - d[0]) + (t[1] - d[1])) / 2
+    h = t.astype(np.float64).copy()
+    h[0] = 0.5 * t[0] + 0.5 * s0
+    h /= np.linalg.norm(h, axis=1, keepdims=True)
+    np.testing.assert_allclose(out["scores"], h @ x, atol=1e-5)
+    np.testing.assert_allclose(out["zero_shot_scores"], t @ x, atol=1e-5)
+    np.testing.assert_allclose(out["scores"][1:], out["zero_shot_scores"][1:], atol=1e-6)
+    assert out["index"] == int(np.argmax(out["scores"])) and out["label"] == labels[out["index"]]
+
+    # The same labels again: their prompts come from the replica's text cache (one replica in this app).
+    before = server.client.get("/v1/model").json()["text_cache"]
+    plain = server.client.post("/v1/classify", json={"image": b64(image), "labels": labels}).json()
+    after = server.client.get("/v1/model").json()["text_cache"]
+    assert after["hits"] - before["hits"] == len(labels) and after["misses"] == before["misses"]
+    np.testing.assert_allclose(plain["scores"], plain["zero_shot_scores"], atol=1e-6)
+    np.testing.assert_allclose(plain["scores"], out["zero_shot_scores"], atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------- bad input
+def test_missing_or_wrong_token_is_401(server):
+    body = {"texts": ["a"]}
+    r = server.anon.post("/v1/embed", json=body)
+    _error(r, 401, "unauthorized", "missing bearer token")
+    assert r.headers["www-authenticate"] == "Bearer"
+    _error(server.anon.post("/v1/embed", json=body, headers={"authorization": "Bearer wrong"}), 401,
+           "invalid bearer token")
+    _error(server.anon.post("/v1/embed", json=body, headers={"authorization": f"Basic {TOKEN}"}), 401, "missing")
+    _error(server.anon.get("/v1/model"), 401, "unauthorized")
+    assert server.anon.post("/v1/embed", json=body, headers={"authorization": f"Bearer {TOKEN}"}).status_code == 200
+
+
 def test_bad_base64_is_400_naming_the_field(server):
-    r = server.client.post("/embed", json={"images": [_b64(_image(0)), "not base64 !!"]})
+    r = server.client.post("/v1/embed", json={"images": [b64(noise_png(0)), "not base64 !!"]})
     _error(r, 400, "invalid_base64", "images[1]")
-    r = server.client.post("/difference", json={"image_a": _b64(_image(0)), "image_b": "%%%", "texts": ["x"]})
+    r = server.client.post("/v1/difference", json={"image_a": b64(noise_png(0)), "image_b": "%%%", "texts": ["x"]})
     _error(r, 400, "invalid_base64", "image_b")
+    _error(server.client.post("/v1/classify", json={"image": "@@", "labels": ["a", "b"]}), 400, "image")
 
 
-@pytest.mark.slow
-def test_bad_images_are_422_naming_the_field(server):
-    garbage = _b64(b"\x89PNG but not really an image" * 10)
-    _error(server.client.post("/embed", json={"images": [garbage]}), 422, "invalid_image", "images[0]")
-    _error(server.client.post("/difference", json={"image_a": garbage, "image_b": _b64(_image(0)), "texts": ["x"]}),
-           422, "invalid_image", "image_a")
-    too_big = _b64(_image(5, size=(80, 80)))  # 6400 pixels > MAX_PIXELS, a few KB on the wire
-    _error(server.client.post("/embed", json={"images": [_b64(_image(0)), too_big]}), 422, "images[1]",
+def test_corrupt_and_oversize_images_are_422_naming_the_field(server):
+    garbage = b64(b"\x89PNG but not really an image" * 10)
+    _error(server.client.post("/v1/embed", json={"images": [garbage]}), 422, "invalid_image", "images[0]")
+    _error(server.client.post("/v1/difference", json={"image_a": garbage, "image_b": b64(noise_png(0)),
+                                                      "texts": ["x"]}), 422, "invalid_image", "image_a")
+    truncated = b64(noise_png(1)[:200])
+    _error(server.client.post("/v1/rank", json={"images": [b64(noise_png(0)), truncated], "attribute": "larger"}),
+           422, "invalid_image", "images[1]")
+    too_big = b64(noise_png(5, size=(80, 80)))  # 6400 pixels > MAX_PIXELS, a few KB on the wire
+    _error(server.client.post("/v1/embed", json={"images": [b64(noise_png(0)), too_big]}), 422, "images[1]",
            f"limit of {MAX_PIXELS} pixels")
 
 
-@pytest.mark.slow
-def test_schema_errors_are_422_with_fastapi_detail(server):
-    r = server.client.post("/difference", json={"image_a": "eA==", "image_b": "eA=="})
-    assert r.status_code == 422
-    (err,) = r.json()["detail"]
-    assert err["loc"] == ["body", "texts"] and err["type"] == "missing"
-    r = server.client.post("/embed", json={"texts": ["a"], "text": ["b"]})
+def test_schema_errors_are_422_with_the_field(server):
+    r = server.client.post("/v1/difference", json={"image_a": "eA==", "image_b": "eA=="})
+    (err,) = _error(r, 422)["detail"]
+    assert err["loc"] == ["body", "texts"] and err["type"] == "missing" and "input" not in err
+    r = server.client.post("/v1/embed", json={"texts": ["a"], "text": ["b"]})
     assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "text"]
-    _error(server.client.post("/embed", json={}), 422, "nothing to embed")
-    _error(server.client.post("/embed", json={"texts": ["a"] * (MAX_ITEMS + 1)}), 422, "texts")
-    _error(server.client.post("/embed", content=b"{not json", headers={"content-type": "application/json"}),
+    _error(server.client.post("/v1/embed", json={}), 422, "nothing to embed")
+    _error(server.client.post("/v1/embed", json={"texts": ["a"] * (MAX_ITEMS + 1)}), 422, "texts")
+    _error(server.client.post("/v1/embed", content=b"{not json", headers={"content-type": "application/json"}),
            422, "json_invalid")
-    assert server.client.get("/embed").status_code == 405
+    _error(server.client.post("/v1/rank", json={"images": ["eA==", "eA=="], "attribute": "larger",
+                                                "template": "no placeholder"}), 422, "{attribute}")
+    _error(server.client.post("/v1/rank", json={"images": ["eA=="], "attribute": "larger"}), 422, "images")
+    _error(server.client.post("/v1/classify", json={"image": "eA==", "labels": ["a", "a"]}), 422, "repeated")
+    _error(server.client.post("/v1/classify", json={"image": "eA==", "labels": ["a", "b"], "comparatives": [
+        {"first": "a", "second": "c", "text": "x"}]}), 422, "comparatives[0]", "not in labels")
+    _error(server.client.post("/v1/classify", json={"image": "eA==", "labels": ["a", "b"], "alpha": 1.5}), 422,
+           "alpha")
+    assert server.client.get("/v1/embed").status_code == 405
 
 
-@pytest.mark.slow
 def test_oversize_body_is_413(server):
-    big = {"texts": ["x" * 1000] * 100}  # ~100 KB > MAX_BYTES, otherwise valid
-    _error(server.client.post("/embed", json=big), 413, "request_too_large", str(MAX_BYTES))
+    big = {"texts": ["x" * 1000] * (MAX_BYTES // 1000 + 10)}  # over MAX_BYTES, otherwise valid
+    _error(server.client.post("/v1/embed", json=big), 413, "request_too_large", str(MAX_BYTES))
 
     # Chunked upload (no Content-Length): the real size is counted as it arrives.
     def chunks():
@@ -241,8 +247,7 @@ def test_oversize_body_is_413(server):
         for i in range(0, len(payload), 8192):
             yield payload[i:i + 8192]
 
-    r = server.client.post("/embed", content=chunks(), headers={"content-type": "application/json"})
+    r = server.client.post("/v1/embed", content=chunks(), headers={"content-type": "application/json"})
     assert "content-length" not in {k.lower() for k in r.request.headers}
     _error(r, 413, "request_too_large")
-    # The server is still healthy after refusing.
-    assert server.client.get("/healthz").status_code == 200
+    assert server.client.get("/healthz").status_code == 200  # still healthy after refusing

@@ -103,7 +103,14 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # argparse gives an optional-positional list (overrides) only the words before the first option, so
+    # `pcd-ray config show --config F a.b=1` would leave `a.b=1` over; overrides may go anywhere.
+    args, extra = parser.parse_known_args(argv)
+    unknown = [a for a in extra if a.startswith("-") or "=" not in a]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    args.overrides = list(getattr(args, "overrides", None) or []) + extra
     _setup_logging()
     try:
         return run(args)

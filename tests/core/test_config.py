@@ -114,3 +114,13 @@ def test_every_shipped_job_file_loads(path):
 
     job = load_job(str(path), [])
     assert job.storage.root
+
+
+def test_cli_overrides_may_follow_options():
+    out = subprocess.run([sys.executable, "-m", "pcd_ray", "config", "show", "--config", "local", "train.epochs=7"],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert "  epochs: 7\n" in out.stdout.split("\ntrain:\n", 1)[1]
+    bad = subprocess.run([sys.executable, "-m", "pcd_ray", "config", "show", "--bogus"], capture_output=True,
+                         text=True, timeout=60)
+    assert bad.returncode == 2 and "unrecognized arguments: --bogus" in bad.stderr

@@ -2,8 +2,8 @@
 
 Reference implementation: each contrastive group gathers its features from every rank with gradient, then computes
 the rank-local rows of the global logit matrix (open_clip's ``local_loss=True, gather_with_grad=True`` shape, with one
-collective per group instead of two). LOSS.md describes the fused, chunked design that replaces it later; this
-module is the correctness baseline it must match.
+collective per group instead of two). Training uses the fused, chunked loss of ``fused_loss.py`` (LOSS.md) by
+default; this module is the float64 correctness oracle it must match (``LossConfig.impl = "reference"``).
 
 Exactness convention (LOSS.md). With W ranks of n rows each (N = W*n) the global symmetric InfoNCE loss is
 ``L = mean_r l_r``, where the rank-local loss ``l_r`` covers the rows of rank r against all N columns in both
@@ -18,7 +18,7 @@ Torch is imported at module level (this module is only imported by code that run
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -131,13 +131,15 @@ def _check_group(rank: int, world_size: int) -> None:
                        f"{actual}; initialise torch.distributed and pass its rank and world size")
 
 
-def difference_directions(emb_a: torch.Tensor, emb_b: torch.Tensor,
-                          eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
+def difference_directions(emb_a: torch.Tensor, emb_b: torch.Tensor, eps: float = 1e-6,
+                          min_distance: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """The paper's image-difference direction ``normalise(normalise(e_a) - normalise(e_b))``.
 
     Args:
         emb_a, emb_b: [p, D] raw image embeddings of the two images of each ordered pair.
         eps: norm floor of both normalisations and the degeneracy threshold.
+        min_distance: a larger threshold for near-duplicate pairs (their direction is mostly noise); the pair is
+            degenerate when the distance is below ``max(eps, min_distance)``.
 
     Returns ``(d, degenerate)``: d [p, D] in float32 (float64 if an input is float64), unit rows; degenerate [p] bool,
     True where ``|e_a/|e_a| - e_b/|e_b|| < eps`` (e.g. the same image twice). A degenerate pair has no direction
@@ -150,7 +152,7 @@ def difference_directions(emb_a: torch.Tensor, emb_b: torch.Tensor,
         raise ValueError(f"difference_directions: shapes differ, {tuple(emb_a.shape)} vs {tuple(emb_b.shape)}")
     dtype = torch.float64 if torch.float64 in (emb_a.dtype, emb_b.dtype) else torch.float32
     diff = F.normalize(emb_a.to(dtype), dim=-1, eps=eps) - F.normalize(emb_b.to(dtype), dim=-1, eps=eps)
-    degenerate = torch.linalg.vector_norm(diff.detach(), dim=-1) < eps
+    degenerate = torch.linalg.vector_norm(diff.detach(), dim=-1) < max(eps, min_distance)
     d = F.normalize(diff, dim=-1, eps=eps)
     return d.masked_fill(degenerate.unsqueeze(-1), 0.0), degenerate
 
@@ -162,48 +164,99 @@ def _require(features: dict[str, torch.Tensor], keys: tuple[str, ...], group: st
                        f"(got {sorted(features)})")
 
 
+class Group(NamedTuple):
+    """One contrastive group as both implementations consume it: unit rows x, y [n, D], 0-dim scale, valid [n]."""
+
+    name: str
+    weight: float
+    x: torch.Tensor
+    y: torch.Tensor
+    scale: torch.Tensor | float
+    valid: torch.Tensor | None
+
+
+def prepare_groups(features: dict[str, torch.Tensor], cfg: LossConfig, *, logit_scale: torch.Tensor | None,
+                   diff_logit_scale: torch.Tensor | None = None) -> tuple[list[Group], torch.Tensor, torch.Tensor]:
+    """Normalised groups of :func:`pc_clip_loss` and the fused loss, with masks; see pc_clip_loss for the inputs.
+
+    Returns ``(groups, degenerate_pairs, padded_rows)``: the enabled groups (difference first), this rank's count
+    of degenerate/near-duplicate pairs among the non-padded ones, and of padded rows (False in the optional
+    "diff_valid" [p] / "clip_valid" [b] bool features), both int64 0-dim.
+
+    Raises KeyError naming the missing features of an enabled group, ValueError when a scale it needs is missing.
+    """
+    if cfg.diff_weight > 0:
+        _require(features, DIFF_KEYS, "difference", "diff_weight")
+        if cfg.learn_diff_temperature and diff_logit_scale is None:
+            raise ValueError("pc_clip_loss: learn_diff_temperature needs diff_logit_scale (the learned log-scale)")
+    if cfg.clip_weight > 0:
+        _require(features, CLIP_KEYS, "clip", "clip_weight")
+        if logit_scale is None and cfg.clip_temperature is None:
+            raise ValueError("pc_clip_loss: clip_weight > 0 needs logit_scale (the model's learned log-scale) "
+                             "or a fixed clip_temperature")
+    first = next(iter(features.values()))
+    dtype = torch.float64 if first.dtype == torch.float64 else torch.float32
+    groups: list[Group] = []
+    degenerate = torch.zeros((), dtype=torch.int64, device=first.device)
+    padded = torch.zeros((), dtype=torch.int64, device=first.device)
+    if cfg.diff_weight > 0:
+        d, mask = difference_directions(features["image_a"], features["image_b"],
+                                        min_distance=cfg.near_duplicate_distance)
+        t = F.normalize(features["diff_text"].to(d.dtype), dim=-1, eps=1e-6)
+        valid = ~mask
+        if "diff_valid" in features:  # a padded row is counted as padding, not as a degenerate pair
+            mask = mask & features["diff_valid"]
+            valid = valid & features["diff_valid"]
+            padded = padded + (~features["diff_valid"]).sum()
+        degenerate = mask.sum()
+        scale = diff_logit_scale.exp() if cfg.learn_diff_temperature else 1.0 / cfg.diff_temperature
+        groups.append(Group("diff", cfg.diff_weight, t, d, scale, valid))
+    if cfg.clip_weight > 0:
+        image = F.normalize(features["image"].to(dtype), dim=-1, eps=1e-6)
+        caption = F.normalize(features["caption"].to(dtype), dim=-1, eps=1e-6)
+        valid = features.get("clip_valid")
+        if valid is not None:
+            padded = padded + (~valid).sum()
+        scale = logit_scale.exp() if cfg.clip_temperature is None else 1.0 / cfg.clip_temperature
+        groups.append(Group("clip", cfg.clip_weight, image, caption, scale, valid))
+    return groups, degenerate, padded
+
+
 def pc_clip_loss(features: dict[str, torch.Tensor], cfg: LossConfig, *, logit_scale: torch.Tensor | None,
-                 rank: int, world_size: int) -> dict[str, torch.Tensor]:
+                 rank: int, world_size: int, diff_logit_scale: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """Weighted sum of the difference group and the optional image-caption CLIP group, rank-local (module docstring).
+
+    The reference implementation (the float64 oracle of the fused loss): one gather with gradient per group and the
+    full [n, N] logits.
 
     Args:
         features: raw (unnormalised) model outputs. Difference group (cfg.diff_weight > 0): "image_a", "image_b",
             "diff_text", each [p, D]. CLIP group (cfg.clip_weight > 0): "image", "caption", each [b, D].
-            p and b must be equal on every rank (they may differ from each other).
-        cfg: weights and the difference temperature (scale 1/cfg.diff_temperature, the paper's fixed tau = 1).
-        logit_scale: open_clip's learned log-scale (0-dim); the CLIP group uses ``logit_scale.exp()``.
+            p and b must be equal on every rank (they may differ from each other). Optional padding masks
+            "diff_valid" [p] and "clip_valid" [b] (bool, False = padded row, left out like a degenerate pair).
+        cfg: weights and temperatures. Difference scale: ``diff_logit_scale.exp()`` when cfg.learn_diff_temperature,
+            else 1/cfg.diff_temperature (the paper's fixed tau = 1). CLIP scale: ``logit_scale.exp()``, or
+            1/cfg.clip_temperature when that is set.
+        logit_scale: open_clip's learned log-scale (0-dim).
         rank, world_size: this rank's place in the default process group.
+        diff_logit_scale: the learned log-scale of the difference group (0-dim), when cfg.learn_diff_temperature.
 
     Returns {"loss": weighted sum (carries grad), "diff_loss", "clip_loss" (detached, 0 when the group is off),
-    "degenerate_pairs" (this rank's count of degenerate pairs, int64 0-dim; sum it over ranks to log)}. Degenerate
-    pairs (:func:`difference_directions`) are excluded on every rank, positives and negatives alike: the loss is the
+    "degenerate_pairs" (this rank's count of degenerate pairs, int64 0-dim; sum it over ranks to log),
+    "padded_rows" (this rank's count of padded rows)}. Degenerate pairs (:func:`difference_directions`, with
+    cfg.near_duplicate_distance) are excluded on every rank, positives and negatives alike: the loss is the
     paper's over the N_valid remaining pairs, and 0 (still differentiable) if none remain.
 
-    Raises KeyError naming the missing features of an enabled group, ValueError if the CLIP group is on and
-    logit_scale is None.
+    Raises KeyError naming the missing features of an enabled group, ValueError if a needed scale is missing.
     """
-    if cfg.diff_weight > 0:
-        _require(features, DIFF_KEYS, "difference", "diff_weight")
-    if cfg.clip_weight > 0:
-        _require(features, CLIP_KEYS, "clip", "clip_weight")
-        if logit_scale is None:
-            raise ValueError("pc_clip_loss: clip_weight > 0 needs logit_scale (the model's learned log-scale)")
+    groups, degenerate, padded = prepare_groups(features, cfg, logit_scale=logit_scale,
+                                                diff_logit_scale=diff_logit_scale)
     first = next(iter(features.values()))
     dtype = torch.float64 if first.dtype == torch.float64 else torch.float32
     zero = torch.zeros((), dtype=dtype, device=first.device)
-    total, diff_loss, clip_loss = zero, zero, zero
-    degenerate = torch.zeros((), dtype=torch.int64, device=first.device)
-    if cfg.diff_weight > 0:
-        d, mask = difference_directions(features["image_a"], features["image_b"])
-        t = F.normalize(features["diff_text"].to(d.dtype), dim=-1, eps=1e-6)
-        diff_loss = contrastive_loss(t, d, 1.0 / cfg.diff_temperature, rank=rank, world_size=world_size,
-                                     valid=~mask)
-        total = total + cfg.diff_weight * diff_loss
-        degenerate = mask.sum()
-    if cfg.clip_weight > 0:
-        image = F.normalize(features["image"].to(dtype), dim=-1, eps=1e-6)
-        caption = F.normalize(features["caption"].to(dtype), dim=-1, eps=1e-6)
-        clip_loss = contrastive_loss(image, caption, logit_scale.exp(), rank=rank, world_size=world_size)
-        total = total + cfg.clip_weight * clip_loss
-    return {"loss": total, "diff_loss": diff_loss.detach(), "clip_loss": clip_loss.detach(),
-            "degenerate_pairs": degenerate}
+    total, parts = zero, {"diff": zero, "clip": zero}
+    for g in groups:
+        parts[g.name] = contrastive_loss(g.x, g.y, g.scale, rank=rank, world_size=world_size, valid=g.valid)
+        total = total + g.weight * parts[g.name]
+    return {"loss": total, "diff_loss": parts["diff"].detach(), "clip_loss": parts["clip"].detach(),
+            "degenerate_pairs": degenerate, "padded_rows": padded}

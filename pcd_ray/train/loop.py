@@ -8,6 +8,7 @@ Train's job; everything numeric is DeepSpeed's and the loss's. Every rank runs e
 from __future__ import annotations
 
 import logging
+import math
 import tempfile
 import time
 from typing import Any
@@ -38,8 +39,9 @@ def _save_checkpoint(engine, metrics: dict, client_state: dict) -> None:
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
 
-def _clamp_logit_scale(param, max_scale: float = 100.0) -> None:
-    """open_clip's clamp of the learned CLIP scale to [1, 100], on the parameter after the step (never in the graph).
+def _clamp_logit_scale(param, max_scale: float = 100.0, min_scale: float = 1.0) -> None:
+    """open_clip's clamp of a learned log-scale to [log min_scale, log max_scale] (CLIP's: scale in [1, 100]), on
+    the parameter after the step (never in the graph).
 
     Under ZeRO the optimizer owns an fp32 master copy that overwrites the module's copy after every step, so the
     master is clamped too (through DeepSpeed's safe_* accessors, which are collectives: every rank calls them).
@@ -54,8 +56,8 @@ def _clamp_logit_scale(param, max_scale: float = 100.0) -> None:
     with torch.no_grad():
         master = safe_get_full_fp32_param(param)
         if master is not None:
-            safe_set_full_fp32_param(param, master.clamp(0, math.log(max_scale)))
-        param.clamp_(0, math.log(max_scale))
+            safe_set_full_fp32_param(param, master.clamp(math.log(min_scale), math.log(max_scale)))
+        param.clamp_(math.log(min_scale), math.log(max_scale))
 
 
 def _restore(engine) -> dict[str, Any]:
@@ -94,7 +96,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     import torch
 
     from pcd_ray.model.factory import load_model
-    from pcd_ray.model.loss import pc_clip_loss
+    from pcd_ray.model.losses import compute_loss
     from pcd_ray.model.pair_encoder import PairEncoder
     from pcd_ray.model.trainable import image_tower_frozen, select_trainable
     from pcd_ray.train.engine import init_engine
@@ -113,7 +115,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     torch.manual_seed(cfg.seed)  # identical init on every rank (DeepSpeed also broadcasts rank 0's weights)
     lm = load_model(cfg.model, storage)
     select_trainable(lm.model, cfg.trainable)
-    module = PairEncoder(lm.model, image_frozen=image_tower_frozen(lm.model)).to(device)
+    module = PairEncoder(lm.model, image_frozen=image_tower_frozen(lm.model))
+    if cfg.loss.learn_diff_temperature:  # a module parameter, so DeepSpeed optimises and checkpoints it
+        module.register_parameter("diff_logit_scale", torch.nn.Parameter(
+            torch.tensor(math.log(1.0 / cfg.loss.diff_temperature))))
+    module = module.to(device)
     micro = cfg.batch_size // world // cfg.deepspeed.gradient_accumulation_steps
     steps_per_epoch = config["rows"] // cfg.batch_size
     total_steps = min(cfg.max_steps or 1 << 62, steps_per_epoch * cfg.epochs)
@@ -122,6 +128,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     state = _restore(engine)
     torch.manual_seed(cfg.seed * 1000 + rank + state["step"])
     keys = _batch_keys(cfg, config["precomputed"])
+    diff_logit_scale = engine.module.diff_logit_scale if cfg.loss.learn_diff_temperature else None
     # DeepSpeed casts the module to bf16/fp16; pixels must follow (the loss itself computes in fp32).
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.deepspeed.precision)
     shard = ray.train.get_dataset_shard("train")
@@ -148,13 +155,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 continue
             feats = engine({k: batch[k].to(dtype) if dtype and batch[k].is_floating_point() else batch[k]
                             for k in keys})
-            out = pc_clip_loss(feats, cfg.loss, logit_scale=engine.module.clip.logit_scale, rank=rank,
-                               world_size=world)
-            # Skip a NaN step on every rank alike, or the next collective would hang.
-            finite = torch.isfinite(out["loss"].detach()).float()
-            if world > 1:
-                torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
-            if finite.item() < 1:
+            out = compute_loss(feats, cfg.loss, logit_scale=engine.module.clip.logit_scale, rank=rank,
+                               world_size=world, diff_logit_scale=diff_logit_scale)
+            # skip_step is the same on every rank (read from the gathered losses), so all ranks skip alike and no
+            # collective is left waiting.
+            if out["skip_step"].item():
+                if not cfg.loss.skip_nonfinite:
+                    raise FloatingPointError(f"non-finite loss at step {step} (loss.skip_nonfinite=false)")
                 skipped += 1
                 engine.zero_grad()
                 continue
@@ -165,13 +172,15 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             if not boundary:
                 continue
             _clamp_logit_scale(engine.module.clip.logit_scale)
+            if cfg.loss.learn_diff_temperature:
+                _clamp_logit_scale(engine.module.diff_logit_scale, min_scale=0.01)
             step += 1
             log_now = step % cfg.log_every == 0 or step == total_steps
             checkpoint_now = bool(cfg.checkpoint_every) and step % cfg.checkpoint_every == 0 and step < total_steps
             if not (log_now or checkpoint_now):
                 continue
             elapsed = time.perf_counter() - window["t"]
-            row = {"step": step, "epoch": epoch, "loss": out["loss"].item(),
+            row = {"step": step, "epoch": epoch, "loss": out["global_loss"].item(),
                    "diff_loss": out["diff_loss"].item(), "clip_loss": out["clip_loss"].item(),
                    "lr": engine.get_lr()[0], "samples_per_s": window["samples"] / elapsed,
                    "data_wait_frac": window["wait"] / elapsed, "skipped_steps": skipped,

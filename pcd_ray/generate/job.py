@@ -174,8 +174,12 @@ def run_generate(job, storage) -> dict[str, Any]:
         diffs = artifacts.Appender(storage, cfg.output, "diffs", columns=DIFF_COLUMNS, config=config, identity=ident,
                                    resume=False)
     skipped = diffs.num_rows + rejects.num_rows
-    previous = diffs.manifest.get("summary", {}) if diffs.resumed else {}
-    by_reason: Counter = Counter(previous.get("rejected_by_reason", {}))
+    by_reason: Counter = Counter()
+    if rejects.num_rows:
+        # From the committed rows, not a summary: a kill between the two manifests' commits leaves their summaries
+        # one commit apart.
+        by_reason.update(artifacts.read_table(storage, cfg.rejects, "rejects", columns=["reason"])
+                         .column("reason").to_pylist())
     if skipped:
         log.info("generate: resuming, %d of %d pairs already committed", skipped, pairs_in)
 
@@ -189,6 +193,10 @@ def run_generate(job, storage) -> dict[str, Any]:
                      num_partitions=max(1, min(64, (pairs_in - skipped) // 50_000 + 1)))
 
     processed = tokens = 0
+    # Startup (actors up, engines and models loaded) vs steady state: for an LLM job of hours only the second
+    # matters, for a small job the first dominates; the summary reports both.
+    first: tuple[float, int] | None = None  # (seconds to the first finished shard, its pairs)
+    last_t = start
     summary: dict[str, Any] = {}
     progress = _Progress(pairs_in, skipped)
 
@@ -203,6 +211,9 @@ def run_generate(job, storage) -> dict[str, Any]:
             "model": cfg.llm.model if cfg.engine != "rule" else None,
             "tokens": tokens, "wall_s": round(wall, 3),
             "pairs_per_s": round(processed / max(wall, 1e-9), 2),
+            "first_result_s": None if first is None else round(first[0], 3),
+            "steady_pairs_per_s": None if first is None or processed == first[1] else
+            round((processed - first[1]) / max(last_t - start - first[0], 1e-9), 2),
             "tokens_per_s": round(tokens / max(wall, 1e-9), 1),
             "resumed": diffs.resumed, "complete": complete,
             "diffs": diffs.base, "rejects": rejects.base,
@@ -253,6 +264,9 @@ def run_generate(job, storage) -> dict[str, Any]:
                     rejects.add(row["rejects"], row["rejects_rows"])
                 n = row["diffs_rows"] + row["rejects_rows"]
                 processed += n
+                last_t = time.time()
+                if first is None:
+                    first = (last_t - start, n)
                 tokens += row["tokens"]
                 by_reason.update(json.loads(row["reasons"]))
                 progress.update(n, skipped + processed, diffs.num_rows + sum(e["rows"] for e in diffs.pending),

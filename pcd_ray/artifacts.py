@@ -123,6 +123,30 @@ def write_table(table, storage: Storage, uri: str, kind: str, *, config: Any = N
     return _commit(storage, uri, kind, attempt, [shard], config, summary)
 
 
+def resumable(storage: Storage, uri: str, kind: str, identity: Any) -> bool:
+    """True when ``uri`` holds a ``kind`` artifact an ``Appender`` with this identity would resume."""
+    if not exists(storage, uri):
+        return False
+    old = read_manifest(storage, uri)
+    return old.get("kind") == kind and old.get("identity") == identity
+
+
+def put_shard(storage: Storage, table, directory: str) -> str:
+    """Write ``table`` as one uniquely named Parquet shard under ``directory`` (atomically); returns its URI.
+
+    Unique names: a retried Ray task writes a new shard instead of overwriting one a manifest may already list.
+    """
+    import io
+
+    import pyarrow.parquet as pq
+
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    uri = join(directory, f"part-{uuid.uuid4().hex}.parquet")
+    storage.write_bytes(uri, buf.getvalue())
+    return uri
+
+
 class Appender:
     """An artifact committed batch by batch, for jobs that must survive being killed (generation of millions of pairs).
 
@@ -139,11 +163,9 @@ class Appender:
         self.base = storage.resolve(uri)
         self.attempt = _new_attempt()
         self.pending: list[dict[str, Any]] = []
-        old = read_manifest(storage, uri) if exists(storage, uri) else None
-        self.resumed = bool(resume and old is not None and old.get("kind") == kind
-                            and old.get("identity") == identity)
+        self.resumed = resume and resumable(storage, uri, kind, identity)
         if self.resumed:
-            self.manifest = old
+            self.manifest = read_manifest(storage, uri)
         else:
             # Start over: an empty, incomplete manifest first, so a reader (or a later resume) never mixes the old
             # artifact with this run's shards.
@@ -158,7 +180,13 @@ class Appender:
 
     @property
     def num_rows(self) -> int:
+        """Rows committed."""
         return int(self.manifest["num_rows"])
+
+    @property
+    def total_rows(self) -> int:
+        """Rows committed plus rows queued for the next commit."""
+        return self.num_rows + sum(e["rows"] for e in self.pending)
 
     def paths(self) -> list[str]:
         """URIs of the committed shards."""
@@ -202,22 +230,27 @@ def update_summary(storage: Storage, uri: str, **fields: Any) -> dict[str, Any]:
     return manifest
 
 
-def files(storage: Storage, uri: str, kind: str) -> list[str]:
-    manifest = read_manifest(storage, uri, kind)
+def files(storage: Storage, uri: str, kind: str, manifest: dict | None = None) -> list[str]:
+    manifest = manifest or read_manifest(storage, uri, kind)
     _check_columns(kind, manifest["columns"], storage.resolve(uri))
     return [join(storage.resolve(uri), *e["path"].split("/")) for e in manifest["files"]]
+
+
+def _empty_or_error(manifest: dict, storage: Storage, uri: str, kind: str, columns: list[str] | None):
+    """An appended artifact (generate) may commit zero shards: it is empty, not broken."""
+    if manifest.get("complete") is None:
+        raise ArtifactError(f"{storage.resolve(uri)}: the {kind} artifact is empty")
+    return _empty_table(manifest["columns"], columns)
 
 
 def read_dataset(storage: Storage, uri: str, kind: str, columns: list[str] | None = None):
     """The committed shards of an artifact as a Ray Dataset."""
     import ray.data
 
-    paths = files(storage, uri, kind)
+    manifest = read_manifest(storage, uri, kind)
+    paths = files(storage, uri, kind, manifest)
     if not paths:
-        if read_manifest(storage, uri).get("complete") is not None:
-            # An appended artifact (generate) may commit zero shards; it is empty, not broken.
-            return ray.data.from_arrow(_empty_table(read_manifest(storage, uri)["columns"], columns))
-        raise ArtifactError(f"{storage.resolve(uri)}: the {kind} artifact is empty")
+        return ray.data.from_arrow(_empty_or_error(manifest, storage, uri, kind, columns))
     fs, _ = storage.arrow_fs(paths[0])
     return ray.data.read_parquet([storage.fs(p)[1] for p in paths], filesystem=fs, columns=columns)
 
@@ -227,15 +260,14 @@ def read_table(storage: Storage, uri: str, kind: str, columns: list[str] | None 
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    manifest = read_manifest(storage, uri, kind)
     tables = []
-    for p in files(storage, uri, kind):
+    for p in files(storage, uri, kind, manifest):
         fs, path = storage.fs(p)
         with fs.open(path, "rb") as fh:
             tables.append(pq.read_table(fh, columns=columns, filters=filters))
     if not tables:
-        if read_manifest(storage, uri).get("complete") is not None:
-            return _empty_table(read_manifest(storage, uri)["columns"], columns)
-        raise ArtifactError(f"{storage.resolve(uri)}: the {kind} artifact is empty")
+        return _empty_or_error(manifest, storage, uri, kind, columns)
     return pa.concat_tables(tables)
 
 

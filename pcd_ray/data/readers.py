@@ -30,7 +30,6 @@ import re
 import sys
 import tarfile
 import time
-import uuid
 from collections import Counter
 from typing import Any, Iterator
 
@@ -366,29 +365,17 @@ SOURCES = {"coco": read_coco, "webdataset": read_webdataset, "parquet": read_par
 # ------------------------------------------------------------------------------------------------- the job
 def write_checked(table, storage, images_dir: str, rejects_dir: str):
     """map_batches UDF: checked rows -> an images shard and a rejects shard; one row of names and counts back."""
-    import io
-
     import pyarrow as pa
     import pyarrow.compute as pc
-    import pyarrow.parquet as pq
 
-    from pcd_ray.storage import join
+    from pcd_ray.artifacts import put_shard
 
     good_mask = pc.is_null(table.column("reason"))
     good, bad = table.filter(good_mask), table.filter(pc.invert(good_mask))
-    name = f"part-{uuid.uuid4().hex}.parquet"
-
-    def put(t, directory):
-        buf = io.BytesIO()
-        pq.write_table(t, buf)
-        uri = join(directory, name)
-        storage.write_bytes(uri, buf.getvalue())
-        return uri
-
     return pa.table({
-        "images": [put(good.select(IMAGE_COLUMNS), images_dir) if good.num_rows else ""],
+        "images": [put_shard(storage, good.select(IMAGE_COLUMNS), images_dir) if good.num_rows else ""],
         "images_rows": [good.num_rows],
-        "rejects": [put(bad.select(REJECT_COLUMNS), rejects_dir) if bad.num_rows else ""],
+        "rejects": [put_shard(storage, bad.select(REJECT_COLUMNS), rejects_dir) if bad.num_rows else ""],
         "rejects_rows": [bad.num_rows],
         "reasons": [json.dumps(Counter(bad.column("reason").to_pylist()))],
     })
@@ -433,7 +420,7 @@ def read_images(job, storage) -> dict[str, Any]:
     if bar is not None:
         bar.close()
     wall = time.time() - start
-    kept = sum(e["rows"] for e in images.pending)
+    kept = images.total_rows
     summary = {"source": data.source, "rows_in": kept + sum(by_reason.values()), "images": kept,
                "rejected": sum(by_reason.values()), "rejected_by_reason": dict(sorted(by_reason.items())),
                "wall_s": round(wall, 3), "images_per_s": round(kept / max(wall, 1e-9), 1)}

@@ -71,20 +71,17 @@ def _difference_sections(models, names, seeds) -> list[Section]:
 def _zeroshot_sections(models, names) -> list[Section]:
     out = []
     deltas = [f"Δ {n}" for n in names[1:]]
-    zs = [m.get("zeroshot") for m in models]
-    if all(zs):
+    titles = {"zeroshot": lambda z: f"Zero-shot classification (synthetic set; %, prompt \"{z['template']}\")",
+              "zeroshot_ensemble": lambda z: f"Zero-shot classification, template ensemble (synthetic set; %, "
+                                             f"{z['templates']})"}
+    for key, title in titles.items():
+        zs = [m.get(key) for m in models]
+        if not all(zs):
+            continue
         rows = [_row([task, f"{entry['chance']:.1f}"], [(z["tasks"][task]["accuracy"], None) for z in zs])
                 for task, entry in zs[0]["tasks"].items()]
         rows.append(_row(["mean", _cell(zs[0]["mean_chance"])], [(z["mean_accuracy"], None) for z in zs]))
-        out.append((f"Zero-shot classification (synthetic set; %, prompt \"{zs[0]['template']}\")",
-                    ["task", "chance"] + names + deltas, rows))
-    ens = [m.get("zeroshot_ensemble") for m in models]
-    if all(ens):
-        rows = [_row([task, f"{entry['chance']:.1f}"], [(e["tasks"][task]["accuracy"], None) for e in ens])
-                for task, entry in ens[0]["tasks"].items()]
-        rows.append(_row(["mean", _cell(ens[0]["mean_chance"])], [(e["mean_accuracy"], None) for e in ens]))
-        out.append((f"Zero-shot classification, template ensemble (synthetic set; %, {ens[0]['templates']})",
-                    ["task", "chance"] + names + deltas, rows))
+        out.append((title(zs[0]), ["task", "chance"] + names + deltas, rows))
     return out
 
 

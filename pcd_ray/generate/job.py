@@ -23,7 +23,6 @@ import json
 import logging
 import sys
 import time
-import uuid
 from collections import Counter
 from typing import Any
 
@@ -59,31 +58,18 @@ def actor_resources(cfg) -> dict[str, float]:
     return {"num_cpus": cfg.num_cpus_per_actor, "num_gpus": gpus}
 
 
-def _put(storage, table, directory: str, name: str) -> str:
-    import io
-
-    import pyarrow.parquet as pq
-
-    from pcd_ray.storage import join
-
-    buf = io.BytesIO()
-    pq.write_table(table, buf)
-    uri = join(directory, name)
-    storage.write_bytes(uri, buf.getvalue())
-    return uri
-
-
 def write_shards(table, storage, diffs_dir: str, rejects_dir: str):
     """map_batches UDF (tasks): one block of generate output -> a diffs shard and a rejects shard, each written
     atomically; returns one row naming them with the block's counts. Nothing here commits: the driver does."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
+    from pcd_ray.artifacts import put_shard
+
     kept_mask = pc.is_valid(table.column("text"))
     kept, rejected = table.filter(kept_mask), table.filter(pc.invert(kept_mask))
-    name = f"part-{uuid.uuid4().hex}.parquet"  # unique: a retried task never overwrites a committed shard
-    diffs = _put(storage, kept.select(DIFF_COLUMNS), diffs_dir, name) if kept.num_rows else ""
-    rejects = _put(storage, rejected.select(REJECT_COLUMNS), rejects_dir, name) if rejected.num_rows else ""
+    diffs = put_shard(storage, kept.select(DIFF_COLUMNS), diffs_dir) if kept.num_rows else ""
+    rejects = put_shard(storage, rejected.select(REJECT_COLUMNS), rejects_dir) if rejected.num_rows else ""
     reasons = Counter(rejected.column("reason").to_pylist())
     return pa.table({
         "diffs": [diffs], "diffs_rows": [kept.num_rows],
@@ -165,14 +151,13 @@ def run_generate(job, storage) -> dict[str, Any]:
     pairs_in = int(pairs_manifest["num_rows"])
     ident = identity(cfg, pairs_manifest, storage)
     config = cfg.model_dump(mode="json")
+    # Both or neither: the two artifacts describe one run, so one left by other settings means starting over.
+    resume = cfg.resume and all(artifacts.resumable(storage, uri, kind, ident)
+                                for uri, kind in ((cfg.output, "diffs"), (cfg.rejects, "rejects")))
     diffs = artifacts.Appender(storage, cfg.output, "diffs", columns=DIFF_COLUMNS, config=config, identity=ident,
-                               resume=cfg.resume)
+                               resume=resume)
     rejects = artifacts.Appender(storage, cfg.rejects, "rejects", columns=REJECT_COLUMNS, config=config,
-                                 identity=ident, resume=cfg.resume and diffs.resumed)
-    if diffs.resumed and not rejects.resumed:
-        # The two must describe the same run; a lone rejects artifact from other settings cannot be resumed with it.
-        diffs = artifacts.Appender(storage, cfg.output, "diffs", columns=DIFF_COLUMNS, config=config, identity=ident,
-                                   resume=False)
+                                 identity=ident, resume=resume)
     skipped = diffs.num_rows + rejects.num_rows
     by_reason: Counter = Counter()
     if rejects.num_rows:
@@ -205,7 +190,7 @@ def run_generate(job, storage) -> dict[str, Any]:
         rejected = sum(by_reason.values())
         return {
             "pairs_in": pairs_in, "skipped": skipped, "processed": processed,
-            "written": diffs.num_rows + sum(e["rows"] for e in diffs.pending), "rejected": rejected,
+            "written": diffs.total_rows, "rejected": rejected,
             "rejected_by_reason": dict(sorted(by_reason.items())),
             "engine": cfg.engine, "prompt_version": cfg.prompt_version,
             "model": cfg.llm.model if cfg.engine != "rule" else None,
@@ -269,16 +254,14 @@ def run_generate(job, storage) -> dict[str, Any]:
                     first = (last_t - start, n)
                 tokens += row["tokens"]
                 by_reason.update(json.loads(row["reasons"]))
-                progress.update(n, skipped + processed, diffs.num_rows + sum(e["rows"] for e in diffs.pending),
-                                tokens)
+                progress.update(n, skipped + processed, diffs.total_rows, tokens)
                 if time.time() - last_commit >= cfg.commit_every_s:
                     commit(complete=False)
                     last_commit = time.time()
         finally:
             progress.close()
 
-    total = diffs.num_rows + sum(e["rows"] for e in diffs.pending) + \
-        rejects.num_rows + sum(e["rows"] for e in rejects.pending)
+    total = diffs.total_rows + rejects.total_rows
     if total != pairs_in:
         commit(complete=False)  # keep what was made; a re-run resumes and the check runs again
         raise RuntimeError(f"generate: {total} rows in diffs + rejects != {pairs_in} pairs in "

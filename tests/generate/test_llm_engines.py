@@ -11,7 +11,6 @@ import textwrap
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 import pytest
 
 pytest.importorskip("transformers", reason="the transformers engine needs transformers (a main dependency)")
@@ -20,13 +19,12 @@ from pcd_ray import artifacts  # noqa: E402
 from pcd_ray.config import GenerateConfig, JobConfig  # noqa: E402
 from pcd_ray.generate.engines import ENGINES, EngineRowError, Generated, GenerateActor, make_engine  # noqa: E402
 from pcd_ray.generate.filter import REASONS  # noqa: E402
-from pcd_ray.generate.job import run_generate  # noqa: E402
 from pcd_ray.generate.llm import TransformersEngine, batch_seed, request_seed  # noqa: E402
 from pcd_ray.generate.prompts import build_prompt, chat_prompt, uses_chat_template  # noqa: E402
 from pcd_ray.storage import Storage  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
-from tiny_llm import write_tiny_llm  # noqa: E402
+from tiny_llm import run_ten_pairs, write_tiny_llm  # noqa: E402
 
 LONG = "a large red circle " * 200  # ~800 tokens: longer than the tiny model's 512-token context
 
@@ -166,21 +164,9 @@ def test_transformers_engine_in_the_ray_job(ray_local, tmp_path, tiny_chat):
                      "sampling": {"temperature": 1.0, "top_p": 1.0, "max_tokens": 24}, "batch_size": 4,
                      "num_actors": 1},
     })
+    summary, diffs, reasons = run_ten_pairs(job, LONG, "caption_b")
+    kept = diffs["pair_id"].to_pylist()
     storage = Storage(job.storage)
-    rows = [{"pair_id": f"p-{k}", "image_id_a": f"a{k}", "image_id_b": f"b{k}",
-             "caption_a": LONG if k == 5 else f"a small blue dog {k}", "caption_b": f"a huge red cat {k}",
-             "attributes_a": None, "attributes_b": None} for k in range(10)]
-    rows[3]["caption_b"] = None  # an LLM engine needs both captions
-    artifacts.write_table(pa.Table.from_pylist(rows), storage, "pairs", "pairs")
-
-    summary = run_generate(job, storage)
-
-    diffs = artifacts.read_table(storage, "diffs", "diffs")
-    rejects = artifacts.read_table(storage, "rejects", "rejects")
-    kept, dropped = diffs["pair_id"].to_pylist(), rejects["pair_id"].to_pylist()
-    assert len(kept) + len(dropped) == 10 and set(kept) | set(dropped) == {r["pair_id"] for r in rows}
-    assert not set(kept) & set(dropped)
-    reasons = dict(zip(dropped, rejects["reason"].to_pylist()))
     assert reasons["p-3"] == "no_caption" and reasons["p-5"] == "engine_error: prompt_too_long"
     assert summary["engine"] == "transformers" and summary["pairs_in"] == 10
     assert kept, "sampled output of the tiny model should pass the filter for some pairs"

@@ -10,21 +10,17 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 import pytest
 
 pytest.importorskip("vllm", reason="vllm is not installed in this venv: run scripts/test-vllm (builds .venv-vllm)")
 
-from pcd_ray import artifacts  # noqa: E402
 from pcd_ray.config import GenerateConfig, JobConfig  # noqa: E402
 from pcd_ray.generate.engines import Generated, GenerateActor  # noqa: E402
 from pcd_ray.generate.filter import REASONS  # noqa: E402
-from pcd_ray.generate.job import run_generate  # noqa: E402
 from pcd_ray.generate.prompts import build_prompt  # noqa: E402
-from pcd_ray.storage import Storage  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
-from tiny_llm import write_tiny_llm  # noqa: E402
+from tiny_llm import run_ten_pairs, write_tiny_llm  # noqa: E402
 
 MAX_LEN = 256
 LONG = "a large red circle " * 100  # ~400 tokens > MAX_LEN: vLLM refuses this request
@@ -122,20 +118,8 @@ def test_vllm_engine_in_the_ray_job(ray_local, tmp_path, tiny):
         "storage": {"root": str(tmp_path)},
         "generate": {**_cfg(tiny), "batch_size": 4, "num_actors": 1, "num_gpus_per_actor": 0},
     })
-    storage = Storage(job.storage)
-    rows = [{"pair_id": f"p-{k}", "image_id_a": f"a{k}", "image_id_b": f"b{k}",
-             "caption_a": LONG if k == 5 else f"a small blue dog {k}", "caption_b": f"a huge red cat {k}",
-             "attributes_a": None, "attributes_b": None} for k in range(10)]
-    rows[3]["caption_a"] = None
-    artifacts.write_table(pa.Table.from_pylist(rows), storage, "pairs", "pairs")
-
-    summary = run_generate(job, storage)
-
-    diffs = artifacts.read_table(storage, "diffs", "diffs")
-    rejects = artifacts.read_table(storage, "rejects", "rejects")
-    kept, dropped = diffs["pair_id"].to_pylist(), rejects["pair_id"].to_pylist()
-    assert len(kept) + len(dropped) == 10 and set(kept) | set(dropped) == {r["pair_id"] for r in rows}
-    reasons = dict(zip(dropped, rejects["reason"].to_pylist()))
+    summary, diffs, reasons = run_ten_pairs(job, LONG, "caption_a")
+    kept = diffs["pair_id"].to_pylist()
     assert reasons["p-3"] == "no_caption" and reasons["p-5"] == "engine_error: VLLMValidationError"
     assert summary["engine"] == "vllm" and summary["pairs_in"] == 10 and kept
     assert set(diffs["engine"].to_pylist()) == {"vllm"} and set(diffs["prompt_version"].to_pylist()) == {"paper-v1"}

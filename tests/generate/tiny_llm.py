@@ -87,3 +87,32 @@ def write_tiny_llm(path: str | Path, *, chat_template: bool = True, seed: int = 
     torch.manual_seed(seed)
     LlamaForCausalLM(config).save_pretrained(path)
     return path
+
+
+def run_ten_pairs(job, long_caption: str, missing: str):
+    """Run the generate job on 10 pairs: pair p-5's caption_a is ``long_caption`` (over the model's context), pair
+    p-3 lacks ``missing`` (caption_a or caption_b). Checks every pair lands exactly once in diffs or rejects.
+
+    Returns (summary, diffs table, {rejected pair_id: reason}). Shared by the transformers and vLLM job tests.
+    """
+    import pyarrow as pa
+
+    from pcd_ray import artifacts
+    from pcd_ray.generate.job import run_generate
+    from pcd_ray.storage import Storage
+
+    storage = Storage(job.storage)
+    rows = [{"pair_id": f"p-{k}", "image_id_a": f"a{k}", "image_id_b": f"b{k}",
+             "caption_a": long_caption if k == 5 else f"a small blue dog {k}", "caption_b": f"a huge red cat {k}",
+             "attributes_a": None, "attributes_b": None} for k in range(10)]
+    rows[3][missing] = None  # an LLM engine needs both captions
+    artifacts.write_table(pa.Table.from_pylist(rows), storage, "pairs", "pairs")
+
+    summary = run_generate(job, storage)
+
+    diffs = artifacts.read_table(storage, "diffs", "diffs")
+    rejects = artifacts.read_table(storage, "rejects", "rejects")
+    kept, dropped = diffs["pair_id"].to_pylist(), rejects["pair_id"].to_pylist()
+    assert len(kept) + len(dropped) == 10 and set(kept) | set(dropped) == {r["pair_id"] for r in rows}
+    assert not set(kept) & set(dropped)
+    return summary, diffs, dict(zip(dropped, rejects["reason"].to_pylist()))

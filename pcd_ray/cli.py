@@ -1,7 +1,8 @@
 """``pcd-ray <stage> [--config NAME|FILE] [key.path=value ...]``
 
-Stages: data, pairs, generate, train, eval, serve; ``pipeline`` chains them; ``demo`` runs the pipeline on the
-embedded default (jobs/local.yaml) and prints the base-vs-finetuned table; ``config show`` prints the resolved job.
+Stages: data, pairs, generate, embed, train, eval, serve; ``pipeline`` chains them; ``demo`` runs the pipeline on
+the embedded default (jobs/local.yaml) and prints the base-vs-finetuned table; ``config show`` prints the resolved
+job.
 The same command runs on a laptop and, through ``ray job submit -- pcd-ray ...``, on a cluster.
 """
 
@@ -18,6 +19,7 @@ STAGES = {
     "data": "make the images artifact (the synthetic attribute set)",
     "pairs": "sample ordered image pairs",
     "generate": "write difference texts for the pairs (diffs + rejects)",
+    "embed": "embed the images once with the frozen image tower (the embeddings artifact train.embeddings reads)",
     "train": "finetune with Ray Train + DeepSpeed (--section base_train for the base pretraining)",
     "eval": "difference accuracy, zero-shot, comparative prompting, geometry, retrieval; base vs finetuned "
             "(JSON, Markdown, PNG); --compare puts several runs side by side",
@@ -58,6 +60,8 @@ def _setup_logging() -> None:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     logging.getLogger("pcd_ray").setLevel(logging.INFO)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # A local Ray binds to 127.0.0.1 only; Ray reads this at import, so before any stage imports it (runtime.py).
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 
 def run(args: argparse.Namespace) -> int:

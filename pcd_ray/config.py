@@ -309,10 +309,33 @@ class SchedulerConfig(_Strict):
 
 
 class DeepSpeedConfig(_Strict):
+    """What DeepSpeed does with the model (engine.py turns it into DeepSpeed's own JSON config)."""
+
     zero_stage: Literal[0, 1, 2, 3] = 2
+    """0: plain data parallel; 1: optimizer states sharded; 2: + gradients; 3: + parameters (ViT-H/bigG full)."""
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    """Weights and activations; the loss always computes in fp32. fp16 uses DeepSpeed's dynamic loss scaling."""
     gradient_clipping: float | None = 1.0
+    """Global gradient-norm clip; null = none."""
     gradient_accumulation_steps: int = Field(1, ge=1)
+    """Micro batches per optimizer step; batch_size stays the global batch (micro = batch / workers / this)."""
+    offload_optimizer: bool = False
+    """ZeRO 1-3: keep optimizer states (and the fp32 master weights) in CPU memory."""
+    offload_params: bool = False
+    """ZeRO-3 only: keep the parameter shards in CPU memory between uses."""
+    activation_checkpointing: bool = False
+    """Recompute the towers' transformer blocks in backward (open_clip's set_grad_checkpointing)."""
+    overrides: dict[str, Any] = Field(default_factory=dict)
+    """Merged last into DeepSpeed's config (nested keys merge), for any DeepSpeed setting not named above, e.g.
+    {zero_optimization: {reduce_bucket_size: 5.0e+8}}; see deepspeed.ai/docs/config-json."""
+
+    @model_validator(mode="after")
+    def _offload_needs_zero(self) -> "DeepSpeedConfig":
+        if self.offload_optimizer and self.zero_stage == 0:
+            raise ValueError("offload_optimizer needs zero_stage 1, 2 or 3")
+        if self.offload_params and self.zero_stage != 3:
+            raise ValueError("offload_params needs zero_stage 3 (only ZeRO-3 shards parameters)")
+        return self
 
 
 class ScalingConfig(_Strict):
@@ -352,8 +375,15 @@ class TrainConfig(_Strict):
     checkpoint_every: int | None = Field(None, ge=1)
     """Steps between checkpoints (an epoch-end checkpoint is always written)."""
     keep_checkpoints: int = Field(2, ge=1)
+    """Ray Train keeps this many latest checkpoints and deletes older ones."""
     max_failures: int = Field(0, ge=-1)
     """Ray Train restarts the worker group this many times after a worker dies (-1: forever), from the last checkpoint."""
+    embeddings: str | None = None
+    """URI of an ``embeddings`` artifact written by ``pcd-ray embed`` with this run's model; used when image
+    features are precomputed. null = embed the images at the start of training instead."""
+    wise_ft_alpha: float | None = Field(None, ge=0, le=1)
+    """Also export the WiSE-FT average alpha * finetuned + (1 - alpha) * base to <output>/export-wiseft (PAPER.md
+    section 3); null = no averaged export."""
 
     @model_validator(mode="after")
     def _batch_divides(self) -> "TrainConfig":
@@ -366,6 +396,27 @@ class TrainConfig(_Strict):
         if self.data == "captions" and self.loss.diff_weight:
             raise ValueError("data=captions has no difference texts: set loss.diff_weight=0")
         return self
+
+
+# ----------------------------------------------------------------------------------------------------------- embed
+class EmbedConfig(_Strict):
+    """``pcd-ray embed``: the frozen image tower run once over the images artifact (the paper's setting)."""
+
+    model: ModelSpec = Field(default_factory=ModelSpec)
+    """The model whose image tower embeds; training reads the artifact only if its train.model is the same."""
+    input: str = "images"
+    """URI of the images artifact read."""
+    output: str = "embeddings"
+    """URI of the embeddings artifact written (image_id, embedding) plus its rejects beside it."""
+    split: str | None = None
+    """Only images of this split; null = all."""
+    batch_size: int = Field(256, ge=1)
+    """Images per forward pass."""
+    num_actors: int = Field(1, ge=1)
+    """Size of the Ray Data actor pool (one model copy per actor)."""
+    num_gpus_per_actor: float = Field(0, ge=0)
+    """GPUs per actor: 0 runs on CPU; 1 puts each actor on its own GPU (a cluster's GPU workers)."""
+    num_cpus_per_actor: float = Field(1, gt=0)
 
 
 # ------------------------------------------------------------------------------------------------------------ eval
@@ -513,6 +564,8 @@ class JobConfig(_Strict):
     base_train: TrainConfig | None = None
     """Optional caption-loss pretraining of the base CLIP (the offline demo has no pretrained weights)."""
     train: TrainConfig = Field(default_factory=TrainConfig)
+    embed: EmbedConfig | None = None
+    """Optional: embed the images once with the frozen image tower before training (``pcd-ray embed``)."""
     eval: EvalConfig = Field(default_factory=EvalConfig)
     serve: ServeConfig = Field(default_factory=ServeConfig)
 

@@ -44,6 +44,12 @@ def _train(section: str) -> Callable[[JobConfig, Storage], Any]:
     return run
 
 
+def _embed(job: JobConfig, storage: Storage) -> Any:
+    from pcd_ray.embed.job import run_embed
+
+    return run_embed(job, storage)
+
+
 def _eval(job: JobConfig, storage: Storage) -> Any:
     from pcd_ray.eval.job import run_eval
 
@@ -75,8 +81,11 @@ class Stage:
         return manifest.get("complete", True) and manifest.get("config") == cfg.model_dump(mode="json")
 
 
+# embed sits between base_train (whose export it may embed with) and train (which reads it); like base_train it
+# runs only when the job has its section.
 STAGES = [Stage("data", _data), Stage("pairs", _pairs), Stage("generate", _generate),
-          Stage("base_train", _train("base_train")), Stage("train", _train("train")), Stage("eval", _eval)]
+          Stage("base_train", _train("base_train")), Stage("embed", _embed), Stage("train", _train("train")),
+          Stage("eval", _eval)]
 
 
 def run_pipeline(job: JobConfig, storage: Storage, *, force: bool = False,

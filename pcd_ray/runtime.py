@@ -15,6 +15,9 @@ def init_ray(cfg: RayConfig | None = None) -> None:
 
     Idempotent: a driver that already called ray.init keeps its instance (tests share one).
     """
+    # A local instance binds to 127.0.0.1 only (Ray otherwise picks the external address and all interfaces); Ray
+    # reads this when it is imported, so it is set before the first `import ray`.
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     import ray
 
     if ray.is_initialized():
@@ -24,8 +27,6 @@ def init_ray(cfg: RayConfig | None = None) -> None:
     if address:
         ray.init(address=address, log_to_driver=True)
         return
-    # A local instance binds to 127.0.0.1 only (Ray otherwise picks the external address and all interfaces).
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     # The dashboard (127.0.0.1:8265) also serves the State API, which Ray Train's placement-group cleaner polls.
     ray.init(num_cpus=cfg.num_cpus, dashboard_host="127.0.0.1", log_to_driver=True, logging_level=logging.WARNING)
     _quiet_ray_data()

@@ -34,13 +34,15 @@ class ImageEmbedder:
         batch_size: images per forward pass; a Ray Data batch larger than this is processed in chunks.
         device: torch device of the image tower ("cpu", "cuda"); ``embed_images`` picks "cuda" when num_gpus > 0.
         max_pixels: images larger than this (width * height) are rejected before decoding (image bombs).
+        init_seed: torch seed set before building the model; matters only for a spec without weights (random init),
+            which must match the train loop's model (it seeds train.seed the same way).
 
     Raises FileNotFoundError / RuntimeError from ``load_model`` when the spec names no loadable model: a wrong
     model is a configuration error that should stop the job, unlike a bad image.
     """
 
     def __init__(self, spec: ModelSpec, storage: Storage, batch_size: int = 64, device: str = "cpu",
-                 max_pixels: int | None = None):
+                 max_pixels: int | None = None, init_seed: int | None = None):
         import torch
 
         from pcd_ray.data.images import DEFAULT_MAX_PIXELS
@@ -48,6 +50,8 @@ class ImageEmbedder:
 
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if init_seed is not None:  # a random-init spec: the same weights as a train worker seeded alike
+            torch.manual_seed(init_seed)
         loaded = load_model(spec, storage, device=device)
         self.model = loaded.model.eval()
         self.preprocess = loaded.preprocess
@@ -122,7 +126,7 @@ class ImageEmbedder:
 
 
 def embed_images(ds, spec: ModelSpec, storage: Storage, *, batch_size: int = 64, num_actors: int = 1,
-                 num_gpus: float = 0, num_cpus: float | None = None):
+                 num_gpus: float = 0, num_cpus: float | None = None, init_seed: int | None = None):
     """Embed every row of a Dataset with ``image_id`` + ``image`` columns; lazy, returns a Dataset.
 
     Args:
@@ -133,6 +137,7 @@ def embed_images(ds, spec: ModelSpec, storage: Storage, *, batch_size: int = 64,
         num_actors: size of the fixed actor pool (each actor holds one copy of the model).
         num_gpus: GPUs per actor; > 0 puts the image tower on CUDA (a GPU cluster), 0 runs it on CPU.
         num_cpus: CPUs per actor (Ray's default of 1 when None).
+        init_seed: see ``ImageEmbedder``.
 
     Returns a Dataset with columns image_id, embedding, model, error (one row per input row).
     Raises ValueError when ``ds`` lacks the input columns.
@@ -153,7 +158,7 @@ def embed_images(ds, spec: ModelSpec, storage: Storage, *, batch_size: int = 64,
     return ds.select_columns(INPUT_COLUMNS).map_batches(
         ImageEmbedder,
         fn_constructor_kwargs={"spec": spec, "storage": storage, "batch_size": batch_size,
-                               "device": "cuda" if num_gpus else "cpu"},
+                               "device": "cuda" if num_gpus else "cpu", "init_seed": init_seed},
         batch_size=batch_size,
         batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(size=num_actors),

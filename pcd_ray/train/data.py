@@ -68,22 +68,127 @@ def image_features_precomputed(cfg: TrainConfig) -> bool:
     return cfg.image_features == "precomputed"
 
 
-def _image_values(cfg: TrainConfig, storage: Storage, precomputed: bool):
-    """image_id + one value column per image: PNG bytes ("image"), or the frozen tower's embedding ("embedding"),
-    computed once here by a Ray Data actor pool instead of once per pair and epoch in the train loop."""
+def _image_values(cfg: TrainConfig, storage: Storage, precomputed: bool, split: str = "train"):
+    """image_id + one value column per image: PNG bytes ("image"), or the frozen tower's embedding ("embedding"):
+    read from ``cfg.embeddings`` (written once by ``pcd-ray embed``) when set, else computed here by a Ray Data
+    actor pool -- once per image either way, not once per pair and epoch in the train loop. ``split`` is the split
+    caption rows come from (``data: captions``)."""
+    if cfg.embeddings and not precomputed:
+        log.warning("train.embeddings=%s is not used: the image tower runs on pixels (trainable=%s, "
+                    "image_features=%s)", cfg.embeddings, cfg.trainable, cfg.image_features)
+    if precomputed and cfg.embeddings:
+        return _precomputed_embeddings(cfg, storage, split), "embedding"
     images = artifacts.read_dataset(storage, cfg.images, "images", columns=["image_id", "image"])
     if not precomputed:
         return images, "image"
-    from ray.data.expressions import col
+    from pcd_ray.embed.job import embed_split
 
-    from pcd_ray.embed.images import embed_images
+    embedded, rejected = embed_split(images, cfg.model, storage, batch_size=256, num_actors=1, init_seed=cfg.seed)
+    failed = rejected.take(3)
+    if failed:
+        raise ImageDecodeError(f"{storage.resolve(cfg.images)}: {rejected.count()} images that do not decode, e.g. "
+                               f"{failed}: the images artifact is damaged")
+    return embedded.select_columns(["image_id", "embedding"]), "embedding"
 
-    emb = embed_images(images, cfg.model, storage, batch_size=256, num_actors=1).materialize()
-    failed = emb.filter(expr=col("error").is_not_null())
-    if failed.count():
-        raise ImageDecodeError(f"{storage.resolve(cfg.images)}: images that do not decode, e.g. "
-                               f"{failed.take(3)}: the images artifact is damaged")
-    return emb.select_columns(["image_id", "embedding"]), "embedding"
+
+def _model_identity(spec: ModelSpec, storage: Storage) -> dict:
+    """What makes two specs the same weights: a checkpoint (its resolved URI) overrides name and pretrained."""
+    if spec.checkpoint:
+        return {"checkpoint": storage.resolve(spec.checkpoint)}
+    return {"name": spec.name, "pretrained": spec.pretrained}
+
+
+def _precomputed_embeddings(cfg: TrainConfig, storage: Storage, split: str):
+    """The ``embeddings`` artifact at ``cfg.embeddings`` as a Dataset (image_id, embedding), after checking that it
+    holds this run's model's embeddings of this run's images, one for every image the run needs.
+
+    Raises ArtifactError when it is missing or unfinished, ValueError when it was made with another model or from
+    other images, or lacks (or rejected) an image the pairs (captions: the split's images) need.
+    """
+    uri = storage.resolve(cfg.embeddings)
+    manifest = artifacts.read_manifest(storage, cfg.embeddings, "embeddings")
+    if manifest.get("complete") is False:
+        raise artifacts.ArtifactError(f"{uri}: the embeddings artifact is unfinished (its writer stopped); "
+                                      f"re-run `pcd-ray embed`")
+    made_by = manifest.get("config") or {}
+    if "model" not in made_by or "input" not in made_by:
+        raise ValueError(f"{uri}: not written by `pcd-ray embed` (its manifest records no embed config); "
+                         f"train.embeddings must name the output of an embed section")
+    # Relative URIs of the embed section resolve against this job's storage root, as train.model's do.
+    spec = ModelSpec.model_validate(made_by["model"])
+    used, wanted = _model_identity(spec, storage), _model_identity(cfg.model, storage)
+    if not (spec.checkpoint or spec.pretrained):
+        raise ValueError(f"{uri}: embeddings of a randomly initialised {spec.name} (embed.model names no checkpoint "
+                         f"or pretrained weights), which is not the image tower training initialises; embed a "
+                         f"checkpoint, or set train.embeddings=null")
+    if used != wanted:
+        raise ValueError(f"{uri}: embeddings of model {used} (embed.model, source {manifest.get('model')!r}), but "
+                         f"train.model is {wanted}: a frozen image tower must be the one training uses. Re-run "
+                         f"`pcd-ray embed` with embed.model equal to train.model, or set train.embeddings=null to "
+                         f"embed at the start of training")
+    images = storage.resolve(cfg.images)
+    attempt = artifacts.read_manifest(storage, cfg.images, "images").get("attempt")
+    if storage.resolve(made_by["input"]) != images or manifest.get("input_attempt") != attempt:
+        raise ValueError(f"{uri}: embeddings of {storage.resolve(made_by['input'])} (commit "
+                         f"{manifest.get('input_attempt')}), but train.images is {images} (commit {attempt}): the "
+                         f"images changed since they were embedded; re-run `pcd-ray embed`")
+    _check_coverage(cfg, storage, split)
+    log.info("train: image embeddings from %s (%d images, model %s, written by pcd-ray embed)", uri,
+             manifest["num_rows"], manifest.get("model"))
+    return artifacts.read_dataset(storage, cfg.embeddings, "embeddings", columns=["image_id", "embedding"])
+
+
+def _needed_image_ids(cfg: TrainConfig, storage: Storage, split: str):
+    """Distinct image ids training joins on: both images of every pair, or the split's images (``data: captions``).
+    Read shard by shard, ids only: the driver holds one id per image, never the pairs."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    if cfg.data == "captions":
+        table = artifacts.read_table(storage, cfg.images, "images", columns=["image_id"],
+                                     filters=[("split", "==", split)])
+        return pc.unique(table.column("image_id").combine_chunks().cast(pa.string()))
+    seen = [pa.array([], pa.string())]
+    for path in artifacts.files(storage, cfg.pairs, "pairs"):
+        fs, p = storage.fs(path)
+        with fs.open(p, "rb") as fh:
+            t = pq.read_table(fh, columns=["image_id_a", "image_id_b"])
+        seen.append(pc.unique(pa.concat_arrays([t.column(c).combine_chunks().cast(pa.string())
+                                                for c in ("image_id_a", "image_id_b")])))
+    return pc.unique(pa.concat_arrays(seen))
+
+
+def _check_coverage(cfg: TrainConfig, storage: Storage, split: str) -> None:
+    """Every image id training needs has exactly one embedding; else ValueError naming ids and why they lack one
+    (an inner join would otherwise drop their pairs silently)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    from pcd_ray.embed.job import rejects_uri
+
+    uri = storage.resolve(cfg.embeddings)
+    have = artifacts.read_table(storage, cfg.embeddings, "embeddings", columns=["image_id"]).column("image_id")
+    have = have.combine_chunks().cast(pa.string())
+    if pc.count_distinct(have).as_py() != len(have):
+        raise ValueError(f"{uri}: {len(have) - pc.count_distinct(have).as_py()} duplicate image ids; the images "
+                         f"artifact it was made from must have unique ids")
+    needed = _needed_image_ids(cfg, storage, split)
+    missing = needed.filter(pc.invert(pc.is_in(needed, value_set=have)))
+    if not len(missing):
+        return
+    why: dict[str, str] = {}
+    if artifacts.exists(storage, rejects_uri(cfg.embeddings)):
+        rej = artifacts.read_table(storage, rejects_uri(cfg.embeddings), "image_rejects",
+                                   columns=["image_id", "reason", "detail"])
+        rej = rej.filter(pc.is_in(rej.column("image_id").cast(pa.string()), value_set=missing))
+        why = {r["image_id"]: f"rejected: {r['reason']}: {r['detail']}" for r in rej.to_pylist()}
+    ids = missing.to_pylist()
+    examples = "; ".join(f"{i} ({why.get(i, 'not in the artifact')})" for i in ids[:5])
+    needer = f"the {split!r} images" if cfg.data == "captions" else f"the pairs at {storage.resolve(cfg.pairs)}"
+    raise ValueError(f"{uri}: {len(ids)} image(s) {needer} need have no embedding ({len(why)} rejected by "
+                     f"`pcd-ray embed`, {len(ids) - len(why)} never embedded -- check embed.split and embed.input), "
+                     f"e.g. {examples}")
 
 
 def joined_pairs(cfg: TrainConfig, storage: Storage, precomputed: bool):
@@ -109,13 +214,15 @@ def caption_rows(cfg: TrainConfig, storage: Storage, precomputed: bool, split: s
     ds = ds.filter(lambda row: row["split"] == split)
     if not precomputed:  # the bytes are in the same rows: no join
         return ds.rename_columns({"image": "image_a", "caption": "caption_a"}).select_columns(["image_a", "caption_a"])
-    embeddings, _ = _image_values(cfg, storage, precomputed)
+    embeddings, _ = _image_values(cfg, storage, precomputed, split)
     ds = ds.join(embeddings, "inner", num_partitions=max(1, cfg.scaling.num_workers * 2), on=("image_id",))
     return ds.rename_columns({"embedding": "emb_a", "caption": "caption_a"}).select_columns(["emb_a", "caption_a"])
 
 
 def build_train_dataset(cfg: TrainConfig, storage: Storage):
     """(Ray Dataset the train workers iterate -- tensors ready for the model, rows, precomputed image features?)."""
+    from ray.data import RandomSeedConfig
+
     precomputed = image_features_precomputed(cfg)
     if cfg.data == "captions":
         ds = caption_rows(cfg, storage, precomputed)
@@ -127,7 +234,9 @@ def build_train_dataset(cfg: TrainConfig, storage: Storage):
     rows = ds.count()
     if rows < cfg.batch_size:
         raise ValueError(f"training set has {rows} rows, fewer than one global batch ({cfg.batch_size})")
-    ds = ds.random_shuffle(seed=cfg.seed)
+    # A new global order every epoch: Ray Data mixes the seed with the execution index (one execution per epoch;
+    # trainer.py starts the index at the epoch a resumed run starts in).
+    ds = ds.random_shuffle(seed=RandomSeedConfig(seed=cfg.seed, reseed_after_execution=True))
     ds = ds.map_batches(preprocess_batch_fn, batch_size=256, num_cpus=1,
                         fn_kwargs={"spec_json": cfg.model.model_dump_json(),
                                    "storage_json": storage.portable_cfg().model_dump_json()})

@@ -14,16 +14,33 @@ from typing import Any
 from pcd_ray.config import TrainConfig
 
 
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    """Nested dict merge: ``extra`` wins, sections merge key by key."""
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
 def deepspeed_config(cfg: TrainConfig, *, micro_batch: int, use_gpu: bool) -> dict[str, Any]:
     """DeepSpeed's config dict for a per-worker micro batch (global batch = micro * accumulation * workers)."""
     ds, opt = cfg.deepspeed, cfg.optimizer
-    return {
+    zero: dict[str, Any] = {"stage": ds.zero_stage}
+    if ds.zero_stage >= 2:
+        # Overlap the gradient reduce with backward, as DDP does with its buckets.
+        zero |= {"overlap_comm": True, "contiguous_gradients": True}
+    if ds.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": use_gpu}
+    if ds.offload_params:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": use_gpu}
+    config = {
         "train_micro_batch_size_per_gpu": micro_batch,
         "gradient_accumulation_steps": ds.gradient_accumulation_steps,
         "gradient_clipping": ds.gradient_clipping or 0.0,
-        "zero_optimization": {"stage": ds.zero_stage},
+        "zero_optimization": zero,
         "bf16": {"enabled": ds.precision == "bf16"},
-        "fp16": {"enabled": ds.precision == "fp16"},
+        # fp16 needs loss scaling; 0 = DeepSpeed's dynamic scaler (halves on overflow, skipping that step).
+        "fp16": {"enabled": ds.precision == "fp16", "loss_scale": 0, "initial_scale_power": 16},
         "optimizer": {
             "type": "AdamW" if opt.name == "adamw" else "Adam",
             "params": {"lr": opt.lr, "betas": list(opt.betas), "eps": opt.eps, "weight_decay": opt.weight_decay,
@@ -33,6 +50,10 @@ def deepspeed_config(cfg: TrainConfig, *, micro_batch: int, use_gpu: bool) -> di
         "steps_per_print": 1 << 30,
         "wall_clock_breakdown": False,
     }
+    if ds.offload_optimizer and not use_gpu:
+        # Offloading asks for DeepSpeed's compiled CPU Adam; CPU workers already run torch's Adam on the CPU.
+        config["zero_force_ds_cpu_optimizer"] = False
+    return _merge(config, ds.overrides)
 
 
 def lr_lambda(cfg: TrainConfig, steps_per_epoch: int, total_steps: int):
@@ -66,6 +87,10 @@ def init_engine(module, cfg: TrainConfig, *, micro_batch: int, steps_per_epoch: 
     os.environ.setdefault("LOCAL_RANK", str(ctx.get_local_rank()))
     os.environ.setdefault("RANK", str(ctx.get_world_rank()))
     os.environ.setdefault("WORLD_SIZE", str(ctx.get_world_size()))
+    if cfg.deepspeed.activation_checkpointing:
+        # open_clip recomputes each transformer block in backward (torch.utils.checkpoint, non-reentrant, which
+        # also works on ZeRO-3's gathered parameters): activation memory drops from per-block to per-tower.
+        module.clip.set_grad_checkpointing(True)
     params = [p for p in module.parameters() if p.requires_grad]
     if not params:
         raise ValueError(f"trainable={cfg.trainable!r} leaves no parameter to train")

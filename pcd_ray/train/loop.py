@@ -11,6 +11,7 @@ import logging
 import math
 import tempfile
 import time
+from pathlib import Path
 from typing import Any
 
 from pcd_ray.config import StorageConfig, TrainConfig
@@ -19,6 +20,7 @@ from pcd_ray.storage import Storage, join
 
 log = logging.getLogger(__name__)
 DS_TAG = "ds"  # DeepSpeed checkpoint tag inside every Ray Train checkpoint directory
+POSITION_FILE = "pcd_position.json"  # the data position, readable without DeepSpeed (trainer.resume_position)
 
 
 def _batch_keys(cfg: TrainConfig, precomputed: bool) -> list[str]:
@@ -31,11 +33,43 @@ def _batch_keys(cfg: TrainConfig, precomputed: bool) -> list[str]:
     return keys
 
 
-def _save_checkpoint(engine, metrics: dict, client_state: dict) -> None:
-    import ray.train
+def _rng_states() -> dict[str, Any]:
+    import random
 
+    import numpy as np
+    import torch
+
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+
+
+def _set_rng_states(states: dict[str, Any]) -> None:
+    import random
+
+    import numpy as np
+    import torch
+
+    torch.set_rng_state(states["torch"])
+    np.random.set_state(states["numpy"])
+    random.setstate(states["python"])
+
+
+def _save_checkpoint(engine, metrics: dict, position: dict, rank: int) -> None:
+    """One Ray Train checkpoint: DeepSpeed's own format (model, optimizer and scheduler, each rank its shards) plus
+    the data position and every rank's RNG states (client_state), and ``POSITION_FILE`` for the driver.
+
+    position: epoch, step, batches_in_epoch, nan_steps. (Not "skipped_steps": DeepSpeed's own key of that name
+    overwrites a client_state key on load.)"""
+    import json
+
+    import ray.train
+    import torch.distributed as dist
+
+    rngs = [None] * dist.get_world_size()
+    dist.all_gather_object(rngs, _rng_states())  # DeepSpeed writes client_state from rank 0 only
     with tempfile.TemporaryDirectory(prefix="pcd-ckpt-") as tmp:
-        engine.save_checkpoint(tmp, tag=DS_TAG, client_state=client_state)
+        engine.save_checkpoint(tmp, tag=DS_TAG, client_state=position | {"rng": rngs})
+        if rank == 0:
+            Path(tmp, POSITION_FILE).write_text(json.dumps(position))
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
 
@@ -43,50 +77,82 @@ def _clamp_logit_scale(param, max_scale: float = 100.0, min_scale: float = 1.0) 
     """open_clip's clamp of a learned log-scale to [log min_scale, log max_scale] (CLIP's: scale in [1, 100]), on
     the parameter after the step (never in the graph).
 
-    Under ZeRO the optimizer owns an fp32 master copy that overwrites the module's copy after every step, so the
-    master is clamped too (through DeepSpeed's safe_* accessors, which are collectives: every rank calls them).
+    The optimizer owns an fp32 master copy that overwrites the module's copy after every step, so the master is
+    clamped too. ZeRO-3 shards even this one-element parameter (padded to the world size); a clamp is elementwise,
+    so each rank clamps its own shard (DeepSpeed's full-parameter setter fails on a parameter smaller than the world).
+    Under ZeRO 1-2 the full-parameter accessors are collectives: every rank calls them.
     """
     import math
 
     import torch
-    from deepspeed.utils import safe_get_full_fp32_param, safe_set_full_fp32_param
+    from deepspeed.utils import (safe_get_full_fp32_param, safe_get_local_fp32_param, safe_set_full_fp32_param,
+                                 safe_set_local_fp32_param)
 
     if not param.requires_grad:
         return
+    lo, hi = math.log(min_scale), math.log(max_scale)
     with torch.no_grad():
+        if hasattr(param, "ds_id"):  # ZeRO-3
+            safe_set_local_fp32_param(param, safe_get_local_fp32_param(param).clamp(lo, hi))
+            param.ds_tensor.clamp_(lo, hi)
+            return
         master = safe_get_full_fp32_param(param)
         if master is not None:
-            safe_set_full_fp32_param(param, master.clamp(math.log(min_scale), math.log(max_scale)))
-        param.clamp_(math.log(min_scale), math.log(max_scale))
+            safe_set_full_fp32_param(param, master.clamp(lo, hi))
+        param.clamp_(lo, hi)
 
 
-def _restore(engine) -> dict[str, Any]:
+def _restore(engine, rank: int, world: int) -> dict[str, Any]:
+    """The data position of the latest checkpoint, after loading model, optimizer, scheduler and RNG states."""
     import ray.train
 
     ckpt = ray.train.get_checkpoint()
     if ckpt is None:
-        return {"epoch": 0, "step": 0, "batches_in_epoch": 0}
+        return {"epoch": 0, "step": 0, "batches_in_epoch": 0, "nan_steps": 0, "resumed_from_step": None}
     with ckpt.as_directory() as d:
         _, client_state = engine.load_checkpoint(d, tag=DS_TAG)
+    rngs = client_state.pop("rng", None)
+    if rngs and len(rngs) == world:  # a different world size has no per-rank state to take over: keep the seeds
+        _set_rng_states(rngs[rank])
     log.warning("resumed from %s at epoch %s step %s", ckpt.path, client_state["epoch"], client_state["step"])
-    return client_state
+    return client_state | {"resumed_from_step": client_state["step"]}
 
 
 def _export(engine, lm, cfg: TrainConfig, storage: Storage, step: int, rank: int) -> None:
+    """``<output>/export`` (and ``<output>/export-wiseft`` when cfg.wise_ft_alpha is set), written by rank 0."""
     import deepspeed
+    import torch
+    from deepspeed.utils import safe_get_full_fp32_param
 
     from pcd_ray.config import dump
-    from pcd_ray.model.export import export_model
+    from pcd_ray.model.export import export_model, wise_ft
+    from pcd_ray.model.factory import load_model
 
     clip = engine.module.clip
+    meta = {"base": lm.source, "step": step, "trainable": cfg.trainable, "loss": cfg.loss.model_dump(),
+            "train_config": dump(cfg)}
     # ZeRO-3 shards parameters: gather them on every rank (collective), write from rank 0. No-op for stages 0-2.
     with deepspeed.zero.GatheredParameters(list(clip.parameters()), modifier_rank=None):
         if rank == 0:
-            state = {k: v.float() if v.is_floating_point() else v for k, v in clip.state_dict().items()}
-            uri = export_model(state, lm.model_cfg, lm.preprocess_cfg, storage, join(cfg.output, "export"),
-                               meta={"base": lm.source, "step": step, "trainable": cfg.trainable,
-                                     "loss": cfg.loss.model_dump(), "train_config": dump(cfg)})
-            log.warning("exported %s", uri)
+            state = {k: v.detach().float().cpu() if v.is_floating_point() else v.cpu()
+                     for k, v in clip.state_dict().items()}
+    # Trained weights from the optimizer's fp32 master copy, not the module's bf16/fp16 one (same values in fp32).
+    for name, param in clip.named_parameters():
+        if param.requires_grad:
+            master = safe_get_full_fp32_param(param)  # a collective under ZeRO-3: every rank, same order
+            if rank == 0 and master is not None:
+                state[name] = master.detach().float().cpu()
+    if rank != 0:
+        return
+    uri = export_model(state, lm.model_cfg, lm.preprocess_cfg, storage, join(cfg.output, "export"), meta=meta)
+    log.warning("exported %s", uri)
+    if cfg.wise_ft_alpha is not None:
+        torch.manual_seed(cfg.seed)  # the base the run started from (a random init is seeded the same way)
+        base = {k: v.float() if v.is_floating_point() else v
+                for k, v in load_model(cfg.model, storage).model.state_dict().items()}
+        uri = export_model(wise_ft(state, base, cfg.wise_ft_alpha), lm.model_cfg, lm.preprocess_cfg, storage,
+                           join(cfg.output, "export-wiseft"), meta=meta | {"wise_ft_alpha": cfg.wise_ft_alpha})
+        log.warning("exported the WiSE-FT average (alpha %s) to %s", cfg.wise_ft_alpha, uri)
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -125,21 +191,22 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     total_steps = min(cfg.max_steps or 1 << 62, steps_per_epoch * cfg.epochs)
     engine = init_engine(module, cfg, micro_batch=micro, steps_per_epoch=steps_per_epoch, total_steps=total_steps,
                          use_gpu=cfg.scaling.use_gpu)
-    state = _restore(engine)
-    torch.manual_seed(cfg.seed * 1000 + rank + state["step"])
+    torch.manual_seed(cfg.seed * 1000 + rank)  # per-rank streams from here; a resume restores them instead
+    state = _restore(engine, rank, world)
     keys = _batch_keys(cfg, config["precomputed"])
-    diff_logit_scale = engine.module.diff_logit_scale if cfg.loss.learn_diff_temperature else None
     # DeepSpeed casts the module to bf16/fp16; pixels must follow (the loss itself computes in fp32).
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.deepspeed.precision)
     shard = ray.train.get_dataset_shard("train")
-    metrics = MetricsLog(storage, cfg.output) if rank == 0 else None
-    step, skipped = state["step"], state.get("skipped_steps", 0)
-    window = {"t": time.perf_counter(), "wait": 0.0, "samples": 0}
+    metrics = MetricsLog(storage, cfg.output, resume_step=state["step"]) if rank == 0 else None
+    step, skipped = state["step"], state["nan_steps"]
+    window = {"t": time.perf_counter(), "wait": 0.0, "samples": 0, "masked": 0}
 
     # ---------------------------------------------------------------------------------------------- train
     epoch, position = state["epoch"], state  # position: where a resumed run picks up (epoch, batches into it)
     for epoch in range(state["epoch"], cfg.epochs):
         done_in_epoch = state["batches_in_epoch"] if epoch == state["epoch"] else 0
+        # The global order changes every epoch (trainer.py seeds Ray Data's shuffle per epoch); the local buffer
+        # mixes neighbouring blocks on top of it.
         batches = shard.iter_torch_batches(batch_size=micro, drop_last=True, device=device,
                                            local_shuffle_buffer_size=4 * micro,
                                            local_shuffle_seed=cfg.seed * 1000 + epoch)
@@ -155,8 +222,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 continue
             feats = engine({k: batch[k].to(dtype) if dtype and batch[k].is_floating_point() else batch[k]
                             for k in keys})
-            out = compute_loss(feats, cfg.loss, logit_scale=engine.module.clip.logit_scale, rank=rank,
-                               world_size=world, diff_logit_scale=diff_logit_scale)
+            out = compute_loss(feats, cfg.loss, logit_scale=feats["logit_scale"], rank=rank, world_size=world,
+                               diff_logit_scale=feats.get("diff_logit_scale"))
             # skip_step is the same on every rank (read from the gathered losses), so all ranks skip alike and no
             # collective is left waiting.
             if out["skip_step"].item():
@@ -169,6 +236,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             engine.backward(out["loss"])
             engine.step()  # DeepSpeed steps the optimizer (and the LR schedule) only at a boundary
             window["samples"] += micro * world
+            window["masked"] += out["degenerate_pairs"] + out["padded_rows"]  # a tensor: no sync per step
             if not boundary:
                 continue
             _clamp_logit_scale(engine.module.clip.logit_scale)
@@ -180,30 +248,37 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             if not (log_now or checkpoint_now):
                 continue
             elapsed = time.perf_counter() - window["t"]
+            masked = torch.as_tensor(window["masked"], dtype=torch.float64, device=device)
+            torch.distributed.all_reduce(masked)  # every rank logs at the same steps
             row = {"step": step, "epoch": epoch, "loss": out["global_loss"].item(),
                    "diff_loss": out["diff_loss"].item(), "clip_loss": out["clip_loss"].item(),
                    "lr": engine.get_lr()[0], "samples_per_s": window["samples"] / elapsed,
                    "data_wait_frac": window["wait"] / elapsed, "skipped_steps": skipped,
-                   "degenerate_pairs": int(out["degenerate_pairs"].item()),
-                   "logit_scale": engine.module.clip.logit_scale.exp().item()}
-            window = {"t": time.perf_counter(), "wait": 0.0, "samples": 0}
+                   "masked_pairs": int(masked.item()),
+                   "logit_scale": feats["logit_scale"].exp().item()}
+            window = {"t": time.perf_counter(), "wait": 0.0, "samples": 0, "masked": 0}
             if metrics:
                 metrics.add(row, total_steps)
             if checkpoint_now:  # reports the metrics too: one barrier, not two
+                if metrics:
+                    metrics.flush()  # the CSV on storage covers at least what the checkpoint does
                 _save_checkpoint(engine, row, {"epoch": epoch, "step": step, "batches_in_epoch": b,
-                                               "skipped_steps": skipped})
+                                               "nan_steps": skipped}, rank)
             else:
                 ray.train.report(row)
         # Stopped by max_steps mid-epoch: a longer re-run continues inside this epoch; otherwise at the next one.
         mid_epoch = batch is not None
         position = {"epoch": epoch if mid_epoch else epoch + 1, "step": step,
-                    "batches_in_epoch": b if mid_epoch else 0, "skipped_steps": skipped}
+                    "batches_in_epoch": b if mid_epoch else 0, "nan_steps": skipped}
         if step >= total_steps or epoch == cfg.epochs - 1:
             break
-        _save_checkpoint(engine, {"step": step, "epoch": epoch}, position)
+        if metrics:
+            metrics.flush()
+        _save_checkpoint(engine, {"step": step, "epoch": epoch}, position, rank)
 
     # ---------------------------------------------------------------------------------------------- save
-    _save_checkpoint(engine, {"step": step, "epoch": epoch, "skipped_steps": skipped, "final": True}, position)
-    _export(engine, lm, cfg, storage, step, rank)
     if metrics:
         metrics.close()
+    _save_checkpoint(engine, {"step": step, "epoch": epoch, "skipped_steps": skipped, "final": True,
+                              "resumed_from_step": state["resumed_from_step"]}, position, rank)
+    _export(engine, lm, cfg, storage, step, rank)

@@ -1,4 +1,10 @@
-"""Training metrics on rank 0: a progress line per report, then metrics.csv and a training-curve PNG in the run dir."""
+"""Training metrics on rank 0: a progress line per logged step, ``<output>/metrics.csv`` kept current on storage,
+and a training-curve PNG at the end.
+
+The CSV is rewritten whole (storage may be s3://, which cannot append) at most every ``flush_every_s`` and before
+every checkpoint, so after a crash it holds at least the steps the restored checkpoint covers. A resumed run keeps
+the rows up to its restored step and drops the ones after it (those steps are trained again).
+"""
 
 from __future__ import annotations
 
@@ -8,29 +14,44 @@ import time
 
 from pcd_ray.storage import Storage, join
 
+PROGRESS = ("[train] step {step}/{total} ({pct:.0f}%) loss {loss:.4f} (diff {diff_loss:.4f}, clip {clip_loss:.4f}) "
+            "lr {lr:.2e} {samples_per_s:.0f} samples/s, data wait {wait:.0f}%")
+
 
 class MetricsLog:
-    def __init__(self, storage: Storage, output: str):
-        self.storage, self.output = storage, output
+    def __init__(self, storage: Storage, output: str, *, resume_step: int = 0, flush_every_s: float = 30.0):
+        self.storage, self.uri = storage, join(output, "metrics.csv")
+        self.flush_every_s = flush_every_s
         self.rows: list[dict] = []
+        if resume_step and storage.exists(self.uri):
+            old = csv.DictReader(io.StringIO(storage.read_text(self.uri)))
+            self.rows = [r for r in old if int(r["step"]) <= resume_step]
         self.t0 = time.perf_counter()
+        self.flushed = time.perf_counter()
+        self.wall0 = float(self.rows[-1]["wall_s"]) if self.rows else 0.0  # wall_s runs on across restarts
 
     def add(self, row: dict, total_steps: int) -> None:
-        self.rows.append(dict(row, wall_s=round(time.perf_counter() - self.t0, 2)))
-        pct = 100 * row["step"] / max(1, total_steps)
-        print(f"[train] step {row['step']}/{total_steps} ({pct:.0f}%) loss {row['loss']:.4f} "
-              f"(diff {row['diff_loss']:.4f}, clip {row['clip_loss']:.4f}) lr {row['lr']:.2e} "
-              f"{row['samples_per_s']:.0f} samples/s, data wait {100 * row['data_wait_frac']:.0f}%", flush=True)
+        self.rows.append(dict(row, wall_s=round(self.wall0 + time.perf_counter() - self.t0, 2)))
+        print(PROGRESS.format(total=total_steps, pct=100 * row["step"] / max(1, total_steps),
+                              wait=100 * row["data_wait_frac"], **row), flush=True)
+        if time.perf_counter() - self.flushed > self.flush_every_s:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.rows:
+            return
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=list(self.rows[-1]))
+        writer.writeheader()
+        writer.writerows(self.rows)
+        self.storage.write_text(self.uri, buf.getvalue())
+        self.flushed = time.perf_counter()
 
     def close(self) -> None:
         if not self.rows:
             return
-        buf = io.StringIO()
-        writer = csv.DictWriter(buf, fieldnames=list(self.rows[0]))
-        writer.writeheader()
-        writer.writerows(self.rows)
-        self.storage.write_text(join(self.output, "metrics.csv"), buf.getvalue())
-        self.storage.write_bytes(join(self.output, "training_curve.png"), self._plot())
+        self.flush()
+        self.storage.write_bytes(join(self.uri.rsplit("/", 1)[0], "training_curve.png"), self._plot())
 
     def _plot(self) -> bytes:
         import matplotlib
@@ -38,17 +59,25 @@ class MetricsLog:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        steps = [r["step"] for r in self.rows]
-        fig, axes = plt.subplots(1, 3, figsize=(13, 3.4))
+        def series(key: str) -> list[float]:
+            return [float(r[key]) for r in self.rows]
+
+        steps = series("step")
+        fig, axes = plt.subplots(1, 4, figsize=(17, 3.4))
         for key in ("loss", "diff_loss", "clip_loss"):
-            if any(r[key] for r in self.rows):
-                axes[0].plot(steps, [r[key] for r in self.rows], label=key)
-        axes[0].set(title="loss", xlabel="step")
+            if any(series(key)):
+                axes[0].plot(steps, series(key), label=key)
+        axes[0].set(title="loss (global, and rank 0's parts)", xlabel="step")
         axes[0].legend()
-        axes[1].plot(steps, [r["lr"] for r in self.rows])
+        axes[1].plot(steps, series("lr"))
         axes[1].set(title="learning rate", xlabel="step")
-        axes[2].plot(steps, [r["samples_per_s"] for r in self.rows], label="samples/s")
+        axes[2].plot(steps, series("samples_per_s"))
         axes[2].set(title="throughput (samples/s)", xlabel="step")
+        axes[3].plot(steps, [100 * v for v in series("data_wait_frac")], label="data wait %")
+        axes[3].plot(steps, series("skipped_steps"), label="skipped steps (NaN)")
+        axes[3].plot(steps, series("masked_pairs"), label="masked pairs")
+        axes[3].set(title="data wait and dropped work", xlabel="step")
+        axes[3].legend()
         fig.tight_layout()
         buf = io.BytesIO()
         fig.savefig(buf, format="png", dpi=100)

@@ -19,7 +19,8 @@ log = logging.getLogger(__name__)
 
 
 # Fields that may change between a run and its resumption (train longer, checkpoint more often, ...).
-RESUMABLE_FIELDS = {"epochs", "max_steps", "log_every", "checkpoint_every", "keep_checkpoints", "max_failures"}
+RESUMABLE_FIELDS = {"epochs", "max_steps", "log_every", "checkpoint_every", "keep_checkpoints", "max_failures",
+                    "embeddings", "wise_ft_alpha"}
 
 
 def run_dir_name(cfg: TrainConfig) -> str:
@@ -46,6 +47,29 @@ def _run_config(cfg: TrainConfig, storage: Storage):
     )
 
 
+def _checkpoint_uri(checkpoint, output_uri: str) -> str | None:
+    """A Ray Train checkpoint's location as a URI (on a remote filesystem Ray gives "bucket/key" without scheme)."""
+    if checkpoint is None:
+        return None
+    if is_remote(output_uri) and "://" not in checkpoint.path:
+        return f"{output_uri.split('://', 1)[0]}://{checkpoint.path}"
+    return checkpoint.path
+
+
+def resume_position(cfg: TrainConfig, storage: Storage) -> dict[str, Any] | None:
+    """The data position saved in the run's most advanced checkpoint (the one Ray Train resumes), or None.
+
+    Ray Train restores the checkpoint itself; the driver only needs the epoch, to start Ray Data's per-epoch
+    shuffle seeds where the interrupted run left off.
+    """
+    from pcd_ray.train.loop import POSITION_FILE
+
+    run = join(cfg.output, run_dir_name(cfg))
+    found = [u for u in storage.find(run) if u.endswith("/" + POSITION_FILE)]
+    positions = [storage.read_json(u) for u in found]
+    return max(positions, key=lambda p: p["step"], default=None)
+
+
 def run_train(job: JobConfig, storage: Storage, section: str = "train") -> dict[str, Any]:
     """Train one section of the job; returns a summary (also written to <output>/summary.json)."""
     import ray.train
@@ -64,6 +88,13 @@ def run_train(job: JobConfig, storage: Storage, section: str = "train") -> dict[
     print(f"[{section}] {rows} rows; {cfg.epochs} epoch(s) of {rows // cfg.batch_size} steps at batch "
           f"{cfg.batch_size} on {cfg.scaling.num_workers} worker(s); image tower "
           f"{'embedded once up front (frozen)' if precomputed else 'runs on pixels every step'}", flush=True)
+    position = resume_position(cfg, storage)
+    if position:
+        print(f"[{section}] resuming {run_dir_name(cfg)} at step {position['step']} (epoch {position['epoch']}, "
+              f"{position['batches_in_epoch']} batches into it)", flush=True)
+        # Ray Data seeds each execution of the shuffle with (seed, execution index): epoch e of the resumed run
+        # gets the order epoch e had. (Private field; tests/train pins the behaviour.)
+        ds.context._execution_idx = position["epoch"]
     scaling = cfg.scaling
     trainer = TorchTrainer(
         train_loop_per_worker,
@@ -82,7 +113,7 @@ def run_train(job: JobConfig, storage: Storage, section: str = "train") -> dict[
         "section": section,
         "rows": rows,
         "final_metrics": result.metrics,
-        "checkpoint": result.checkpoint.path if result.checkpoint else None,
+        "checkpoint": _checkpoint_uri(result.checkpoint, storage.resolve(cfg.output)),
         "export": storage.resolve(join(cfg.output, "export")),
         "wall_s": round(time.perf_counter() - t0, 1),
     }

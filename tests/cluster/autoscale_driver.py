@@ -3,7 +3,7 @@ through RAY_ADDRESS, so the test session's own Ray is never touched). Prints one
 
 It makes the GPU requests the stages make, built by the stages' own code and job files: the generate stage's vLLM
 engine actors (``actor_resources`` of jobs/generate-coco-vllm.yaml, one actor per ``num_actors``) and the train
-stage's Ray Train worker group (the placement group Ray Train reserves for jobs/train-coco-gpu.yaml's scaling:
+stage's Ray Train worker group (the placement group Ray Train reserves for jobs/train-paper-vitl14.yaml's scaling:
 one bundle per worker, ``resources_per_worker`` + a GPU each, PACK). No GPU code runs: the nodes' GPUs are fake.
 """
 
@@ -49,7 +49,7 @@ def main() -> None:
     out["generate_actor"] = res
     actors = [ray.remote(EngineStandIn).options(**res).remote() for _ in range(gen.num_actors)]
 
-    train = load_job("train-coco-gpu").train.scaling
+    train = load_job("train-paper-vitl14").train.scaling
     scaling = ray.train.ScalingConfig(num_workers=train.num_workers, use_gpu=train.use_gpu,
                                       resources_per_worker={"CPU": train.cpus_per_worker})  # as run_train builds it
     bundle = scaling._resources_per_worker_not_none

@@ -35,7 +35,7 @@ TINY = [
     "train.batch_size=32", "train.max_steps=4", "train.scaling.cpus_per_worker=1",
     "eval.seeds=[0, 1]", "eval.pairs_per_attribute=30",
     # No base_train stage here: train and eval's baseline start from a random pcd-micro.
-    "train.model.checkpoint=null", "train.model.name=pcd-micro",
+    "train.model.checkpoint=null", "train.model.name=pcd-micro", "train.embeddings=null",
     "eval.models.base.checkpoint=null", "eval.models.base.name=pcd-micro", "eval.templates=[paper]",
 ]
 # What the job needs besides the working dir: local environments and outputs stay behind (.gitignore covers them

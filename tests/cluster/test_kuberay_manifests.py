@@ -182,7 +182,7 @@ def test_raycluster_groups_match_what_the_stages_ask_for():
     gen_request = {"CPU": gen["num_cpus"], "GPU": gen["num_gpus"]}
     assert gen_request["GPU"] >= 1 and fits(gen_request, groups["gpu-gen"])
 
-    scaling = load_job("train-coco-gpu").train.scaling
+    scaling = load_job("train-paper-vitl14").train.scaling
     worker = {"CPU": scaling.cpus_per_worker, "GPU": 1}  # run_train: resources_per_worker + use_gpu
     assert scaling.use_gpu and fits(worker, groups["gpu-train"]) and not fits(worker, groups["gpu-gen"])
     assert scaling.num_workers * worker["CPU"] <= groups["gpu-train"]["CPU"]

@@ -42,7 +42,7 @@ def generate_request() -> dict[str, float]:
 def train_worker_request() -> tuple[dict[str, float], int]:
     # What run_train hands Ray Train: resources_per_worker={"CPU": cpus_per_worker} plus one GPU per worker with
     # use_gpu (pcd_ray/train/trainer.py).
-    scaling = load_job("train-coco-gpu").train.scaling
+    scaling = load_job("train-paper-vitl14").train.scaling
     assert scaling.use_gpu
     return {"CPU": scaling.cpus_per_worker, "GPU": 1}, scaling.num_workers
 

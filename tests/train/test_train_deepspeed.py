@@ -2,50 +2,16 @@
 
 from __future__ import annotations
 
+import csv
 from pathlib import Path
 
 import pytest
 import torch
 
-from pcd_ray.config import JobConfig
 from pcd_ray.storage import Storage
+from train_helpers import train_job as _job
 
 pytestmark = pytest.mark.slow
-
-
-def _job(root: str, **train) -> JobConfig:
-    return JobConfig.model_validate({
-        "storage": {"root": root},
-        "data": {"synthetic": {"num_train": 192, "num_test": 8, "image_size": 32, "rows_per_shard": 96}},
-        "pairs": {"num_pairs": 160},
-        "train": {
-            "model": {"name": "pcd-micro"},
-            # full: logit_scale (a 0-dim parameter) trains too -- deepspeed 0.19.8 fails on exactly that.
-            "trainable": "full",
-            "batch_size": 16, "max_steps": 4, "log_every": 1, "checkpoint_every": 2,
-            "loss": {"diff_weight": 1.0, "clip_weight": 0.5},
-            "optimizer": {"lr": 1e-3},
-            # Accumulating 2 micro batches of 4 per worker: steps count optimizer steps, not micro batches.
-            "deepspeed": {"zero_stage": 2, "gradient_accumulation_steps": 2},
-            "scaling": {"num_workers": 2, "cpus_per_worker": 1},
-            **train,
-        },
-    })
-
-
-@pytest.fixture(scope="module")
-def prepared(tmp_path_factory, ray_local):
-    from pcd_ray.data.pairs import sample_pairs
-    from pcd_ray.data.synthetic import make_images
-    from pcd_ray.generate.job import run_generate
-
-    root = str(tmp_path_factory.mktemp("train-run"))
-    job = _job(root)
-    storage = Storage(job.storage)
-    make_images(job, storage)
-    sample_pairs(job, storage)
-    run_generate(job, storage)
-    return root
 
 
 def test_two_worker_deepspeed_run_checkpoints_exports_and_resumes(prepared):
@@ -84,5 +50,65 @@ def test_two_worker_deepspeed_run_checkpoints_exports_and_resumes(prepared):
     assert run_dir_name(longer.train) == run_dir_name(job.train)
     resumed = run_train(longer, storage)
     assert resumed["final_metrics"]["step"] == 6
-    rows = (Path(prepared) / "train" / "metrics.csv").read_text().strip().splitlines()[1:]
-    assert [int(r.split(",")[0]) for r in rows] == [5, 6]
+    assert resumed["final_metrics"]["resumed_from_step"] == 4
+    # The resumed run appends to the first run's metrics: every step once, with the columns the plot reads.
+    with open(Path(prepared) / "train" / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["step"]) for r in rows] == [1, 2, 3, 4, 5, 6]
+    assert {"lr", "samples_per_s", "data_wait_frac", "skipped_steps", "masked_pairs"} <= set(rows[0])
+
+
+def test_zero3_checkpoints_and_exports_round_trip_through_s3(prepared, s3_root):
+    """ZeRO-3 (+ activation checkpointing) with the run directory and exports on the local S3 server: sharded
+    checkpoints land on S3, a relaunch resumes from them, and the export is the training model's weights."""
+    import open_clip
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    from pcd_ray.model.factory import load_model
+    from pcd_ray.train.loop import DS_TAG
+    from pcd_ray.train.trainer import run_dir_name, run_train
+
+    out = f"{s3_root}/train-z3"
+    settings = {"output": out, "checkpoint_every": 2, "wise_ft_alpha": 0.5,
+                "deepspeed": {"zero_stage": 3, "activation_checkpointing": True}}
+    job = _job(prepared, max_steps=3, **settings)
+    storage = Storage(job.storage)
+    summary = run_train(job, storage)
+    assert summary["final_metrics"]["step"] == 3
+    ckpt = summary["checkpoint"]
+    assert ckpt.startswith(f"{out}/{run_dir_name(job.train)}/")
+    names = {u.rsplit("/", 1)[-1] for u in storage.find(ckpt)}
+    # ZeRO-3: parameters are sharded too, so every rank writes its own model and optimizer states.
+    assert {f"zero_pp_rank_{r}_mp_rank_00_{kind}_states.pt" for r in (0, 1) for kind in ("model", "optim")} <= names
+    assert "pcd_position.json" in names
+
+    # The export (downloaded from S3) in plain open_clip gives the training model's embeddings; the training model
+    # is DeepSpeed's consolidation of the ZeRO-3 shards in the final checkpoint.
+    with storage.local_dir(f"{out}/export") as export:
+        exported, _, _ = open_clip.create_model_and_transforms(f"local-dir:{export}")
+    with storage.local_dir(ckpt) as local:
+        trained = get_fp32_state_dict_from_zero_checkpoint(str(local), tag=DS_TAG)
+    reference = load_model(job.train.model, storage).model
+    missing, unexpected = reference.load_state_dict({k.removeprefix("clip."): v for k, v in trained.items()},
+                                                    strict=False)
+    assert not unexpected and all(not k.endswith(("weight", "bias")) for k in missing), (missing, unexpected)
+    gen = torch.Generator().manual_seed(0)
+    images, texts = torch.rand(4, 3, 32, 32, generator=gen), torch.randint(1, 60, (4, 16), generator=gen)
+    with torch.no_grad():
+        for m in (exported, reference):
+            m.eval()
+        torch.testing.assert_close(exported.encode_image(images), reference.encode_image(images))
+        torch.testing.assert_close(exported.encode_text(texts), reference.encode_text(texts))
+
+    # WiSE-FT: the second export is the halfway average of the finetuned and the (seeded random) base weights.
+    torch.manual_seed(job.train.seed)
+    base = load_model(job.train.model, storage).model.state_dict()
+    with storage.local_dir(f"{out}/export-wiseft") as wise:
+        averaged, _, _ = open_clip.create_model_and_transforms(f"local-dir:{wise}")
+    for k, v in averaged.state_dict().items():
+        if v.is_floating_point():
+            torch.testing.assert_close(v, 0.5 * exported.state_dict()[k] + 0.5 * base[k])
+
+    # Relaunched longer: resumes from the ZeRO-3 checkpoint on S3.
+    resumed = run_train(_job(prepared, max_steps=4, **settings), storage)
+    assert resumed["final_metrics"]["step"] == 4 and resumed["final_metrics"]["resumed_from_step"] == 3

@@ -1,0 +1,476 @@
+"""Training throughput: the real Ray Train + DeepSpeed loop against a plain torch.distributed DDP loop.
+
+Both sides train the same ``PairEncoder`` (same model, same trainable parameters, same seed) with the same fused
+loss (``compute_loss``), Adam at the same lr, gradient-norm clipping at 1.0, the same micro batch per worker, the
+same number of steps, on 2 CPU workers with one torch thread each, gloo, in one run, alternating rounds:
+
+- ``ray-ds``: ``TorchTrainer(pcd_ray.train.loop.train_loop_per_worker)`` -- the loop users run: DeepSpeed ZeRO-1
+  engine (engine.py), fp32, a Ray Dataset through ``datasets={"train": ds}`` read with ``get_dataset_shard`` +
+  ``iter_torch_batches``, metrics rows and ``ray.train.report`` every ``--log-every`` steps. Its samples/s are read
+  from the loop's own metrics.csv (rank 0): the rows' ``wall_s`` from the end of the warm-up to the last step, so
+  they include the loop's data wait, its metric syncs and its report barriers.
+- ``ddp``: ``torch.multiprocessing`` spawns 2 processes, gloo, ``DistributedDataParallel`` over the same module,
+  ``torch.optim.Adam``, ``clip_grad_norm_(1.0)``, batches sliced from in-memory tensors; timed on rank 0 between
+  barriers after the warm-up step and after the last step.
+
+The data are already-preprocessed columns (precomputed image embeddings or pixels, token ids) generated from one
+seed and held in memory on both sides (the Ray side as a materialized Ray Dataset), so the pre-processing cost is
+not what is compared. Warm-up: the first ``--warmup`` optimizer steps (DeepSpeed's and DDP's lazy set-up, Ray Data's
+first blocks, allocator growth) are not timed on either side.
+
+Configurations (``--configs``):
+- ``paper``: ViT-B-32 (random init), ``trainable: text_transformer`` (the paper: only the 12 text blocks train,
+  37.8 M parameters), precomputed image embeddings, difference loss only.
+- ``tiny``: pcd-tiny, ``trainable: full`` on 64 px pixels (both towers train), difference + CLIP loss (so the
+  learned logit scale trains and is clamped every step).
+
+Extra variants for profiling (``--variants``): ``ray-ds0`` (the same loop at ZeRO stage 0: DeepSpeed without
+partitioning), ``ray-ddp`` (Ray Train + the same Ray Data shard, but the plain DDP step instead of DeepSpeed:
+separates what Ray costs from what DeepSpeed costs), ``ray-ds-tuned`` (ZeRO-1 with ``--tuned`` DeepSpeed overrides).
+
+    python benchmarks/train_throughput.py                       # paper config, ddp vs ray-ds, 2 rounds each
+    python benchmarks/train_throughput.py --configs paper,tiny --variants ddp,ray-ds,ray-ds0,ray-ddp
+
+Results go to stdout (a table) and benchmarks/results/train_throughput.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+CONFIGS = {
+    "paper": {"model": "ViT-B-32", "trainable": "text_transformer", "precomputed": True, "micro": 8,
+              "loss": {"diff_weight": 1.0, "clip_weight": 0.0}},
+    "tiny": {"model": "pcd-tiny", "trainable": "full", "precomputed": False, "micro": 64,
+             "loss": {"diff_weight": 1.0, "clip_weight": 0.5}},
+}
+WORLD = 2
+LR = 1e-4
+CLIP_NORM = 1.0  # DeepSpeedConfig.gradient_clipping's default
+
+
+# ---------------------------------------------------------------------------------------------------- shared pieces
+def _shapes(name: str) -> tuple[int, int, int]:
+    """(embed_dim, context_length, image_size) of an open_clip / pcd-ray model config."""
+    import open_clip
+
+    from pcd_ray.model.factory import register_configs
+
+    register_configs()
+    cfg = open_clip.get_model_config(name)
+    return cfg["embed_dim"], cfg["text_cfg"].get("context_length", 77), cfg["vision_cfg"]["image_size"]
+
+
+def make_columns(setting: dict, rows: int, seed: int = 0) -> dict:
+    """The already-preprocessed training columns the loop reads, as numpy arrays (identical for both sides)."""
+    import numpy as np
+
+    dim, ctx, size = _shapes(setting["model"])
+    rng = np.random.default_rng(seed)
+    cols = {}
+    if setting["precomputed"]:
+        cols["emb_a"] = rng.standard_normal((rows, dim), dtype=np.float32)
+        cols["emb_b"] = rng.standard_normal((rows, dim), dtype=np.float32)
+    else:
+        cols["image_a"] = rng.standard_normal((rows, 3, size, size), dtype=np.float32)
+        cols["image_b"] = rng.standard_normal((rows, 3, size, size), dtype=np.float32)
+    # Token ids as open_clip's tokenizer lays them out: SOT, words, EOT (argmax picks it), zero padding.
+    tokens = np.zeros((rows, ctx), dtype=np.int64)
+    length = rng.integers(4, ctx - 1, size=rows)
+    for i, n in enumerate(length):
+        tokens[i, 0] = 49406
+        tokens[i, 1:n] = rng.integers(1, 49000, size=n - 1)
+        tokens[i, n] = 49407
+    cols["diff_tokens"] = tokens
+    if setting["loss"]["clip_weight"]:
+        cols["caption_tokens"] = np.roll(tokens, 1, axis=0)
+    return cols
+
+
+def train_config(setting: dict, args, output: str, zero_stage: int = 1, overrides: dict | None = None) -> dict:
+    from pcd_ray.config import TrainConfig
+
+    cfg = TrainConfig.model_validate({
+        "model": {"name": setting["model"]}, "trainable": setting["trainable"],
+        "image_features": "precomputed" if setting["precomputed"] else "online",
+        "output": output, "epochs": 1, "max_steps": args.steps, "batch_size": setting["micro"] * WORLD,
+        "loss": setting["loss"], "optimizer": {"name": "adam", "lr": LR},
+        "deepspeed": {"zero_stage": zero_stage, "precision": "fp32", "gradient_clipping": CLIP_NORM,
+                      **({"overrides": overrides} if overrides else {})},
+        "scaling": {"num_workers": WORLD, "cpus_per_worker": 1, "torch_threads": 1},
+        "log_every": args.log_every,
+    })
+    return cfg.model_dump(mode="json")
+
+
+def _build_module(cfg):
+    """The module both sides train, built exactly as loop.py builds it (seeded, same trainable set)."""
+    import math
+
+    import torch
+
+    from pcd_ray.model.factory import load_model
+    from pcd_ray.model.pair_encoder import PairEncoder
+    from pcd_ray.model.trainable import image_tower_frozen, select_trainable
+
+    torch.manual_seed(cfg.seed)
+    lm = load_model(cfg.model)
+    select_trainable(lm.model, cfg.trainable)
+    module = PairEncoder(lm.model, image_frozen=image_tower_frozen(lm.model))
+    if cfg.loss.learn_diff_temperature:
+        module.register_parameter("diff_logit_scale", torch.nn.Parameter(
+            torch.tensor(math.log(1.0 / cfg.loss.diff_temperature))))
+    return module
+
+
+def _ddp_step(ddp, params, opt, batch: dict, cfg, rank: int, world: int) -> None:
+    """One plain DDP step: forward, fused loss, backward (bucketed all-reduce overlapped), clip, Adam, clamp."""
+    import math
+
+    import torch
+
+    from pcd_ray.model.losses import compute_loss
+
+    feats = ddp(batch)
+    # PairEncoder returns the log-scale it read inside its forward (older versions did not: then the parameter).
+    logit_scale = feats.pop("logit_scale", ddp.module.clip.logit_scale)
+    out = compute_loss(feats, cfg.loss, logit_scale=logit_scale, rank=rank, world_size=world,
+                       diff_logit_scale=feats.pop("diff_logit_scale", None))
+    if out["skip_step"].item():  # the same check the real loop makes (identical on every rank)
+        opt.zero_grad(set_to_none=True)
+        return
+    out["loss"].backward()
+    torch.nn.utils.clip_grad_norm_(params, CLIP_NORM)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    scale = ddp.module.clip.logit_scale
+    if scale.requires_grad:
+        with torch.no_grad():
+            scale.clamp_(0.0, math.log(100.0))
+
+
+# ---------------------------------------------------------------------------------------------------- (b) plain DDP
+def _ddp_worker(rank: int, world: int, port: int, cfg_dict: dict, setting: dict, args_dict: dict, result_path: str):
+    import torch
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from pcd_ray.config import TrainConfig
+
+    os.nice(args_dict["ddp_nice"] - os.nice(0))  # the Ray workers' niceness (see --ddp-nice)
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    cfg = TrainConfig.model_validate(cfg_dict)
+    module = _build_module(cfg)
+    ddp = DDP(module)
+    params = [p for p in module.parameters() if p.requires_grad]
+    opt = torch.optim.Adam(params, lr=cfg.optimizer.lr, betas=cfg.optimizer.betas, eps=cfg.optimizer.eps)
+    micro, steps, warmup = setting["micro"], args_dict["steps"], args_dict["warmup"]
+    cols = {k: torch.from_numpy(v) for k, v in make_columns(setting, steps * micro * world).items()}
+    torch.manual_seed(cfg.seed * 1000 + rank)
+    t_start = c_start = None
+    for step in range(steps):
+        if step == warmup:
+            dist.barrier()
+            t_start, c_start = time.perf_counter(), time.process_time()
+        lo = (step * world + rank) * micro
+        _ddp_step(ddp, params, opt, {k: v[lo:lo + micro] for k, v in cols.items()}, cfg, rank, world)
+    dist.barrier()
+    elapsed, cpu = time.perf_counter() - t_start, time.process_time() - c_start
+    Path(f"{result_path}.{rank}").write_text(json.dumps({"samples_per_s": (steps - warmup) * micro * world / elapsed,
+                                                        "timed_s": elapsed, "cpu_s": cpu,
+                                                        "timed_steps": steps - warmup}))
+    dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_ddp(setting: dict, args, tmp: str) -> dict:
+    import torch.multiprocessing as mp
+
+    cfg = train_config(setting, args, output="unused")
+    result = Path(tmp) / f"ddp-{time.time_ns()}.json"
+    old = os.environ.get("OMP_NUM_THREADS")
+    os.environ["OMP_NUM_THREADS"] = "1"  # what Ray sets for a 1-CPU worker
+    try:
+        mp.spawn(_ddp_worker, args=(WORLD, _free_port(), cfg, setting, vars(args), str(result)), nprocs=WORLD,
+                 join=True)
+    finally:
+        if old is None:
+            os.environ.pop("OMP_NUM_THREADS", None)
+        else:
+            os.environ["OMP_NUM_THREADS"] = old
+    ranks = [json.loads(Path(f"{result}.{r}").read_text()) for r in range(WORLD)]
+    return {"samples_per_s": ranks[0]["samples_per_s"], "data_wait_frac": 0.0, "timed_s": ranks[0]["timed_s"],
+            "cpu_ms_per_sample": cpu_ms_per_sample(ranks, setting["micro"] * WORLD)}
+
+
+def cpu_ms_per_sample(ranks: list[dict], batch: int) -> float:
+    """CPU time (all threads of both worker processes: compute, gloo, Ray's and Ray Data's threads) per sample over
+    the timed steps: unlike samples/s, little moved by other jobs on a shared machine (it does not count waiting)."""
+    return round(1000 * sum(r["cpu_s"] for r in ranks) / (ranks[0]["timed_steps"] * batch), 3)
+
+
+# ----------------------------------------------------------------------------------------------- (a) Ray Train sides
+def _ray_ddp_loop(config: dict) -> None:
+    """Ray Train + the Ray Data shard, but the plain DDP step of ``run_ddp`` (profiling variant ``ray-ddp``):
+    reports rows shaped like loop.py's (samples_per_s, data_wait_frac, wall_s) into <output>/metrics.csv."""
+    import ray.train
+    import torch
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from pcd_ray.config import TrainConfig
+
+    cfg = TrainConfig.model_validate(config["train"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(cfg.scaling.torch_threads)
+    module = _build_module(cfg)
+    ddp = DDP(module)
+    params = [p for p in module.parameters() if p.requires_grad]
+    opt = torch.optim.Adam(params, lr=cfg.optimizer.lr, betas=cfg.optimizer.betas, eps=cfg.optimizer.eps)
+    micro = cfg.batch_size // world
+    keys = config["keys"]
+    shard = ray.train.get_dataset_shard("train")
+    it = iter(shard.iter_torch_batches(batch_size=micro, drop_last=True, local_shuffle_buffer_size=4 * micro,
+                                       local_shuffle_seed=cfg.seed * 1000))
+    rows, t0 = [], time.perf_counter()
+    window = {"t": time.perf_counter(), "wait": 0.0, "samples": 0}
+    for step in range(1, cfg.max_steps + 1):
+        tw = time.perf_counter()
+        batch = next(it)
+        window["wait"] += time.perf_counter() - tw
+        _ddp_step(ddp, params, opt, {k: batch[k] for k in keys}, cfg, rank, world)
+        window["samples"] += micro * world
+        if step % cfg.log_every == 0 or step == cfg.max_steps:
+            elapsed = time.perf_counter() - window["t"]
+            row = {"step": step, "samples_per_s": window["samples"] / elapsed,
+                   "data_wait_frac": window["wait"] / elapsed}
+            window = {"t": time.perf_counter(), "wait": 0.0, "samples": 0}
+            rows.append(dict(row, wall_s=round(time.perf_counter() - t0, 2)))
+            ray.train.report(row)
+    if rank == 0:
+        import csv
+
+        path = Path(config["metrics_dir"]) / "metrics.csv"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+
+
+def _instrumented_loop(config: dict) -> None:
+    """The Ray-side loop (loop.py's or ``_ray_ddp_loop``) with ``ray.train.report`` wrapped to record each rank's
+    wall clock and process CPU time at every report (loop.py reports once per logged step), into marks_dir/<rank>.
+    Benchmark instrumentation only: the loop itself runs unchanged."""
+    import ray.train
+
+    from pcd_ray.train.loop import train_loop_per_worker
+
+    marks, report = [], ray.train.report
+
+    def timed_report(metrics, *a, **k):
+        marks.append({"step": metrics.get("step"), "t": time.perf_counter(), "cpu": time.process_time()})
+        return report(metrics, *a, **k)
+
+    ray.train.report = timed_report
+    try:
+        (_ray_ddp_loop if config.get("variant") == "ray-ddp" else train_loop_per_worker)(config)
+    finally:
+        ray.train.report = report
+    rank = ray.train.get_context().get_world_rank()
+    Path(config["marks_dir"]).mkdir(parents=True, exist_ok=True)
+    Path(config["marks_dir"], str(rank)).write_text(json.dumps(marks))
+
+
+def steady_from_metrics(csv_path: Path, batch: int, warmup: int) -> dict:
+    """Steady-state samples/s and data-wait fraction from the loop's metrics rows (rank 0) after ``warmup`` steps.
+
+    samples/s = batch x (last step - warm-up step) / (wall_s at the last row - wall_s at the warm-up row): the time
+    between the two rows includes everything the loop does (data wait, syncs, report barriers). The data wait of
+    each window is its data_wait_frac times its duration (samples / samples_per_s)."""
+    import csv
+
+    rows = [{k: float(v) for k, v in r.items() if v not in ("", None) and k in
+             ("step", "wall_s", "samples_per_s", "data_wait_frac")} for r in csv.DictReader(csv_path.open())]
+    start = next(r for r in rows if r["step"] == warmup)
+    after = [r for r in rows if r["step"] > warmup]
+    prev, wait, window_s = warmup, 0.0, 0.0
+    for r in after:
+        dur = (r["step"] - prev) * batch / r["samples_per_s"]
+        wait += r["data_wait_frac"] * dur
+        window_s += dur
+        prev = r["step"]
+    last = after[-1]
+    span = last["wall_s"] - start["wall_s"]
+    return {"samples_per_s": batch * (last["step"] - warmup) / span, "data_wait_frac": wait / window_s,
+            "timed_s": span, "window_samples_per_s": [round(r["samples_per_s"], 3) for r in after]}
+
+
+def run_ray(setting: dict, args, tmp: str, dataset, variant: str) -> dict:
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from pcd_ray.config import StorageConfig
+
+    root = Path(tmp) / f"{variant}-{time.time_ns()}"
+    zero = 0 if variant == "ray-ds0" else 1
+    overrides = json.loads(args.tuned) if variant == "ray-ds-tuned" else None
+    cfg = train_config(setting, args, output="train", zero_stage=zero, overrides=overrides)
+    config = {"train": cfg, "storage": StorageConfig(root=str(root)).model_dump(mode="json"),
+              "rows": args.steps * setting["micro"] * WORLD, "precomputed": setting["precomputed"]}
+    config |= {"variant": variant, "marks_dir": str(root / "marks")}
+    if variant == "ray-ddp":
+        config |= {"keys": list(make_columns_keys(setting)), "metrics_dir": str(root / "train")}
+    trainer = TorchTrainer(
+        _instrumented_loop, train_loop_config=config,
+        scaling_config=ray.train.ScalingConfig(num_workers=WORLD, use_gpu=False, resources_per_worker={"CPU": 1}),
+        torch_config=TorchConfig(backend="gloo"),
+        run_config=ray.train.RunConfig(name="bench", storage_path=str(root / "ray")),
+        datasets={"train": dataset},
+    )
+    trainer.fit()
+    out = steady_from_metrics(root / "train" / "metrics.csv", setting["micro"] * WORLD, args.warmup)
+    ranks = []
+    for r in range(WORLD):
+        marks = {}
+        for m in json.loads((root / "marks" / str(r)).read_text()):
+            marks.setdefault(m["step"], m)  # the row's report, not the final checkpoint's (same step, later)
+        first, last = marks[args.warmup], marks[args.steps]
+        ranks.append({"cpu_s": last["cpu"] - first["cpu"], "timed_steps": args.steps - args.warmup})
+    return out | {"cpu_ms_per_sample": cpu_ms_per_sample(ranks, setting["micro"] * WORLD)}
+
+
+def make_columns_keys(setting: dict) -> list[str]:
+    keys = ["emb_a", "emb_b"] if setting["precomputed"] else ["image_a", "image_b"]
+    keys.append("diff_tokens")
+    if setting["loss"]["clip_weight"]:
+        keys.append("caption_tokens")
+    return keys
+
+
+def ray_dataset(setting: dict, rows: int):
+    """The same columns as a materialized Ray Dataset (already in the object store before training starts)."""
+    import ray.data
+
+    cols = make_columns(setting, rows)
+    items = [{k: v[i] for k, v in cols.items()} for i in range(rows)]
+    return ray.data.from_items(items, override_num_blocks=2 * WORLD).materialize()
+
+
+# ------------------------------------------------------------------------------------------------------------- main
+def _load() -> list[float]:
+    return [round(x, 2) for x in os.getloadavg()]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--configs", default="paper", help=f"comma-separated, of {sorted(CONFIGS)}")
+    parser.add_argument("--variants", default="ddp,ray-ds",
+                        help="comma-separated: ddp, ray-ds (the headline pair), ray-ds0, ray-ddp, ray-ds-tuned")
+    parser.add_argument("--steps", type=int, default=16, help="optimizer steps per run (warm-up included)")
+    parser.add_argument("--warmup", type=int, default=4, help="first steps not timed; a multiple of --log-every")
+    parser.add_argument("--log-every", type=int, default=4, help="the Ray loop's metrics/report interval")
+    parser.add_argument("--rounds", type=int, default=2, help="alternating runs per variant; best and median kept")
+    parser.add_argument("--micro", type=int, default=None, help="micro batch per worker (default: per config)")
+    parser.add_argument("--tuned", default='{"zero_optimization": {"overlap_comm": true}}',
+                        help="DeepSpeed overrides (JSON) of the ray-ds-tuned variant")
+    parser.add_argument("--ddp-nice", default="ray",
+                        help="niceness of the DDP processes: 'ray' (default) = that of Ray's worker processes "
+                             "(raylet's worker_niceness, 15 unless RAY_worker_niceness says otherwise), so that on a "
+                             "shared machine both sides compete for the cores alike; or a number")
+    parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "train_throughput.json"))
+    args = parser.parse_args()
+    if args.warmup % args.log_every or args.steps <= args.warmup or (args.steps - args.warmup) % args.log_every:
+        parser.error("--warmup and --steps - --warmup must be multiples of --log-every")
+
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    import ray
+
+    variants = args.variants.split(",")
+    # 2 logical CPUs for the 2 train workers (1 CPU each) and 1 for Ray Train's controller / Ray Data's split
+    # coordinator; the materialized dataset needs no Ray Data tasks while training.
+    ray.init(num_cpus=WORLD + 1, include_dashboard=False, log_to_driver=False)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    ray.data.DataContext.get_current().print_on_execution_start = False
+    ray_nice = ray.get(ray.remote(num_cpus=0)(lambda: os.nice(0)).remote())
+    args.ddp_nice = ray_nice if args.ddp_nice == "ray" else int(args.ddp_nice)
+    print(f"Ray worker niceness {ray_nice}; DDP processes run at niceness {args.ddp_nice}", flush=True)
+    results, loads = [], []
+    try:
+        with tempfile.TemporaryDirectory(prefix="pcd-train-bench-") as tmp:
+            for name in args.configs.split(","):
+                setting = dict(CONFIGS[name])
+                if args.micro:
+                    setting["micro"] = args.micro
+                ds = ray_dataset(setting, args.steps * setting["micro"] * WORLD) if any(
+                    v.startswith("ray") for v in variants) else None
+                runs: dict[str, list[dict]] = {v: [] for v in variants}
+                for rnd in range(args.rounds):
+                    # Alternate (and reverse the order every round) so drift on a shared machine hits all alike.
+                    order = variants if rnd % 2 == 0 else variants[::-1]
+                    for v in order:
+                        before = _load()
+                        r = run_ddp(setting, args, tmp) if v == "ddp" else run_ray(setting, args, tmp, ds, v)
+                        r |= {"round": rnd, "load_before": before, "load_after": _load()}
+                        loads += [before[0], r["load_after"][0]]
+                        runs[v].append(r)
+                        print(f"[{name}] round {rnd} {v}: {r['samples_per_s']:.2f} samples/s, data wait "
+                              f"{100 * r['data_wait_frac']:.1f}%, {r['timed_s']:.1f} s timed, "
+                              f"{r['cpu_ms_per_sample']:.1f} CPU ms/sample, load {before[0]}", flush=True)
+                row = {"config": name, **{k: v for k, v in setting.items()}, "global_batch": setting["micro"] * WORLD,
+                       "steps": args.steps, "warmup": args.warmup, "log_every": args.log_every}
+                for v, rs in runs.items():
+                    sps = [r["samples_per_s"] for r in rs]
+                    cpu = [r["cpu_ms_per_sample"] for r in rs]
+                    row[v] = {"best_samples_per_s": round(max(sps), 3),
+                              "median_samples_per_s": round(statistics.median(sps), 3),
+                              "data_wait_frac": round(max(rs, key=lambda r: r["samples_per_s"])["data_wait_frac"], 4),
+                              "best_cpu_ms_per_sample": min(cpu), "runs": rs}
+                if "ddp" in runs:
+                    base = row["ddp"]
+                    for v in runs:
+                        if v != "ddp":
+                            r = row[v]
+                            r["ratio_best"] = round(r["best_samples_per_s"] / base["best_samples_per_s"], 3)
+                            r["ratio_median"] = round(r["median_samples_per_s"] / base["median_samples_per_s"], 3)
+                            # CPU-time ratio: DDP's CPU per sample / this one's (> 1: this side is cheaper).
+                            r["cpu_ratio"] = round(base["best_cpu_ms_per_sample"] / r["best_cpu_ms_per_sample"], 3)
+                results.append(row)
+    finally:
+        ray.shutdown()
+    out = {"created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "cpu_count": os.cpu_count(),
+           "args": vars(args), "ray_worker_niceness": ray_nice,
+           "load_1min_during": [min(loads), max(loads)] if loads else None, "results": results}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
+    print(f"\nload average (1 min) during the runs: {out['load_1min_during']}")
+    print("\n| config | variant | samples/s best (median) | ratio vs ddp best (median) | data wait | "
+          "CPU ms/sample (ratio ddp/this) |\n|---|---|---|---|---|---|")
+    for row in results:
+        for v in variants:
+            r = row[v]
+            ratio = f"{r['ratio_best']:.3f} ({r['ratio_median']:.3f})" if "ratio_best" in r else "1"
+            cpu_ratio = f" ({r['cpu_ratio']:.3f})" if "cpu_ratio" in r else ""
+            print(f"| {row['config']} | {v} | {r['best_samples_per_s']:.2f} ({r['median_samples_per_s']:.2f}) | "
+                  f"{ratio} | {100 * r['data_wait_frac']:.1f}% | {r['best_cpu_ms_per_sample']:.1f}{cpu_ratio} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -219,10 +219,25 @@ def caption_rows(cfg: TrainConfig, storage: Storage, precomputed: bool, split: s
     return ds.rename_columns({"embedding": "emb_a", "caption": "caption_a"}).select_columns(["emb_a", "caption_a"])
 
 
-def build_train_dataset(cfg: TrainConfig, storage: Storage):
-    """(Ray Dataset the train workers iterate -- tensors ready for the model, rows, precomputed image features?)."""
+def shuffled_per_epoch(ds, seed: int):
+    """A global shuffle with a new order every epoch: Ray Data seeds each execution (one per epoch, as the train
+    workers iterate their shards once per epoch) with (seed, execution index)."""
     from ray.data import RandomSeedConfig
 
+    return ds.random_shuffle(seed=RandomSeedConfig(seed=seed, reseed_after_execution=True))
+
+
+def start_at_epoch(ds, epoch: int) -> None:
+    """Make the next execution of ``ds`` draw epoch ``epoch``'s order (a resumed run starting mid-way).
+
+    Sets Ray Data's per-dataset execution counter, a private field (ray 2.60; tests/train/test_epoch_shuffle.py
+    pins the behaviour). Ray Train's split coordinator copies the dataset's context, counter included.
+    """
+    ds.context._execution_idx = epoch
+
+
+def build_train_dataset(cfg: TrainConfig, storage: Storage):
+    """(Ray Dataset the train workers iterate -- tensors ready for the model, rows, precomputed image features?)."""
     precomputed = image_features_precomputed(cfg)
     if cfg.data == "captions":
         ds = caption_rows(cfg, storage, precomputed)
@@ -234,9 +249,7 @@ def build_train_dataset(cfg: TrainConfig, storage: Storage):
     rows = ds.count()
     if rows < cfg.batch_size:
         raise ValueError(f"training set has {rows} rows, fewer than one global batch ({cfg.batch_size})")
-    # A new global order every epoch: Ray Data mixes the seed with the execution index (one execution per epoch;
-    # trainer.py starts the index at the epoch a resumed run starts in).
-    ds = ds.random_shuffle(seed=RandomSeedConfig(seed=cfg.seed, reseed_after_execution=True))
+    ds = shuffled_per_epoch(ds, cfg.seed)
     ds = ds.map_batches(preprocess_batch_fn, batch_size=256, num_cpus=1,
                         fn_kwargs={"spec_json": cfg.model.model_dump_json(),
                                    "storage_json": storage.portable_cfg().model_dump_json()})

@@ -75,7 +75,7 @@ def run_train(job: JobConfig, storage: Storage, section: str = "train") -> dict[
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from pcd_ray.train.data import build_train_dataset
+    from pcd_ray.train.data import build_train_dataset, start_at_epoch
     from pcd_ray.train.loop import train_loop_per_worker
 
     cfg: TrainConfig | None = getattr(job, section)
@@ -92,9 +92,7 @@ def run_train(job: JobConfig, storage: Storage, section: str = "train") -> dict[
     if position:
         print(f"[{section}] resuming {run_dir_name(cfg)} at step {position['step']} (epoch {position['epoch']}, "
               f"{position['batches_in_epoch']} batches into it)", flush=True)
-        # Ray Data seeds each execution of the shuffle with (seed, execution index): epoch e of the resumed run
-        # gets the order epoch e had. (Private field; tests/train pins the behaviour.)
-        ds.context._execution_idx = position["epoch"]
+        start_at_epoch(ds, position["epoch"])  # epoch e of the resumed run gets the order epoch e had
     scaling = cfg.scaling
     trainer = TorchTrainer(
         train_loop_per_worker,

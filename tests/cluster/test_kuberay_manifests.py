@@ -20,7 +20,7 @@ from pcd_ray.generate.job import actor_resources
 
 REPO = Path(__file__).resolve().parents[2]
 KUBERAY = REPO / "cluster" / "kuberay"
-PIPELINE_STAGES = ["data", "pairs", "generate", "train", "eval"]
+PIPELINE_STAGES = ["data", "pairs", "generate", "embed", "train", "eval"]
 
 
 def load(name: str) -> list[dict]:

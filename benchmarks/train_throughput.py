@@ -7,29 +7,40 @@ same number of steps, on 2 CPU workers with one torch thread each, gloo, in one 
 - ``ray-ds``: ``TorchTrainer(pcd_ray.train.loop.train_loop_per_worker)`` -- the loop users run: DeepSpeed ZeRO-1
   engine (engine.py), fp32, a Ray Dataset through ``datasets={"train": ds}`` read with ``get_dataset_shard`` +
   ``iter_torch_batches``, metrics rows and ``ray.train.report`` every ``--log-every`` steps. Its samples/s are read
-  from the loop's own metrics.csv (rank 0): the rows' ``wall_s`` from the end of the warm-up to the last step, so
-  they include the loop's data wait, its metric syncs and its report barriers.
+  from the loop's own metrics.csv (rank 0): global batch x steps after the warm-up / the rows' ``wall_s`` from the
+  warm-up row to the last row, so they include the loop's data wait, its metric syncs and its report barriers; the
+  data-wait fraction is the rows' ``data_wait_frac`` over the same windows.
 - ``ddp``: ``torch.multiprocessing`` spawns 2 processes, gloo, ``DistributedDataParallel`` over the same module,
   ``torch.optim.Adam``, ``clip_grad_norm_(1.0)``, batches sliced from in-memory tensors; timed on rank 0 between
-  barriers after the warm-up step and after the last step.
+  barriers after the warm-up steps and after the last step.
 
-The data are already-preprocessed columns (precomputed image embeddings or pixels, token ids) generated from one
-seed and held in memory on both sides (the Ray side as a materialized Ray Dataset), so the pre-processing cost is
-not what is compared. Warm-up: the first ``--warmup`` optimizer steps (DeepSpeed's and DDP's lazy set-up, Ray Data's
-first blocks, allocator growth) are not timed on either side.
+Warm-up: the first ``--warmup`` optimizer steps (DeepSpeed's and DDP's lazy set-up, Adam's state allocation, Ray
+Data's first blocks) are not timed on either side. The data are already-preprocessed columns (precomputed image
+embeddings or pixels, token ids) generated from one seed and held in memory on both sides (the Ray side as a
+materialized Ray Dataset), so pre-processing is not what is compared.
 
-Configurations (``--configs``):
+Besides samples/s each side reports CPU ms per sample: the CPU time of both worker processes (all their threads:
+compute, gloo, Ray's and Ray Data's) over the timed steps, read with ``time.process_time`` (the Ray side through a
+wrapper around ``ray.train.report`` that records it; the loop itself runs unchanged). Waiting does not count, so it
+moves far less than samples/s when other jobs share the machine. Ray starts its workers at niceness 15 (raylet's
+``worker_niceness``); the DDP processes run at the same niceness (``--ddp-nice``) so that both sides lose alike to
+other processes on a shared machine.
+
+Configurations (``--configs``; each has its own default micro batch, steps, warm-up and log interval):
 - ``paper``: ViT-B-32 (random init), ``trainable: text_transformer`` (the paper: only the 12 text blocks train,
-  37.8 M parameters), precomputed image embeddings, difference loss only.
-- ``tiny``: pcd-tiny, ``trainable: full`` on 64 px pixels (both towers train), difference + CLIP loss (so the
-  learned logit scale trains and is clamped every step).
+  37.8 M parameters), precomputed image embeddings, difference loss only; 32 pairs per worker.
+- ``tiny``: pcd-tiny, ``trainable: full`` on 64 px pixels (both towers train, 3.5 M parameters), difference + CLIP
+  loss (so the learned logit scale trains and is clamped every step); 64 pairs per worker.
 
-Extra variants for profiling (``--variants``): ``ray-ds0`` (the same loop at ZeRO stage 0: DeepSpeed without
-partitioning), ``ray-ddp`` (Ray Train + the same Ray Data shard, but the plain DDP step instead of DeepSpeed:
-separates what Ray costs from what DeepSpeed costs), ``ray-ds-tuned`` (ZeRO-1 with ``--tuned`` DeepSpeed overrides).
+Variants (``--variants``): ``ddp`` and ``ray-ds`` (the comparison); for profiling, ``ray-ddp`` (Ray Train + the same
+Ray Data shard, but the plain DDP step instead of DeepSpeed: what Ray costs, apart from DeepSpeed), ``ray-ds0`` (the
+real loop at ZeRO stage 0; DeepSpeed 0.19 cannot clip a 0-dim parameter there, so not with ``tiny``),
+``ray-ds-tuned`` (the real loop at ZeRO-1 with the DeepSpeed overrides of ``--tuned``).
 
-    python benchmarks/train_throughput.py                       # paper config, ddp vs ray-ds, 2 rounds each
-    python benchmarks/train_throughput.py --configs paper,tiny --variants ddp,ray-ds,ray-ds0,ray-ddp
+    python benchmarks/train_throughput.py                      # paper, ddp vs ray-ds, 2 alternating rounds (~5 min)
+    python benchmarks/train_throughput.py --micro 8 --steps 16 --warmup 4 --log-every 4 \
+        --variants ddp,ray-ds,ray-ddp,ray-ds0                  # where the time goes, at a small batch
+    python benchmarks/train_throughput.py --configs tiny --variants ddp,ray-ds,ray-ddp
 
 Results go to stdout (a table) and benchmarks/results/train_throughput.json.
 """
@@ -48,11 +59,14 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 CONFIGS = {
-    "paper": {"model": "ViT-B-32", "trainable": "text_transformer", "precomputed": True, "micro": 8,
-              "loss": {"diff_weight": 1.0, "clip_weight": 0.0}},
-    "tiny": {"model": "pcd-tiny", "trainable": "full", "precomputed": False, "micro": 64,
-             "loss": {"diff_weight": 1.0, "clip_weight": 0.5}},
+    # micro 32 per worker: half the paper's 64 per worker (batch 512 over 8 GPUs); a step is about 6 s on one core,
+    # so 8 steps (2 of warm-up) per run keep the default invocation near 5 minutes.
+    "paper": {"model": "ViT-B-32", "trainable": "text_transformer", "precomputed": True,
+              "loss": {"diff_weight": 1.0, "clip_weight": 0.0}, "micro": 32, "steps": 8, "warmup": 2, "log_every": 2},
+    "tiny": {"model": "pcd-tiny", "trainable": "full", "precomputed": False,
+             "loss": {"diff_weight": 1.0, "clip_weight": 0.5}, "micro": 64, "steps": 16, "warmup": 4, "log_every": 4},
 }
+RUN_KEYS = ("micro", "steps", "warmup", "log_every")  # per-config defaults that the command line may override
 WORLD = 2
 LR = 1e-4
 CLIP_NORM = 1.0  # DeepSpeedConfig.gradient_clipping's default
@@ -382,11 +396,14 @@ def main() -> None:
     parser.add_argument("--configs", default="paper", help=f"comma-separated, of {sorted(CONFIGS)}")
     parser.add_argument("--variants", default="ddp,ray-ds",
                         help="comma-separated: ddp, ray-ds (the headline pair), ray-ds0, ray-ddp, ray-ds-tuned")
-    parser.add_argument("--steps", type=int, default=16, help="optimizer steps per run (warm-up included)")
-    parser.add_argument("--warmup", type=int, default=4, help="first steps not timed; a multiple of --log-every")
-    parser.add_argument("--log-every", type=int, default=4, help="the Ray loop's metrics/report interval")
-    parser.add_argument("--rounds", type=int, default=2, help="alternating runs per variant; best and median kept")
     parser.add_argument("--micro", type=int, default=None, help="micro batch per worker (default: per config)")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="optimizer steps per run, warm-up included (default: per config)")
+    parser.add_argument("--warmup", type=int, default=None,
+                        help="first steps not timed, a multiple of --log-every (default: per config)")
+    parser.add_argument("--log-every", type=int, default=None,
+                        help="the Ray loop's metrics/report interval (default: per config)")
+    parser.add_argument("--rounds", type=int, default=2, help="alternating runs per variant; best and median kept")
     parser.add_argument("--tuned", default='{"zero_optimization": {"overlap_comm": true}}',
                         help="DeepSpeed overrides (JSON) of the ray-ds-tuned variant")
     parser.add_argument("--ddp-nice", default="ray",
@@ -395,8 +412,17 @@ def main() -> None:
                              "shared machine both sides compete for the cores alike; or a number")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "train_throughput.json"))
     args = parser.parse_args()
-    if args.warmup % args.log_every or args.steps <= args.warmup or (args.steps - args.warmup) % args.log_every:
-        parser.error("--warmup and --steps - --warmup must be multiples of --log-every")
+    runs_args = {}
+    for name in args.configs.split(","):
+        if name not in CONFIGS:
+            parser.error(f"unknown config {name!r}; known: {sorted(CONFIGS)}")
+        a = argparse.Namespace(**vars(args))
+        for key in RUN_KEYS:
+            if getattr(a, key) is None:
+                setattr(a, key, CONFIGS[name][key])
+        if a.warmup % a.log_every or a.steps <= a.warmup or (a.steps - a.warmup) % a.log_every:
+            parser.error(f"{name}: --warmup and --steps - --warmup must be multiples of --log-every")
+        runs_args[name] = a
 
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -411,15 +437,15 @@ def main() -> None:
     ray.data.DataContext.get_current().print_on_execution_start = False
     ray_nice = ray.get(ray.remote(num_cpus=0)(lambda: os.nice(0)).remote())
     args.ddp_nice = ray_nice if args.ddp_nice == "ray" else int(args.ddp_nice)
+    for cargs in runs_args.values():
+        cargs.ddp_nice = args.ddp_nice
     print(f"Ray worker niceness {ray_nice}; DDP processes run at niceness {args.ddp_nice}", flush=True)
     results, loads = [], []
     try:
         with tempfile.TemporaryDirectory(prefix="pcd-train-bench-") as tmp:
-            for name in args.configs.split(","):
-                setting = dict(CONFIGS[name])
-                if args.micro:
-                    setting["micro"] = args.micro
-                ds = ray_dataset(setting, args.steps * setting["micro"] * WORLD) if any(
+            for name, cargs in runs_args.items():
+                setting = dict(CONFIGS[name], **{k: getattr(cargs, k) for k in RUN_KEYS})
+                ds = ray_dataset(setting, cargs.steps * setting["micro"] * WORLD) if any(
                     v.startswith("ray") for v in variants) else None
                 runs: dict[str, list[dict]] = {v: [] for v in variants}
                 for rnd in range(args.rounds):
@@ -427,15 +453,14 @@ def main() -> None:
                     order = variants if rnd % 2 == 0 else variants[::-1]
                     for v in order:
                         before = _load()
-                        r = run_ddp(setting, args, tmp) if v == "ddp" else run_ray(setting, args, tmp, ds, v)
+                        r = run_ddp(setting, cargs, tmp) if v == "ddp" else run_ray(setting, cargs, tmp, ds, v)
                         r |= {"round": rnd, "load_before": before, "load_after": _load()}
                         loads += [before[0], r["load_after"][0]]
                         runs[v].append(r)
                         print(f"[{name}] round {rnd} {v}: {r['samples_per_s']:.2f} samples/s, data wait "
                               f"{100 * r['data_wait_frac']:.1f}%, {r['timed_s']:.1f} s timed, "
                               f"{r['cpu_ms_per_sample']:.1f} CPU ms/sample, load {before[0]}", flush=True)
-                row = {"config": name, **{k: v for k, v in setting.items()}, "global_batch": setting["micro"] * WORLD,
-                       "steps": args.steps, "warmup": args.warmup, "log_every": args.log_every}
+                row = {"config": name, **setting, "global_batch": setting["micro"] * WORLD}
                 for v, rs in runs.items():
                     sps = [r["samples_per_s"] for r in rs]
                     cpu = [r["cpu_ms_per_sample"] for r in rs]

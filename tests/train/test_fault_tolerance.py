@@ -87,7 +87,9 @@ def test_killed_worker_stops_run_relaunch_resumes_and_failure_config_restarts(pr
     assert EVERY <= stopped_at < MAX_STEPS
 
     # 2. Relaunch with one retry: resumes at stopped_at, survives a second kill, ends at exactly MAX_STEPS.
-    killer = Killer(run_dir, stopped_at + EVERY)
+    # The kill waits for the second new checkpoint: a checkpoint directory appears while it uploads, before Ray
+    # Train registers it, so killing at the first one could still restart from stopped_at.
+    killer = Killer(run_dir, stopped_at + 2 * EVERY)
     killer.start()
     try:
         summary = run_train(_job(prepared, 1), storage)

@@ -4,7 +4,6 @@ land once, in images or in image_rejects with its reason."""
 
 from __future__ import annotations
 
-import csv
 import io
 import json
 import tarfile

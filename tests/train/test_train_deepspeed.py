@@ -1,8 +1,10 @@
-"""Ray Train + DeepSpeed end to end on CPU: 2 workers (gloo), a checkpoint, an export plain open_clip loads, resume."""
+"""Ray Train + DeepSpeed end to end on CPU: 2 workers (gloo), checkpoints, exports plain open_clip loads, resume from
+S3. (A relaunch after a worker kill, with FailureConfig, is test_fault_tolerance.py.)"""
 
 from __future__ import annotations
 
 import csv
+import io
 from pathlib import Path
 
 import pytest
@@ -14,7 +16,7 @@ from train_helpers import train_job as _job
 pytestmark = pytest.mark.slow
 
 
-def test_two_worker_deepspeed_run_checkpoints_exports_and_resumes(prepared):
+def test_two_worker_deepspeed_run_checkpoints_and_exports(prepared):
     import open_clip
 
     from pcd_ray.model.factory import load_model
@@ -44,18 +46,6 @@ def test_two_worker_deepspeed_run_checkpoints_exports_and_resumes(prepared):
     init = load_model(job.train.model, storage).model.state_dict()
     changed = [k for k, v in model.state_dict().items() if not torch.equal(v, init[k])]
     assert "logit_scale" in changed and any(k.startswith("visual.") for k in changed)
-
-    # Same config, more steps: resumes from the step-4 checkpoint instead of starting over.
-    longer = _job(prepared, max_steps=6)
-    assert run_dir_name(longer.train) == run_dir_name(job.train)
-    resumed = run_train(longer, storage)
-    assert resumed["final_metrics"]["step"] == 6
-    assert resumed["final_metrics"]["resumed_from_step"] == 4
-    # The resumed run appends to the first run's metrics: every step once, with the columns the plot reads.
-    with open(Path(prepared) / "train" / "metrics.csv") as f:
-        rows = list(csv.DictReader(f))
-    assert [int(r["step"]) for r in rows] == [1, 2, 3, 4, 5, 6]
-    assert {"lr", "samples_per_s", "data_wait_frac", "skipped_steps", "masked_pairs"} <= set(rows[0])
 
 
 def test_zero3_checkpoints_and_exports_round_trip_through_s3(prepared, s3_root):
@@ -112,3 +102,7 @@ def test_zero3_checkpoints_and_exports_round_trip_through_s3(prepared, s3_root):
     # Relaunched longer: resumes from the ZeRO-3 checkpoint on S3.
     resumed = run_train(_job(prepared, max_steps=4, **settings), storage)
     assert resumed["final_metrics"]["step"] == 4 and resumed["final_metrics"]["resumed_from_step"] == 3
+    # The resumed run appends to the first run's metrics on S3: every step once, with the columns the plot reads.
+    rows = list(csv.DictReader(io.StringIO(storage.read_text(f"{out}/metrics.csv"))))
+    assert [int(r["step"]) for r in rows] == [1, 2, 3, 4]
+    assert {"lr", "samples_per_s", "data_wait_frac", "skipped_steps", "masked_pairs"} <= set(rows[0])

@@ -127,23 +127,10 @@ def train_config(setting: dict, args, output: str, zero_stage: int = 1, override
 
 
 def _build_module(cfg):
-    """The module both sides train, built exactly as loop.py builds it (seeded, same trainable set)."""
-    import math
+    """The module both sides train, built by loop.py's own builder (seeded, same trainable set)."""
+    from pcd_ray.train.loop import build_module
 
-    import torch
-
-    from pcd_ray.model.factory import load_model
-    from pcd_ray.model.pair_encoder import PairEncoder
-    from pcd_ray.model.trainable import image_tower_frozen, select_trainable
-
-    torch.manual_seed(cfg.seed)
-    lm = load_model(cfg.model)
-    select_trainable(lm.model, cfg.trainable)
-    module = PairEncoder(lm.model, image_frozen=image_tower_frozen(lm.model))
-    if cfg.loss.learn_diff_temperature:
-        module.register_parameter("diff_logit_scale", torch.nn.Parameter(
-            torch.tensor(math.log(1.0 / cfg.loss.diff_temperature))))
-    return module
+    return build_module(cfg)[1]
 
 
 def _ddp_step(ddp, params, opt, batch: dict, cfg, rank: int, world: int) -> None:
@@ -155,10 +142,8 @@ def _ddp_step(ddp, params, opt, batch: dict, cfg, rank: int, world: int) -> None
     from pcd_ray.model.losses import compute_loss
 
     feats = ddp(batch)
-    # PairEncoder returns the log-scale it read inside its forward (older versions did not: then the parameter).
-    logit_scale = feats.pop("logit_scale", ddp.module.clip.logit_scale)
-    out = compute_loss(feats, cfg.loss, logit_scale=logit_scale, rank=rank, world_size=world,
-                       diff_logit_scale=feats.pop("diff_logit_scale", None))
+    out = compute_loss(feats, cfg.loss, logit_scale=feats["logit_scale"], rank=rank, world_size=world,
+                       diff_logit_scale=feats.get("diff_logit_scale"))
     if out["skip_step"].item():  # the same check the real loop makes (identical on every rank)
         opt.zero_grad(set_to_none=True)
         return
@@ -349,7 +334,11 @@ def run_ray(setting: dict, args, tmp: str, dataset, variant: str) -> dict:
               "rows": args.steps * setting["micro"] * WORLD, "precomputed": setting["precomputed"]}
     config |= {"variant": variant, "marks_dir": str(root / "marks")}
     if variant == "ray-ddp":
-        config |= {"keys": list(make_columns_keys(setting)), "metrics_dir": str(root / "train")}
+        from pcd_ray.config import TrainConfig
+        from pcd_ray.train.loop import batch_keys
+
+        keys = batch_keys(TrainConfig.model_validate(cfg), setting["precomputed"])
+        config |= {"keys": keys, "metrics_dir": str(root / "train")}
     trainer = TorchTrainer(
         _instrumented_loop, train_loop_config=config,
         scaling_config=ray.train.ScalingConfig(num_workers=WORLD, use_gpu=False, resources_per_worker={"CPU": 1}),
@@ -367,14 +356,6 @@ def run_ray(setting: dict, args, tmp: str, dataset, variant: str) -> dict:
         first, last = marks[args.warmup], marks[args.steps]
         ranks.append({"cpu_s": last["cpu"] - first["cpu"], "timed_steps": args.steps - args.warmup})
     return out | {"cpu_ms_per_sample": cpu_ms_per_sample(ranks, setting["micro"] * WORLD)}
-
-
-def make_columns_keys(setting: dict) -> list[str]:
-    keys = ["emb_a", "emb_b"] if setting["precomputed"] else ["image_a", "image_b"]
-    keys.append("diff_tokens")
-    if setting["loss"]["clip_weight"]:
-        keys.append("caption_tokens")
-    return keys
 
 
 def ray_dataset(setting: dict, rows: int):

@@ -23,7 +23,8 @@ DS_TAG = "ds"  # DeepSpeed checkpoint tag inside every Ray Train checkpoint dire
 POSITION_FILE = "pcd_position.json"  # the data position, readable without DeepSpeed (trainer.resume_position)
 
 
-def _batch_keys(cfg: TrainConfig, precomputed: bool) -> list[str]:
+def batch_keys(cfg: TrainConfig, precomputed: bool) -> list[str]:
+    """The batch columns the model reads: image features or pixels of a (and b), token ids of what the loss uses."""
     a, b = ("emb_a", "emb_b") if precomputed else ("image_a", "image_b")
     keys = [a]
     if cfg.loss.diff_weight:
@@ -155,16 +156,32 @@ def _export(engine, lm, cfg: TrainConfig, storage: Storage, step: int, rank: int
         log.warning("exported the WiSE-FT average (alpha %s) to %s", cfg.wise_ft_alpha, uri)
 
 
+def build_module(cfg: TrainConfig, storage: Storage | None = None):
+    """(loaded model, the PairEncoder to train): seeded, so every rank starts from the same weights (DeepSpeed also
+    broadcasts rank 0's), with the trainable set of ``cfg.trainable`` and, if learned, the difference temperature."""
+    import torch
+
+    from pcd_ray.model.factory import load_model
+    from pcd_ray.model.pair_encoder import PairEncoder
+    from pcd_ray.model.trainable import image_tower_frozen, select_trainable
+
+    torch.manual_seed(cfg.seed)
+    lm = load_model(cfg.model, storage)
+    select_trainable(lm.model, cfg.trainable)
+    module = PairEncoder(lm.model, image_frozen=image_tower_frozen(lm.model))
+    if cfg.loss.learn_diff_temperature:  # a module parameter, so DeepSpeed optimises and checkpoints it
+        module.register_parameter("diff_logit_scale", torch.nn.Parameter(
+            torch.tensor(math.log(1.0 / cfg.loss.diff_temperature))))
+    return lm, module
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Ray Train entry point. config: {"train": TrainConfig dict, "storage": StorageConfig dict, "rows": int,
     "precomputed": bool (batches hold image embeddings emb_a/emb_b instead of pixels)}."""
     import ray.train
     import torch
 
-    from pcd_ray.model.factory import load_model
     from pcd_ray.model.losses import compute_loss
-    from pcd_ray.model.pair_encoder import PairEncoder
-    from pcd_ray.model.trainable import image_tower_frozen, select_trainable
     from pcd_ray.train.engine import init_engine
     from pcd_ray.train.metrics import MetricsLog
 
@@ -178,13 +195,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     device = ray.train.torch.get_device()
 
     # ---------------------------------------------------------------------------------------------- setup
-    torch.manual_seed(cfg.seed)  # identical init on every rank (DeepSpeed also broadcasts rank 0's weights)
-    lm = load_model(cfg.model, storage)
-    select_trainable(lm.model, cfg.trainable)
-    module = PairEncoder(lm.model, image_frozen=image_tower_frozen(lm.model))
-    if cfg.loss.learn_diff_temperature:  # a module parameter, so DeepSpeed optimises and checkpoints it
-        module.register_parameter("diff_logit_scale", torch.nn.Parameter(
-            torch.tensor(math.log(1.0 / cfg.loss.diff_temperature))))
+    lm, module = build_module(cfg, storage)
     module = module.to(device)
     micro = cfg.batch_size // world // cfg.deepspeed.gradient_accumulation_steps
     steps_per_epoch = config["rows"] // cfg.batch_size
@@ -193,7 +204,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                          use_gpu=cfg.scaling.use_gpu)
     torch.manual_seed(cfg.seed * 1000 + rank)  # per-rank streams from here; a resume restores them instead
     state = _restore(engine, rank, world)
-    keys = _batch_keys(cfg, config["precomputed"])
+    keys = batch_keys(cfg, config["precomputed"])
     # DeepSpeed casts the module to bf16/fp16; pixels must follow (the loss itself computes in fp32).
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.deepspeed.precision)
     shard = ray.train.get_dataset_shard("train")

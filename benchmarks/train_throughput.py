@@ -180,13 +180,13 @@ def _ddp_worker(rank: int, world: int, port: int, cfg_dict: dict, setting: dict,
     for step in range(steps):
         if step == warmup:
             dist.barrier()
-            t_start, c_start = time.perf_counter(), time.process_time()
+            t_start, c_start, s_start = time.perf_counter(), time.process_time(), os.times().system
         lo = (step * world + rank) * micro
         _ddp_step(ddp, params, opt, {k: v[lo:lo + micro] for k, v in cols.items()}, cfg, rank, world)
     dist.barrier()
-    elapsed, cpu = time.perf_counter() - t_start, time.process_time() - c_start
+    elapsed, cpu, sys_s = time.perf_counter() - t_start, time.process_time() - c_start, os.times().system - s_start
     Path(f"{result_path}.{rank}").write_text(json.dumps({"samples_per_s": (steps - warmup) * micro * world / elapsed,
-                                                        "timed_s": elapsed, "cpu_s": cpu,
+                                                        "timed_s": elapsed, "cpu_s": cpu, "sys_s": sys_s,
                                                         "timed_steps": steps - warmup}))
     dist.destroy_process_group()
 
@@ -214,13 +214,16 @@ def run_ddp(setting: dict, args, tmp: str) -> dict:
             os.environ["OMP_NUM_THREADS"] = old
     ranks = [json.loads(Path(f"{result}.{r}").read_text()) for r in range(WORLD)]
     return {"samples_per_s": ranks[0]["samples_per_s"], "data_wait_frac": 0.0, "timed_s": ranks[0]["timed_s"],
-            "cpu_ms_per_sample": cpu_ms_per_sample(ranks, setting["micro"] * WORLD)}
+            **cpu_ms_per_sample(ranks, setting["micro"] * WORLD)}
 
 
-def cpu_ms_per_sample(ranks: list[dict], batch: int) -> float:
+def cpu_ms_per_sample(ranks: list[dict], batch: int) -> dict:
     """CPU time (all threads of both worker processes: compute, gloo, Ray's and Ray Data's threads) per sample over
-    the timed steps: unlike samples/s, little moved by other jobs on a shared machine (it does not count waiting)."""
-    return round(1000 * sum(r["cpu_s"] for r in ranks) / (ranks[0]["timed_steps"] * batch), 3)
+    the timed steps: unlike samples/s, little moved by other jobs on a shared machine (it does not count waiting);
+    and the kernel's part of it (page faults of fresh allocations, socket I/O of gloo)."""
+    per = ranks[0]["timed_steps"] * batch
+    return {"cpu_ms_per_sample": round(1000 * sum(r["cpu_s"] for r in ranks) / per, 3),
+            "sys_ms_per_sample": round(1000 * sum(r["sys_s"] for r in ranks) / per, 3)}
 
 
 # ----------------------------------------------------------------------------------------------- (a) Ray Train sides
@@ -283,7 +286,8 @@ def _instrumented_loop(config: dict) -> None:
     marks, report = [], ray.train.report
 
     def timed_report(metrics, *a, **k):
-        marks.append({"step": metrics.get("step"), "t": time.perf_counter(), "cpu": time.process_time()})
+        marks.append({"step": metrics.get("step"), "t": time.perf_counter(), "cpu": time.process_time(),
+                      "sys": os.times().system})
         return report(metrics, *a, **k)
 
     ray.train.report = timed_report
@@ -354,8 +358,9 @@ def run_ray(setting: dict, args, tmp: str, dataset, variant: str) -> dict:
         for m in json.loads((root / "marks" / str(r)).read_text()):
             marks.setdefault(m["step"], m)  # the row's report, not the final checkpoint's (same step, later)
         first, last = marks[args.warmup], marks[args.steps]
-        ranks.append({"cpu_s": last["cpu"] - first["cpu"], "timed_steps": args.steps - args.warmup})
-    return out | {"cpu_ms_per_sample": cpu_ms_per_sample(ranks, setting["micro"] * WORLD)}
+        ranks.append({"cpu_s": last["cpu"] - first["cpu"], "sys_s": last["sys"] - first["sys"],
+                      "timed_steps": args.steps - args.warmup})
+    return out | cpu_ms_per_sample(ranks, setting["micro"] * WORLD)
 
 
 def ray_dataset(setting: dict, rows: int):
@@ -385,8 +390,9 @@ def main() -> None:
     parser.add_argument("--log-every", type=int, default=None,
                         help="the Ray loop's metrics/report interval (default: per config)")
     parser.add_argument("--rounds", type=int, default=2, help="alternating runs per variant; best and median kept")
-    parser.add_argument("--tuned", default='{"zero_optimization": {"overlap_comm": true}}',
-                        help="DeepSpeed overrides (JSON) of the ray-ds-tuned variant")
+    parser.add_argument("--tuned", default='{"zero_optimization": {"contiguous_gradients": true}}',
+                        help="DeepSpeed overrides (JSON) of the ray-ds-tuned variant; the default restores "
+                             "DeepSpeed's own contiguous gradient bucket, which engine.py turns off on CPU")
     parser.add_argument("--ddp-nice", default="ray",
                         help="niceness of the DDP processes: 'ray' (default) = that of Ray's worker processes "
                              "(raylet's worker_niceness, 15 unless RAY_worker_niceness says otherwise), so that on a "
@@ -440,7 +446,8 @@ def main() -> None:
                         runs[v].append(r)
                         print(f"[{name}] round {rnd} {v}: {r['samples_per_s']:.2f} samples/s, data wait "
                               f"{100 * r['data_wait_frac']:.1f}%, {r['timed_s']:.1f} s timed, "
-                              f"{r['cpu_ms_per_sample']:.1f} CPU ms/sample, load {before[0]}", flush=True)
+                              f"{r['cpu_ms_per_sample']:.1f} CPU ms/sample ({r['sys_ms_per_sample']:.1f} system), "
+                              f"load {before[0]}", flush=True)
                 row = {"config": name, **setting, "global_batch": setting["micro"] * WORLD}
                 for v, rs in runs.items():
                     sps = [r["samples_per_s"] for r in rs]
@@ -448,7 +455,8 @@ def main() -> None:
                     row[v] = {"best_samples_per_s": round(max(sps), 3),
                               "median_samples_per_s": round(statistics.median(sps), 3),
                               "data_wait_frac": round(max(rs, key=lambda r: r["samples_per_s"])["data_wait_frac"], 4),
-                              "best_cpu_ms_per_sample": min(cpu), "runs": rs}
+                              "best_cpu_ms_per_sample": min(cpu),
+                              "best_sys_ms_per_sample": min(r["sys_ms_per_sample"] for r in rs), "runs": rs}
                 if "ddp" in runs:
                     base = row["ddp"]
                     for v in runs:
@@ -468,14 +476,15 @@ def main() -> None:
     Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
     print(f"\nload average (1 min) during the runs: {out['load_1min_during']}")
     print("\n| config | variant | samples/s best (median) | ratio vs ddp best (median) | data wait | "
-          "CPU ms/sample (ratio ddp/this) |\n|---|---|---|---|---|---|")
+          "CPU ms/sample (ratio ddp/this) | of which system |\n|---|---|---|---|---|---|---|")
     for row in results:
         for v in variants:
             r = row[v]
             ratio = f"{r['ratio_best']:.3f} ({r['ratio_median']:.3f})" if "ratio_best" in r else "1"
             cpu_ratio = f" ({r['cpu_ratio']:.3f})" if "cpu_ratio" in r else ""
             print(f"| {row['config']} | {v} | {r['best_samples_per_s']:.2f} ({r['median_samples_per_s']:.2f}) | "
-                  f"{ratio} | {100 * r['data_wait_frac']:.1f}% | {r['best_cpu_ms_per_sample']:.1f}{cpu_ratio} |")
+                  f"{ratio} | {100 * r['data_wait_frac']:.1f}% | {r['best_cpu_ms_per_sample']:.1f}{cpu_ratio} | "
+                  f"{r['best_sys_ms_per_sample']:.1f} |")
 
 
 if __name__ == "__main__":

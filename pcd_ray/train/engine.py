@@ -26,9 +26,15 @@ def deepspeed_config(cfg: TrainConfig, *, micro_batch: int, use_gpu: bool) -> di
     """DeepSpeed's config dict for a per-worker micro batch (global batch = micro * accumulation * workers)."""
     ds, opt = cfg.deepspeed, cfg.optimizer
     zero: dict[str, Any] = {"stage": ds.zero_stage}
-    if ds.zero_stage >= 2:
-        # Overlap the gradient reduce with backward, as DDP does with its buckets.
+    if use_gpu and ds.zero_stage >= 2:
+        # Overlap the gradient reduce with backward on a side stream, as DDP does with its buckets.
         zero |= {"overlap_comm": True, "contiguous_gradients": True}
+    elif not use_gpu and ds.zero_stage in (1, 2):
+        # ZeRO 1-2 allocate their contiguous gradient bucket (reduce_bucket_size elements, 2 GB in fp32) afresh every
+        # step. CUDA's caching allocator hands the same block back; on CPU it is a new mmap whose pages fault in on
+        # every step (3x DDP's system time). Without it the gradients reduce from their own tensors. A CPU has no
+        # second stream to overlap on. (benchmarks/train_throughput.py; docs/PERFORMANCE.md, "Training".)
+        zero |= {"overlap_comm": False, "contiguous_gradients": False}
     if ds.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": use_gpu}
     if ds.offload_params:

@@ -35,7 +35,8 @@ Configurations (``--configs``; each has its own default micro batch, steps, warm
 Variants (``--variants``): ``ddp`` and ``ray-ds`` (the comparison); for profiling, ``ray-ddp`` (Ray Train + the same
 Ray Data shard, but the plain DDP step instead of DeepSpeed: what Ray costs, apart from DeepSpeed), ``ray-ds0`` (the
 real loop at ZeRO stage 0; DeepSpeed 0.19 cannot clip a 0-dim parameter there, so not with ``tiny``),
-``ray-ds-tuned`` (the real loop at ZeRO-1 with the DeepSpeed overrides of ``--tuned``).
+``ray-ds-tuned`` (the real loop at ZeRO-1 with the DeepSpeed overrides of ``--tuned``), ``ray-ds-stock`` (the real
+loop at ZeRO-1 without engine.py's allocator settings for CPU workers: glibc's defaults).
 
     python benchmarks/train_throughput.py                      # paper, ddp vs ray-ds, 2 alternating rounds (~5 min)
     python benchmarks/train_throughput.py --micro 8 --steps 16 --warmup 4 --log-every 4 \
@@ -200,18 +201,26 @@ def _free_port() -> int:
 def run_ddp(setting: dict, args, tmp: str) -> dict:
     import torch.multiprocessing as mp
 
+    from pcd_ray.config import TrainConfig
+    from pcd_ray.train.engine import worker_env_vars
+
     cfg = train_config(setting, args, output="unused")
     result = Path(tmp) / f"ddp-{time.time_ns()}.json"
-    old = os.environ.get("OMP_NUM_THREADS")
-    os.environ["OMP_NUM_THREADS"] = "1"  # what Ray sets for a 1-CPU worker
+    # What Ray sets for a 1-CPU worker, and (unless --ddp-env plain) the train workers' own environment: the same
+    # process set-up on both sides, as with niceness.
+    env = {"OMP_NUM_THREADS": "1"} | (worker_env_vars(TrainConfig.model_validate(cfg))
+                                      if args.ddp_env == "worker" else {})
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)  # spawned processes start from it, and their allocator reads it at start
     try:
         mp.spawn(_ddp_worker, args=(WORLD, _free_port(), cfg, setting, vars(args), str(result)), nprocs=WORLD,
                  join=True)
     finally:
-        if old is None:
-            os.environ.pop("OMP_NUM_THREADS", None)
-        else:
-            os.environ["OMP_NUM_THREADS"] = old
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
     ranks = [json.loads(Path(f"{result}.{r}").read_text()) for r in range(WORLD)]
     return {"samples_per_s": ranks[0]["samples_per_s"], "data_wait_frac": 0.0, "timed_s": ranks[0]["timed_s"],
             **cpu_ms_per_sample(ranks, setting["micro"] * WORLD)}
@@ -328,7 +337,8 @@ def run_ray(setting: dict, args, tmp: str, dataset, variant: str) -> dict:
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from pcd_ray.config import StorageConfig
+    from pcd_ray.config import StorageConfig, TrainConfig
+    from pcd_ray.train.engine import worker_env_vars
 
     root = Path(tmp) / f"{variant}-{time.time_ns()}"
     zero = 0 if variant == "ray-ds0" else 1
@@ -338,7 +348,6 @@ def run_ray(setting: dict, args, tmp: str, dataset, variant: str) -> dict:
               "rows": args.steps * setting["micro"] * WORLD, "precomputed": setting["precomputed"]}
     config |= {"variant": variant, "marks_dir": str(root / "marks")}
     if variant == "ray-ddp":
-        from pcd_ray.config import TrainConfig
         from pcd_ray.train.loop import batch_keys
 
         keys = batch_keys(TrainConfig.model_validate(cfg), setting["precomputed"])
@@ -347,7 +356,9 @@ def run_ray(setting: dict, args, tmp: str, dataset, variant: str) -> dict:
         _instrumented_loop, train_loop_config=config,
         scaling_config=ray.train.ScalingConfig(num_workers=WORLD, use_gpu=False, resources_per_worker={"CPU": 1}),
         torch_config=TorchConfig(backend="gloo"),
-        run_config=ray.train.RunConfig(name="bench", storage_path=str(root / "ray")),
+        run_config=ray.train.RunConfig(name="bench", storage_path=str(root / "ray"),
+                                       worker_runtime_env={"env_vars": {} if variant == "ray-ds-stock" else
+                                                                  worker_env_vars(TrainConfig.model_validate(cfg))}),
         datasets={"train": dataset},
     )
     trainer.fit()
@@ -381,7 +392,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--configs", default="paper", help=f"comma-separated, of {sorted(CONFIGS)}")
     parser.add_argument("--variants", default="ddp,ray-ds",
-                        help="comma-separated: ddp, ray-ds (the headline pair), ray-ds0, ray-ddp, ray-ds-tuned")
+                        help="comma-separated: ddp, ray-ds (the headline pair), ray-ds0, ray-ddp, ray-ds-tuned, "
+                             "ray-ds-stock")
     parser.add_argument("--micro", type=int, default=None, help="micro batch per worker (default: per config)")
     parser.add_argument("--steps", type=int, default=None,
                         help="optimizer steps per run, warm-up included (default: per config)")
@@ -390,13 +402,16 @@ def main() -> None:
     parser.add_argument("--log-every", type=int, default=None,
                         help="the Ray loop's metrics/report interval (default: per config)")
     parser.add_argument("--rounds", type=int, default=2, help="alternating runs per variant; best and median kept")
-    parser.add_argument("--tuned", default='{"zero_optimization": {"contiguous_gradients": true}}',
-                        help="DeepSpeed overrides (JSON) of the ray-ds-tuned variant; the default restores "
-                             "DeepSpeed's own contiguous gradient bucket, which engine.py turns off on CPU")
+    parser.add_argument("--tuned", default='{"zero_optimization": {"overlap_comm": true}}',
+                        help="DeepSpeed overrides (JSON) of the ray-ds-tuned variant")
     parser.add_argument("--ddp-nice", default="ray",
                         help="niceness of the DDP processes: 'ray' (default) = that of Ray's worker processes "
                              "(raylet's worker_niceness, 15 unless RAY_worker_niceness says otherwise), so that on a "
                              "shared machine both sides compete for the cores alike; or a number")
+    parser.add_argument("--ddp-env", choices=("worker", "plain"), default="worker",
+                        help="environment of the DDP processes: 'worker' (default) = the variables engine.py gives "
+                             "Ray's CPU train workers (glibc malloc settings), so both sides allocate alike; "
+                             "'plain' = this shell's")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "train_throughput.json"))
     args = parser.parse_args()
     runs_args = {}

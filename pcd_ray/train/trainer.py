@@ -14,6 +14,7 @@ from typing import Any
 from pcd_ray.config import JobConfig, TrainConfig, dump
 from pcd_ray.runtime import init_ray
 from pcd_ray.storage import Storage, is_remote, join
+from pcd_ray.train.engine import worker_env_vars
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +45,7 @@ def _run_config(cfg: TrainConfig, storage: Storage):
         storage_filesystem=fs if is_remote(root) else None,
         checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
         failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
+        worker_runtime_env={"env_vars": worker_env_vars(cfg)},
     )
 
 

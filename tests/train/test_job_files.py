@@ -168,23 +168,3 @@ def test_submit_lines_in_the_job_and_the_training_guide(path):
     assert line in path.read_text()
     guide = (REPO / "docs" / "TRAINING.md").read_text()
     assert f"ray job submit --working-dir . -- {line}" in guide
-
-
-@pytest.mark.parametrize("stage", [1, 2, 3])
-def test_gradient_buckets_follow_the_device(stage, parse):
-    """GPU workers overlap the reduce with backward through contiguous buckets (stages 2-3); CPU workers (the local
-    job) reduce from the gradients themselves, since a fresh 2 GB bucket every step costs page faults on CPU."""
-    base = load_job("train-local").train
-    for use_gpu in (False, True):
-        cfg = base.model_copy(update={
-            "deepspeed": base.deepspeed.model_copy(update={"zero_stage": stage}),
-            "scaling": base.scaling.model_copy(update={"use_gpu": use_gpu})})
-        zero = parse(cfg, cfg.scaling.num_workers).zero_config
-        if use_gpu:
-            assert (zero.overlap_comm, zero.contiguous_gradients) == ((True, True) if stage >= 2 else (False, True))
-        elif stage < 3:
-            assert (zero.overlap_comm, zero.contiguous_gradients) == (False, False)
-    # An explicit override still wins over the device's default.
-    over = base.model_copy(update={"deepspeed": base.deepspeed.model_copy(update={
-        "zero_stage": 1, "overrides": {"zero_optimization": {"contiguous_gradients": True}}})})
-    assert parse(over, over.scaling.num_workers).zero_config.contiguous_gradients

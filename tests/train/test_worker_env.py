@@ -10,7 +10,6 @@ import os
 import sys
 from pathlib import Path
 
-
 from pcd_ray.config import StorageConfig, TrainConfig
 from pcd_ray.storage import Storage
 from pcd_ray.train.engine import CPU_WORKER_ENV

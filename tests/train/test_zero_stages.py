@@ -2,9 +2,9 @@
 and takes the steps plain DDP takes (torch Adam, the same clipping and schedule): ZeRO shards the work, not the math.
 
 One worker group runs every variant in turn (a group start costs more than the steps), through the same
-``init_engine`` + ``PairEncoder`` + ``compute_loss`` the train loop uses, with engine.py's settings for CPU workers
-(a DeepSpeed setting that changes the updates fails here: ``zero_optimization.contiguous_gradients: false`` does,
-in DeepSpeed 0.19.7).
+``init_engine`` + ``PairEncoder`` + ``compute_loss`` the train loop uses, with engine.py's DeepSpeed config for CPU
+workers (a DeepSpeed setting that changes the updates fails here: ``zero_optimization.contiguous_gradients: false``
+does, in DeepSpeed 0.19.7).
 """
 
 from __future__ import annotations

@@ -127,13 +127,6 @@ def train_config(setting: dict, args, output: str, zero_stage: int = 1, override
     return cfg.model_dump(mode="json")
 
 
-def _build_module(cfg):
-    """The module both sides train, built by loop.py's own builder (seeded, same trainable set)."""
-    from pcd_ray.train.loop import build_module
-
-    return build_module(cfg)[1]
-
-
 def _ddp_step(ddp, params, opt, batch: dict, cfg, rank: int, world: int) -> None:
     """One plain DDP step: forward, fused loss, backward (bucketed all-reduce overlapped), clip, Adam, clamp."""
     import math
@@ -165,12 +158,13 @@ def _ddp_worker(rank: int, world: int, port: int, cfg_dict: dict, setting: dict,
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     from pcd_ray.config import TrainConfig
+    from pcd_ray.train.loop import build_module
 
     os.nice(args_dict["ddp_nice"] - os.nice(0))  # the Ray workers' niceness (see --ddp-nice)
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     cfg = TrainConfig.model_validate(cfg_dict)
-    module = _build_module(cfg)
+    module = build_module(cfg)[1]  # loop.py's own builder: same seed, same trainable set
     ddp = DDP(module)
     params = [p for p in module.parameters() if p.requires_grad]
     opt = torch.optim.Adam(params, lr=cfg.optimizer.lr, betas=cfg.optimizer.betas, eps=cfg.optimizer.eps)
@@ -244,12 +238,13 @@ def _ray_ddp_loop(config: dict) -> None:
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     from pcd_ray.config import TrainConfig
+    from pcd_ray.train.loop import build_module
 
     cfg = TrainConfig.model_validate(config["train"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(cfg.scaling.torch_threads)
-    module = _build_module(cfg)
+    module = build_module(cfg)[1]  # loop.py's own builder: same seed, same trainable set
     ddp = DDP(module)
     params = [p for p in module.parameters() if p.requires_grad]
     opt = torch.optim.Adam(params, lr=cfg.optimizer.lr, betas=cfg.optimizer.betas, eps=cfg.optimizer.eps)
@@ -344,21 +339,20 @@ def run_ray(setting: dict, args, tmp: str, dataset, variant: str) -> dict:
     zero = 0 if variant == "ray-ds0" else 1
     overrides = json.loads(args.tuned) if variant == "ray-ds-tuned" else None
     cfg = train_config(setting, args, output="train", zero_stage=zero, overrides=overrides)
+    tcfg = TrainConfig.model_validate(cfg)
     config = {"train": cfg, "storage": StorageConfig(root=str(root)).model_dump(mode="json"),
               "rows": args.steps * setting["micro"] * WORLD, "precomputed": setting["precomputed"]}
     config |= {"variant": variant, "marks_dir": str(root / "marks")}
     if variant == "ray-ddp":
         from pcd_ray.train.loop import batch_keys
 
-        keys = batch_keys(TrainConfig.model_validate(cfg), setting["precomputed"])
-        config |= {"keys": keys, "metrics_dir": str(root / "train")}
+        config |= {"keys": batch_keys(tcfg, setting["precomputed"]), "metrics_dir": str(root / "train")}
     trainer = TorchTrainer(
         _instrumented_loop, train_loop_config=config,
         scaling_config=ray.train.ScalingConfig(num_workers=WORLD, use_gpu=False, resources_per_worker={"CPU": 1}),
         torch_config=TorchConfig(backend="gloo"),
-        run_config=ray.train.RunConfig(name="bench", storage_path=str(root / "ray"),
-                                       worker_runtime_env={"env_vars": {} if variant == "ray-ds-stock" else
-                                                                  worker_env_vars(TrainConfig.model_validate(cfg))}),
+        run_config=ray.train.RunConfig(name="bench", storage_path=str(root / "ray"), worker_runtime_env={
+            "env_vars": {} if variant == "ray-ds-stock" else worker_env_vars(tcfg)}),
         datasets={"train": dataset},
     )
     trainer.fit()

@@ -11,7 +11,8 @@ same number of steps, on 2 CPU workers with one torch thread each, gloo, in one 
   warm-up row to the last row, so they include the loop's data wait, its metric syncs and its report barriers; the
   data-wait fraction is the rows' ``data_wait_frac`` over the same windows.
 - ``ddp``: ``torch.multiprocessing`` spawns 2 processes, gloo, ``DistributedDataParallel`` over the same module,
-  ``torch.optim.Adam``, ``clip_grad_norm_(1.0)``, batches sliced from in-memory tensors; timed on rank 0 between
+  ``torch.optim.Adam`` (``fused=True`` as on the Ray side's CPU workers, unless ``--ddp-adam foreach``: torch's
+  default), ``clip_grad_norm_(1.0)``, batches sliced from in-memory tensors; timed on rank 0 between
   barriers after the warm-up steps and after the last step.
 
 Warm-up: the first ``--warmup`` optimizer steps (DeepSpeed's and DDP's lazy set-up, Adam's state allocation, Ray
@@ -36,7 +37,9 @@ Variants (``--variants``): ``ddp`` and ``ray-ds`` (the comparison); for profilin
 Ray Data shard, but the plain DDP step instead of DeepSpeed: what Ray costs, apart from DeepSpeed), ``ray-ds0`` (the
 real loop at ZeRO stage 0; DeepSpeed 0.19 cannot clip a 0-dim parameter there, so not with ``tiny``),
 ``ray-ds-tuned`` (the real loop at ZeRO-1 with the DeepSpeed overrides of ``--tuned``), ``ray-ds-stock`` (the real
-loop at ZeRO-1 without engine.py's allocator settings for CPU workers: glibc's defaults).
+loop at ZeRO-1 without engine.py's allocator settings for CPU workers: glibc's defaults), ``ray-ds-foreach`` (the
+real loop at ZeRO-1 with DeepSpeed's own ``torch_adam`` optimizer, torch's multi-tensor Adam, instead of the fused one
+engine.py hands CPU workers).
 
     python benchmarks/train_throughput.py                      # paper, ddp vs ray-ds, 2 alternating rounds (~5 min)
     python benchmarks/train_throughput.py --micro 8 --steps 16 --warmup 4 --log-every 4 \
@@ -151,6 +154,15 @@ def _ddp_step(ddp, params, opt, batch: dict, cfg, rank: int, world: int) -> None
             scale.clamp_(0.0, math.log(100.0))
 
 
+def _adam(params, cfg, kind: str):
+    """The DDP sides' Adam: torch's fused kernel (what engine.client_optimizer gives DeepSpeed on CPU) or its
+    default multi-tensor one."""
+    import torch
+
+    opt = cfg.optimizer
+    return torch.optim.Adam(params, lr=opt.lr, betas=opt.betas, eps=opt.eps, fused=kind == "fused" or None)
+
+
 # ---------------------------------------------------------------------------------------------------- (b) plain DDP
 def _ddp_worker(rank: int, world: int, port: int, cfg_dict: dict, setting: dict, args_dict: dict, result_path: str):
     import torch
@@ -167,7 +179,7 @@ def _ddp_worker(rank: int, world: int, port: int, cfg_dict: dict, setting: dict,
     module = build_module(cfg)[1]  # loop.py's own builder: same seed, same trainable set
     ddp = DDP(module)
     params = [p for p in module.parameters() if p.requires_grad]
-    opt = torch.optim.Adam(params, lr=cfg.optimizer.lr, betas=cfg.optimizer.betas, eps=cfg.optimizer.eps)
+    opt = _adam(params, cfg, args_dict["ddp_adam"])
     micro, steps, warmup = setting["micro"], args_dict["steps"], args_dict["warmup"]
     cols = {k: torch.from_numpy(v) for k, v in make_columns(setting, steps * micro * world).items()}
     torch.manual_seed(cfg.seed * 1000 + rank)
@@ -175,13 +187,14 @@ def _ddp_worker(rank: int, world: int, port: int, cfg_dict: dict, setting: dict,
     for step in range(steps):
         if step == warmup:
             dist.barrier()
-            t_start, c_start, s_start = time.perf_counter(), time.process_time(), os.times().system
+            t_start, c_start, s_start, f_start = time.perf_counter(), time.process_time(), os.times().system, _faults()
         lo = (step * world + rank) * micro
         _ddp_step(ddp, params, opt, {k: v[lo:lo + micro] for k, v in cols.items()}, cfg, rank, world)
     dist.barrier()
     elapsed, cpu, sys_s = time.perf_counter() - t_start, time.process_time() - c_start, os.times().system - s_start
+    faults = _faults() - f_start
     Path(f"{result_path}.{rank}").write_text(json.dumps({"samples_per_s": (steps - warmup) * micro * world / elapsed,
-                                                        "timed_s": elapsed, "cpu_s": cpu, "sys_s": sys_s,
+                                                        "timed_s": elapsed, "cpu_s": cpu, "sys_s": sys_s, "faults": faults,
                                                         "timed_steps": steps - warmup}))
     dist.destroy_process_group()
 
@@ -220,13 +233,22 @@ def run_ddp(setting: dict, args, tmp: str) -> dict:
             **cpu_ms_per_sample(ranks, setting["micro"] * WORLD)}
 
 
+def _faults() -> int:
+    """This process's minor page faults so far: pages the kernel zero-fills on first touch (a heap still growing,
+    or freed memory returned to the OS and faulted in again)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
 def cpu_ms_per_sample(ranks: list[dict], batch: int) -> dict:
     """CPU time (all threads of both worker processes: compute, gloo, Ray's and Ray Data's threads) per sample over
     the timed steps: unlike samples/s, little moved by other jobs on a shared machine (it does not count waiting);
     and the kernel's part of it (page faults of fresh allocations, socket I/O of gloo)."""
     per = ranks[0]["timed_steps"] * batch
     return {"cpu_ms_per_sample": round(1000 * sum(r["cpu_s"] for r in ranks) / per, 3),
-            "sys_ms_per_sample": round(1000 * sum(r["sys_s"] for r in ranks) / per, 3)}
+            "sys_ms_per_sample": round(1000 * sum(r["sys_s"] for r in ranks) / per, 3),
+            "page_faults_per_step": round(sum(r["faults"] for r in ranks) / ranks[0]["timed_steps"])}
 
 
 # ----------------------------------------------------------------------------------------------- (a) Ray Train sides
@@ -247,7 +269,7 @@ def _ray_ddp_loop(config: dict) -> None:
     module = build_module(cfg)[1]  # loop.py's own builder: same seed, same trainable set
     ddp = DDP(module)
     params = [p for p in module.parameters() if p.requires_grad]
-    opt = torch.optim.Adam(params, lr=cfg.optimizer.lr, betas=cfg.optimizer.betas, eps=cfg.optimizer.eps)
+    opt = _adam(params, cfg, config["ddp_adam"])
     micro = cfg.batch_size // world
     keys = config["keys"]
     shard = ray.train.get_dataset_shard("train")
@@ -291,7 +313,7 @@ def _instrumented_loop(config: dict) -> None:
 
     def timed_report(metrics, *a, **k):
         marks.append({"step": metrics.get("step"), "t": time.perf_counter(), "cpu": time.process_time(),
-                      "sys": os.times().system})
+                      "sys": os.times().system, "faults": _faults()})
         return report(metrics, *a, **k)
 
     ray.train.report = timed_report
@@ -337,7 +359,8 @@ def run_ray(setting: dict, args, tmp: str, dataset, variant: str) -> dict:
 
     root = Path(tmp) / f"{variant}-{time.time_ns()}"
     zero = 0 if variant == "ray-ds0" else 1
-    overrides = json.loads(args.tuned) if variant == "ray-ds-tuned" else None
+    overrides = {"ray-ds-tuned": json.loads(args.tuned),
+                 "ray-ds-foreach": {"optimizer": {"type": "Adam", "params": {"lr": LR, "torch_adam": True}}}}.get(variant)
     cfg = train_config(setting, args, output="train", zero_stage=zero, overrides=overrides)
     tcfg = TrainConfig.model_validate(cfg)
     config = {"train": cfg, "storage": StorageConfig(root=str(root)).model_dump(mode="json"),
@@ -346,7 +369,8 @@ def run_ray(setting: dict, args, tmp: str, dataset, variant: str) -> dict:
     if variant == "ray-ddp":
         from pcd_ray.train.loop import batch_keys
 
-        config |= {"keys": batch_keys(tcfg, setting["precomputed"]), "metrics_dir": str(root / "train")}
+        config |= {"keys": batch_keys(tcfg, setting["precomputed"]), "metrics_dir": str(root / "train"),
+                   "ddp_adam": args.ddp_adam}
     trainer = TorchTrainer(
         _instrumented_loop, train_loop_config=config,
         scaling_config=ray.train.ScalingConfig(num_workers=WORLD, use_gpu=False, resources_per_worker={"CPU": 1}),
@@ -364,6 +388,7 @@ def run_ray(setting: dict, args, tmp: str, dataset, variant: str) -> dict:
             marks.setdefault(m["step"], m)  # the row's report, not the final checkpoint's (same step, later)
         first, last = marks[args.warmup], marks[args.steps]
         ranks.append({"cpu_s": last["cpu"] - first["cpu"], "sys_s": last["sys"] - first["sys"],
+                      "faults": last["faults"] - first["faults"],
                       "timed_steps": args.steps - args.warmup})
     return out | cpu_ms_per_sample(ranks, setting["micro"] * WORLD)
 
@@ -387,7 +412,7 @@ def main() -> None:
     parser.add_argument("--configs", default="paper", help=f"comma-separated, of {sorted(CONFIGS)}")
     parser.add_argument("--variants", default="ddp,ray-ds",
                         help="comma-separated: ddp, ray-ds (the headline pair), ray-ds0, ray-ddp, ray-ds-tuned, "
-                             "ray-ds-stock")
+                             "ray-ds-stock, ray-ds-foreach")
     parser.add_argument("--micro", type=int, default=None, help="micro batch per worker (default: per config)")
     parser.add_argument("--steps", type=int, default=None,
                         help="optimizer steps per run, warm-up included (default: per config)")
@@ -406,6 +431,9 @@ def main() -> None:
                         help="environment of the DDP processes: 'worker' (default) = the variables engine.py gives "
                              "Ray's CPU train workers (glibc malloc settings), so both sides allocate alike; "
                              "'plain' = this shell's")
+    parser.add_argument("--ddp-adam", choices=("fused", "foreach"), default="fused",
+                        help="Adam of the ddp and ray-ddp variants: 'fused' (default) = the kernel the Ray loop's CPU "
+                             "workers run (engine.client_optimizer); 'foreach' = torch's default")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "train_throughput.json"))
     args = parser.parse_args()
     runs_args = {}
@@ -456,6 +484,7 @@ def main() -> None:
                         print(f"[{name}] round {rnd} {v}: {r['samples_per_s']:.2f} samples/s, data wait "
                               f"{100 * r['data_wait_frac']:.1f}%, {r['timed_s']:.1f} s timed, "
                               f"{r['cpu_ms_per_sample']:.1f} CPU ms/sample ({r['sys_ms_per_sample']:.1f} system), "
+                              f"{r['page_faults_per_step']} page faults/step, "
                               f"load {before[0]}", flush=True)
                 row = {"config": name, **setting, "global_batch": setting["micro"] * WORLD}
                 for v, rs in runs.items():

@@ -57,6 +57,10 @@ def test_the_three_training_jobs_ship():
 
 @pytest.mark.parametrize("path", TRAIN_JOBS, ids=lambda p: p.stem)
 def test_deepspeed_accepts_the_job_at_its_worker_count(path, parse):
+    import torch
+
+    from pcd_ray.train.engine import client_optimizer
+
     cfg = load_job(path).train
     world = cfg.scaling.num_workers
     ds = parse(cfg, world)
@@ -68,8 +72,14 @@ def test_deepspeed_accepts_the_job_at_its_worker_count(path, parse):
     assert ds.bfloat16_config.enabled == (cfg.deepspeed.precision == "bf16")
     assert ds.float16_config.enabled == (cfg.deepspeed.precision == "fp16")
     assert ds.gradient_clipping == (cfg.deepspeed.gradient_clipping or 0.0)
-    assert ds.optimizer_name == ("adamw" if cfg.optimizer.name == "adamw" else "adam")
-    assert ds.optimizer_params["lr"] == cfg.optimizer.lr
+    if cfg.scaling.use_gpu:  # DeepSpeed builds its fused Adam from the section
+        assert ds.optimizer_name == ("adamw" if cfg.optimizer.name == "adamw" else "adam")
+        assert ds.optimizer_params["lr"] == cfg.optimizer.lr
+    else:  # CPU workers hand DeepSpeed torch's fused Adam
+        assert ds.optimizer_name is None
+        opt = client_optimizer([torch.nn.Parameter(torch.zeros(2))], cfg, use_gpu=False)
+        assert type(opt) is (torch.optim.AdamW if cfg.optimizer.name == "adamw" else torch.optim.Adam)
+        assert opt.defaults["fused"] and opt.defaults["lr"] == cfg.optimizer.lr
     offloaded = ds.zero_config.offload_optimizer
     assert (offloaded is not None and offloaded.device == "cpu") == cfg.deepspeed.offload_optimizer
 

@@ -3,9 +3,9 @@
 ZeRO partitions the optimizer's state whichever optimizer it wraps. On GPUs that is DeepSpeed's fused Adam/AdamW,
 built from the config's ``"optimizer"`` section. On CPU workers it is torch's Adam/AdamW with ``fused=True``, passed to
 ``deepspeed.initialize`` as a client optimizer: DeepSpeed's ``torch_adam`` option builds torch's multi-tensor Adam,
-which on ZeRO's one flat partition allocates partition-sized temporaries every step (0.08 -> 0.03 s per step and rank
-for ViT-B-32's text tower; the step as a whole, docs/PERFORMANCE.md "Training"). The LR schedule is a LambdaLR that
-DeepSpeed steps once per optimizer step.
+which on ZeRO's one flat partition allocates several partition-sized temporaries every step, where the fused kernel
+updates the partition in one pass (docs/PERFORMANCE.md, "Training"). The LR schedule is a LambdaLR that DeepSpeed
+steps once per optimizer step.
 """
 
 from __future__ import annotations

@@ -178,3 +178,26 @@ def test_submit_lines_in_the_job_and_the_training_guide(path):
     assert line in path.read_text()
     guide = (REPO / "docs" / "TRAINING.md").read_text()
     assert f"ray job submit --working-dir . -- {line}" in guide
+
+
+def test_cpu_workers_hand_deepspeed_torch_fused_adam():
+    """CPU workers: a client optimizer (torch's fused kernel) and no "optimizer" section; GPU workers: the section
+    (DeepSpeed's fused CUDA Adam); an ``optimizer`` in ``deepspeed.overrides`` wins on CPU too."""
+    import torch
+
+    from pcd_ray.config import TrainConfig
+    from pcd_ray.train.engine import client_optimizer, deepspeed_config
+
+    cfg = TrainConfig.model_validate({"optimizer": {"name": "adamw", "lr": 3e-5, "weight_decay": 0.1}})
+    params = [torch.nn.Parameter(torch.zeros(3))]
+    opt = client_optimizer(params, cfg, use_gpu=False)
+    assert type(opt) is torch.optim.AdamW
+    assert opt.defaults["fused"] and (opt.defaults["lr"], opt.defaults["weight_decay"]) == (3e-5, 0.1)
+    assert "optimizer" not in deepspeed_config(cfg, micro_batch=4, use_gpu=False)
+    assert client_optimizer(params, cfg, use_gpu=True) is None
+    section = deepspeed_config(cfg, micro_batch=4, use_gpu=True)["optimizer"]
+    assert section["type"] == "AdamW" and section["params"]["lr"] == 3e-5 and section["params"]["adam_w_mode"]
+    own = cfg.model_copy(update={"deepspeed": cfg.deepspeed.model_copy(
+        update={"overrides": {"optimizer": {"type": "Adam", "params": {"lr": 1e-4, "torch_adam": True}}}})})
+    assert client_optimizer(params, own, use_gpu=False) is None
+    assert deepspeed_config(own, micro_batch=4, use_gpu=False)["optimizer"]["params"]["torch_adam"] is True

@@ -194,8 +194,8 @@ def _ddp_worker(rank: int, world: int, port: int, cfg_dict: dict, setting: dict,
     elapsed, cpu, sys_s = time.perf_counter() - t_start, time.process_time() - c_start, os.times().system - s_start
     faults = _faults() - f_start
     Path(f"{result_path}.{rank}").write_text(json.dumps({"samples_per_s": (steps - warmup) * micro * world / elapsed,
-                                                        "timed_s": elapsed, "cpu_s": cpu, "sys_s": sys_s, "faults": faults,
-                                                        "timed_steps": steps - warmup}))
+                                                        "timed_s": elapsed, "cpu_s": cpu, "sys_s": sys_s,
+                                                        "faults": faults, "timed_steps": steps - warmup}))
     dist.destroy_process_group()
 
 
@@ -359,8 +359,8 @@ def run_ray(setting: dict, args, tmp: str, dataset, variant: str) -> dict:
 
     root = Path(tmp) / f"{variant}-{time.time_ns()}"
     zero = 0 if variant == "ray-ds0" else 1
-    overrides = {"ray-ds-tuned": json.loads(args.tuned),
-                 "ray-ds-foreach": {"optimizer": {"type": "Adam", "params": {"lr": LR, "torch_adam": True}}}}.get(variant)
+    foreach = {"optimizer": {"type": "Adam", "params": {"lr": LR, "torch_adam": True}}}  # DeepSpeed builds it
+    overrides = {"ray-ds-tuned": json.loads(args.tuned), "ray-ds-foreach": foreach}.get(variant)
     cfg = train_config(setting, args, output="train", zero_stage=zero, overrides=overrides)
     tcfg = TrainConfig.model_validate(cfg)
     config = {"train": cfg, "storage": StorageConfig(root=str(root)).model_dump(mode="json"),

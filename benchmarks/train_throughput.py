@@ -155,14 +155,14 @@ def _ddp_step(ddp, params, opt, batch: dict, cfg, rank: int, world: int) -> None
 
 
 def _adam(params, cfg, kind: str):
-    """The DDP sides' Adam: the one engine.client_optimizer gives DeepSpeed on CPU workers (torch's fused kernel), or
+    """The DDP sides' Adam: the one engine.client_optimizer gives DeepSpeed (torch's fused kernel), or
     torch's default multi-tensor one with the same hyperparameters."""
     import torch
 
     from pcd_ray.train.engine import client_optimizer
 
     if kind == "fused":
-        return client_optimizer(params, cfg, use_gpu=False)
+        return client_optimizer(params, cfg)
     opt = cfg.optimizer
     return torch.optim.Adam(params, lr=opt.lr, betas=opt.betas, eps=opt.eps)
 

@@ -2,7 +2,7 @@
 
 Stages: data, pairs, generate, embed, train, eval, serve; ``pipeline`` chains them; ``demo`` runs the pipeline on
 the embedded default (jobs/local.yaml) and prints the base-vs-finetuned table; ``config show`` prints the resolved
-job.
+job; ``doctor`` checks that this environment can run the job (exit 1 when something it needs is missing).
 The same command runs on a laptop and, through ``ray job submit -- pcd-ray ...``, on a cluster.
 """
 
@@ -27,6 +27,8 @@ STAGES = {
     "pipeline": "every stage of the job in order (up-to-date stages are skipped)",
     "demo": "the whole method on the embedded default, then the base-vs-finetuned table",
     "config": "`config show`: print the resolved job config",
+    "doctor": "check the environment against what the job needs (packages, GPU stack, DeepSpeed ops, cluster "
+              "resources, storage); exits 1 on a failed check",
 }
 
 
@@ -49,6 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
                            help="run only these stages (comma-separated)")
         if name == "serve":
             p.add_argument("--detach", action="store_true", help="start the app and return (Serve keeps running)")
+        if name == "doctor":
+            p.add_argument("--json", metavar="PATH", help="also write the rows as JSON to PATH")
         if name == "eval":
             p.add_argument("--compare", nargs="+", metavar="RUN",
                            help="write the reports of these runs (eval output dirs or run roots) side by side to "
@@ -69,6 +73,15 @@ def run(args: argparse.Namespace) -> int:
     if args.stage == "config":
         print(dump(job), end="")
         return 0
+    if args.stage == "doctor":
+        # Before anything below imports Ray: the doctor joins a cluster only when the job names one.
+        from pcd_ray.doctor import failed, format_rows, run_doctor, write_json
+
+        rows = run_doctor(job)
+        print(format_rows(rows))
+        if args.json:
+            write_json(rows, args.json, args.config)
+        return 1 if failed(rows) else 0
 
     from pcd_ray.pipeline import STAGES as PIPELINE, run_pipeline
     from pcd_ray.storage import Storage

@@ -1,11 +1,14 @@
 """DeepSpeed for one train worker: its JSON config from ours, the LR schedule, and the engine.
 
-ZeRO partitions the optimizer's state whichever optimizer it wraps. On GPUs that is DeepSpeed's fused Adam/AdamW,
-built from the config's ``"optimizer"`` section. On CPU workers it is torch's Adam/AdamW with ``fused=True``, passed to
-``deepspeed.initialize`` as a client optimizer: DeepSpeed's ``torch_adam`` option builds torch's multi-tensor Adam,
-which on ZeRO's one flat partition allocates several partition-sized temporaries every step, where the fused kernel
-updates the partition in one pass (docs/PERFORMANCE.md, "Training"). The LR schedule is a LambdaLR that DeepSpeed
-steps once per optimizer step.
+ZeRO partitions the optimizer's state whichever optimizer it wraps; pcd-ray hands it torch's Adam/AdamW with
+``fused=True`` as a client optimizer on every worker, CPU or GPU. On GPUs this replaces DeepSpeed's FusedAdam, a CUDA
+op that DeepSpeed JIT-compiles with the node's nvcc on the first step (minutes, and refused outright when nvcc's CUDA
+major differs from torch's), for a kernel that ships inside torch's wheel; the update rule is the same. On CPU
+workers it replaces DeepSpeed's ``torch_adam`` option, torch's multi-tensor Adam, which on ZeRO's one flat partition
+allocates several partition-sized temporaries every step where the fused kernel updates it in one pass
+(docs/PERFORMANCE.md, "Training"). With ZeRO-Offload the same fused kernel runs on the CPU copy. A ``deepspeed.
+overrides`` section named ``optimizer`` still selects one of DeepSpeed's own. The LR schedule is a LambdaLR that
+DeepSpeed steps once per optimizer step.
 """
 
 from __future__ import annotations
@@ -64,26 +67,19 @@ def deepspeed_config(cfg: TrainConfig, *, micro_batch: int, use_gpu: bool) -> di
         "steps_per_print": 1 << 30,
         "wall_clock_breakdown": False,
     }
-    if use_gpu:  # CPU workers get a client optimizer instead (client_optimizer)
-        config["optimizer"] = {
-            "type": "AdamW" if opt.name == "adamw" else "Adam",
-            "params": {"lr": opt.lr, "betas": list(opt.betas), "eps": opt.eps, "weight_decay": opt.weight_decay,
-                       # Paper's Adam has no decoupled decay; "Adam" + weight_decay=0 is exactly torch.optim.Adam.
-                       "adam_w_mode": opt.name == "adamw"},
-        }
-    if ds.offload_optimizer and not use_gpu:
-        # Offloading asks for DeepSpeed's compiled CPU Adam; CPU workers already run torch's fused Adam on the CPU.
+    if ds.offload_optimizer:
+        # Offloading asks for DeepSpeed's compiled CPU Adam; the client optimizer's fused kernel runs on the CPU copy.
         config["zero_force_ds_cpu_optimizer"] = False
     return _merge(config, ds.overrides)
 
 
-def client_optimizer(params, cfg: TrainConfig, *, use_gpu: bool):
-    """The optimizer handed to ``deepspeed.initialize``: None on GPUs (DeepSpeed builds its own from the config, as
-    it does when ``deepspeed.overrides`` brings an ``optimizer`` section), torch's fused Adam/AdamW on CPU workers
-    (the hyperparameters and update rule of the section GPUs get)."""
+def client_optimizer(params, cfg: TrainConfig):
+    """The optimizer handed to ``deepspeed.initialize``: torch's fused Adam/AdamW with the config's hyperparameters
+    (``adam`` with weight_decay 0 is exactly the paper's torch.optim.Adam), or None when ``deepspeed.overrides``
+    brings an ``optimizer`` section (DeepSpeed refuses a client optimizer beside one and builds its own)."""
     import torch
 
-    if use_gpu or "optimizer" in cfg.deepspeed.overrides:  # DeepSpeed refuses a client optimizer beside a section
+    if "optimizer" in cfg.deepspeed.overrides:
         return None
     opt = cfg.optimizer
     cls = torch.optim.AdamW if opt.name == "adamw" else torch.optim.Adam
@@ -131,7 +127,7 @@ def init_engine(module, cfg: TrainConfig, *, micro_batch: int, steps_per_epoch: 
     engine, _, _, _ = deepspeed.initialize(
         model=module,
         model_parameters=params,
-        optimizer=client_optimizer(params, cfg, use_gpu=use_gpu),
+        optimizer=client_optimizer(params, cfg),
         config=deepspeed_config(cfg, micro_batch=micro_batch, use_gpu=use_gpu),
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg, steps_per_epoch,
                                                                                   total_steps)),

@@ -267,6 +267,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                    "data_wait_frac": window["wait"] / elapsed, "skipped_steps": skipped,
                    "masked_pairs": int(masked.item()),
                    "logit_scale": feats["logit_scale"].exp().item()}
+            if device.type == "cuda":  # the most this rank's tensors held at once so far (weights, states, activations)
+                row["peak_gpu_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
             window = {"t": time.perf_counter(), "wait": 0.0, "samples": 0, "masked": 0}
             if metrics:
                 metrics.add(row, total_steps)

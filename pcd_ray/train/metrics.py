@@ -32,8 +32,9 @@ class MetricsLog:
 
     def add(self, row: dict, total_steps: int) -> None:
         self.rows.append(dict(row, wall_s=round(self.wall0 + time.perf_counter() - self.t0, 2)))
+        peak = f", peak GPU memory {row['peak_gpu_mem_gib']:.1f} GiB" if "peak_gpu_mem_gib" in row else ""
         print(PROGRESS.format(total=total_steps, pct=100 * row["step"] / max(1, total_steps),
-                              wait=100 * row["data_wait_frac"], **row), flush=True)
+                              wait=100 * row["data_wait_frac"], **row) + peak, flush=True)
         if time.perf_counter() - self.flushed > self.flush_every_s:
             self.flush()
 
@@ -41,7 +42,9 @@ class MetricsLog:
         if not self.rows:
             return
         buf = io.StringIO()
-        writer = csv.DictWriter(buf, fieldnames=list(self.rows[-1]))
+        # Every column any row has: rows kept from before a resume may lack one a later row adds (peak_gpu_mem_gib
+        # exists only on CUDA), or have one it lacks.
+        writer = csv.DictWriter(buf, fieldnames=list(dict.fromkeys(k for r in self.rows for k in r)), restval="")
         writer.writeheader()
         writer.writerows(self.rows)
         self.storage.write_text(self.uri, buf.getvalue())

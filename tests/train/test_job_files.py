@@ -72,14 +72,12 @@ def test_deepspeed_accepts_the_job_at_its_worker_count(path, parse):
     assert ds.bfloat16_config.enabled == (cfg.deepspeed.precision == "bf16")
     assert ds.float16_config.enabled == (cfg.deepspeed.precision == "fp16")
     assert ds.gradient_clipping == (cfg.deepspeed.gradient_clipping or 0.0)
-    if cfg.scaling.use_gpu:  # DeepSpeed builds its fused Adam from the section
-        assert ds.optimizer_name == ("adamw" if cfg.optimizer.name == "adamw" else "adam")
-        assert ds.optimizer_params["lr"] == cfg.optimizer.lr
-    else:  # CPU workers hand DeepSpeed torch's fused Adam
-        assert ds.optimizer_name is None
-        opt = client_optimizer([torch.nn.Parameter(torch.zeros(2))], cfg, use_gpu=False)
-        assert type(opt) is (torch.optim.AdamW if cfg.optimizer.name == "adamw" else torch.optim.Adam)
-        assert opt.defaults["fused"] and opt.defaults["lr"] == cfg.optimizer.lr
+    # Every worker, CPU or GPU, hands DeepSpeed torch's fused Adam: no DeepSpeed op to compile on a GPU node.
+    assert ds.optimizer_name is None
+    opt = client_optimizer([torch.nn.Parameter(torch.zeros(2))], cfg)
+    assert type(opt) is (torch.optim.AdamW if cfg.optimizer.name == "adamw" else torch.optim.Adam)
+    assert opt.defaults["fused"] and opt.defaults["lr"] == cfg.optimizer.lr
+    assert ds.zero_force_ds_cpu_optimizer is not cfg.deepspeed.offload_optimizer
     offloaded = ds.zero_config.offload_optimizer
     assert (offloaded is not None and offloaded.device == "cpu") == cfg.deepspeed.offload_optimizer
 
@@ -94,8 +92,14 @@ def test_paper_job_is_the_paper_recipe(parse):
     assert (cfg.loss.diff_weight, cfg.loss.clip_weight, cfg.loss.diff_temperature) == (1.0, 0.0, 1.0)
     assert cfg.deepspeed.precision == "fp32"
     assert cfg.checkpoint_every and cfg.max_failures > 0
-    ds = parse(cfg, cfg.scaling.num_workers)
-    assert ds.optimizer_params["weight_decay"] == 0.0 and ds.optimizer_params["adam_w_mode"] is False
+    import torch
+
+    from pcd_ray.train.engine import client_optimizer
+
+    # The authors' torch.optim.Adam: no decoupled decay, no weight decay, default betas and eps.
+    opt = client_optimizer([torch.nn.Parameter(torch.zeros(2))], cfg)
+    assert type(opt) is torch.optim.Adam
+    assert (opt.defaults["weight_decay"], opt.defaults["betas"], opt.defaults["eps"]) == (0.0, (0.9, 0.999), 1e-8)
 
 
 def test_large_job_is_a_zero3_bf16_full_finetune(parse):
@@ -180,9 +184,9 @@ def test_submit_lines_in_the_job_and_the_training_guide(path):
     assert f"ray job submit --working-dir . -- {line}" in guide
 
 
-def test_cpu_workers_hand_deepspeed_torch_fused_adam():
-    """CPU workers: a client optimizer (torch's fused kernel) and no "optimizer" section; GPU workers: the section
-    (DeepSpeed's fused CUDA Adam); an ``optimizer`` in ``deepspeed.overrides`` wins on CPU too."""
+def test_workers_hand_deepspeed_torch_fused_adam():
+    """CPU and GPU workers: a client optimizer (torch's fused kernel, nothing for DeepSpeed to compile) and no
+    "optimizer" section; an ``optimizer`` in ``deepspeed.overrides`` wins (DeepSpeed builds that one)."""
     import torch
 
     from pcd_ray.config import TrainConfig
@@ -190,14 +194,12 @@ def test_cpu_workers_hand_deepspeed_torch_fused_adam():
 
     cfg = TrainConfig.model_validate({"optimizer": {"name": "adamw", "lr": 3e-5, "weight_decay": 0.1}})
     params = [torch.nn.Parameter(torch.zeros(3))]
-    opt = client_optimizer(params, cfg, use_gpu=False)
+    opt = client_optimizer(params, cfg)
     assert type(opt) is torch.optim.AdamW
     assert opt.defaults["fused"] and (opt.defaults["lr"], opt.defaults["weight_decay"]) == (3e-5, 0.1)
-    assert "optimizer" not in deepspeed_config(cfg, micro_batch=4, use_gpu=False)
-    assert client_optimizer(params, cfg, use_gpu=True) is None
-    section = deepspeed_config(cfg, micro_batch=4, use_gpu=True)["optimizer"]
-    assert section["type"] == "AdamW" and section["params"]["lr"] == 3e-5 and section["params"]["adam_w_mode"]
+    for use_gpu in (False, True):
+        assert "optimizer" not in deepspeed_config(cfg, micro_batch=4, use_gpu=use_gpu)
     own = cfg.model_copy(update={"deepspeed": cfg.deepspeed.model_copy(
         update={"overrides": {"optimizer": {"type": "Adam", "params": {"lr": 1e-4, "torch_adam": True}}}})})
-    assert client_optimizer(params, own, use_gpu=False) is None
+    assert client_optimizer(params, own) is None
     assert deepspeed_config(own, micro_batch=4, use_gpu=False)["optimizer"]["params"]["torch_adam"] is True

@@ -42,7 +42,7 @@ def _direct(job, storage) -> tuple[float, int, float]:
     import numpy as np
 
     from pcd_ray import artifacts
-    from pcd_ray.generate.engines import GenerateActor
+    from pcd_ray.generate.actor import GenerateActor
     from pcd_ray.generate.job import INPUT_COLUMNS
 
     table = artifacts.read_table(storage, job.generate.input, "pairs", columns=INPUT_COLUMNS)

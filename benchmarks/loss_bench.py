@@ -6,9 +6,9 @@
 
 Variants, each given the same two groups of unit features per rank (clip: image/caption with a learned scale;
 diff: difference/text at scale 1), b = p = --batch rows each:
-  fused      pcd_ray.model.fused_loss.fused_contrastive (one packed all-gather, chunked LSEs, no [n, N] logits);
+  fused      pcd_ray.model.loss.fused.fused_contrastive (one packed all-gather, chunked LSEs, no [n, N] logits);
   open_clip  open_clip's ClipLoss(local_loss=True, gather_with_grad=True), once per group (8 collectives a step);
-  reference  pcd_ray.model.loss.contrastive_loss, once per group (the float64 test oracle).
+  reference  pcd_ray.model.loss.reference.contrastive_loss, once per group (the float64 test oracle).
 Every (variant, world size, batch, dim) runs in fresh processes (W ranks, torch.multiprocessing + gloo on CPU; one
 process on the GPU), one thread per rank. Time: median over --iters timed steps (after one warm-up) of the
 slowest rank, the fastest of --rounds interleaved repeats. Memory on CPU:
@@ -47,7 +47,7 @@ def _make_loss(variant: str, rank: int, world: int, chunk: int):
     import torch
 
     if variant == "fused":
-        from pcd_ray.model.fused_loss import fused_contrastive
+        from pcd_ray.model.loss.fused import fused_contrastive
 
         def loss(i, t, d, u, scale):
             local, _, _ = fused_contrastive([(i, t, scale, None), (d, u, 1.0, None)], rank=rank, world_size=world,
@@ -61,7 +61,7 @@ def _make_loss(variant: str, rank: int, world: int, chunk: int):
         def loss(i, t, d, u, scale):
             return clip(i, t, scale) + clip(d, u, torch.ones((), device=i.device))
     else:
-        from pcd_ray.model.loss import contrastive_loss
+        from pcd_ray.model.loss.reference import contrastive_loss
 
         def loss(i, t, d, u, scale):
             return (contrastive_loss(i, t, scale, rank=rank, world_size=world)

@@ -136,7 +136,7 @@ def _ddp_step(ddp, params, opt, batch: dict, cfg, rank: int, world: int) -> None
 
     import torch
 
-    from pcd_ray.model.losses import compute_loss
+    from pcd_ray.model.loss import compute_loss
 
     feats = ddp(batch)
     out = compute_loss(feats, cfg.loss, logit_scale=feats["logit_scale"], rank=rank, world_size=world,

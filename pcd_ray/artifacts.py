@@ -148,7 +148,8 @@ def put_shard(storage: Storage, table, directory: str) -> str:
 
 
 class Appender:
-    """An artifact committed batch by batch, for jobs that must survive being killed (generation of millions of pairs).
+    """An artifact committed batch by batch, for jobs that must survive being killed (generation of millions of pairs);
+    the streaming stages use it through ``pcd_ray.sink``, which pairs a kept and a rejected one.
 
     Workers write shards under ``data/<attempt>/``; the driver lists them here and ``commit()`` rewrites the manifest
     atomically with the new shards added. A kill loses only shards written since the last commit, and those are never

@@ -24,7 +24,9 @@ STAGES = {
     "eval": "difference accuracy, zero-shot, comparative prompting, geometry, retrieval; base vs finetuned "
             "(JSON, Markdown, PNG); --compare puts several runs side by side",
     "serve": "host an export on Ray Serve (HTTP on 127.0.0.1 by default)",
-    "pipeline": "every stage of the job in order (up-to-date stages are skipped)",
+    "pipeline": "every stage of the job in dependency order (up-to-date stages are skipped; --dry-run: the plan)",
+    "status": "the job's stage graph: each output's state (up to date, stale and why, missing, incomplete), when "
+              "it was made, its rows; reads only manifests",
     "demo": "the whole method on the embedded default, then the base-vs-finetuned table",
     "config": "`config show`: print the resolved job config",
     "doctor": "check the environment against what the job needs (packages, GPU stack, DeepSpeed ops, cluster "
@@ -49,6 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--force", action="store_true", help="re-run stages that are up to date")
             p.add_argument("--only", type=lambda v: v.split(","), metavar="STAGE[,STAGE]",
                            help="run only these stages (comma-separated)")
+        if name == "pipeline":
+            p.add_argument("--dry-run", action="store_true", help="print the plan (pcd-ray status) and run nothing")
         if name == "serve":
             p.add_argument("--detach", action="store_true", help="start the app and return (Serve keeps running)")
         if name == "doctor":
@@ -83,16 +87,19 @@ def run(args: argparse.Namespace) -> int:
             write_json(rows, args.json, args.config)
         return 1 if failed(rows) else 0
 
-    from pcd_ray.pipeline import STAGES as PIPELINE, run_pipeline
+    from pcd_ray.pipeline import format_plan, plan, run_pipeline, run_stage
+    from pcd_ray.stages import BY_NAME
     from pcd_ray.storage import Storage
 
     storage = Storage(job.storage)
+    if args.stage == "status" or (args.stage == "pipeline" and args.dry_run):
+        steps = plan(job, storage, force=getattr(args, "force", False), only=getattr(args, "only", None))
+        print(format_plan(steps))
+        return 0
     if args.stage in ("pipeline", "demo"):
         results = run_pipeline(job, storage, force=args.force, only=args.only)
-        if args.stage == "demo" and isinstance(results.get("eval"), dict):
-            from pcd_ray.eval.report import format_table
-
-            print("\n" + format_table(results["eval"]))
+        if args.stage == "demo" and "eval" in results:
+            _print_report(results["eval"], job, storage)
         return 0
     if args.stage == "serve":
         from pcd_ray.serve.app import run_serve
@@ -108,15 +115,24 @@ def run(args: argparse.Namespace) -> int:
     from pcd_ray.runtime import init_ray
 
     init_ray(job.ray)
-    stage = next(s for s in PIPELINE if s.name == (args.section if args.stage == "train" else args.stage))
+    stage = BY_NAME[args.section if args.stage == "train" else args.stage]
     if stage.section(job) is None:
         raise ConfigError(f"{args.config}: no {stage.name!r} section")
-    result = stage.run(job, storage)
+    result = run_stage(stage, job, storage)
     if args.stage == "eval":
-        from pcd_ray.eval.report import format_table
-
-        print("\n" + format_table(result))
+        _print_report(result, job, storage)
     return 0
+
+
+def _print_report(report, job, storage) -> None:
+    """The base-vs-finetuned tables; a skipped (up-to-date) eval prints the report it made before."""
+    from pcd_ray.eval.report import format_table
+    from pcd_ray.provenance import REPORT_FILE
+    from pcd_ray.storage import join
+
+    if not isinstance(report, dict):
+        report = storage.read_json(join(storage.resolve(job.eval.output), REPORT_FILE))
+    print("\n" + format_table(report))
 
 
 def main(argv: list[str] | None = None) -> int:

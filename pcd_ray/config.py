@@ -159,6 +159,12 @@ class DataConfig(_Strict):
     max_image_bytes: int = Field(32 * 1024 * 1024, ge=1)
     max_image_pixels: int = Field(8192 * 8192, ge=1)
     """Images over either limit are rejected (decompression bombs), checked before decoding pixels."""
+    min_image_side: int = Field(16, ge=1)
+    """Images whose smaller side is below this many pixels are rejected (``image_too_small``): thumbnails,
+    tracking pixels and placeholders carry nothing a CLIP model can learn from."""
+    max_caption_chars: int = Field(1000, ge=1)
+    """Captions longer than this (after whitespace runs become one space) are rejected (``caption_too_long``):
+    COCO captions are about 50 characters, so a longer one is scraped page text, not a description."""
     rows_per_task: int = Field(1000, ge=1)
     """Rows per Ray task that fetches and checks images (one webdataset shard is always one task)."""
 

@@ -1,112 +1,102 @@
-"""The stages in order, and running them one by one or chained.
+"""Running stages one by one or chained, and the plan that says which would run.
 
-Each stage reads artifacts at URIs and writes artifacts at URIs, so ``pcd-ray <stage>`` runs it alone (also as
-``ray job submit -- pcd-ray <stage> ...``) and ``pcd-ray pipeline`` chains them. A chained stage whose output is
-already committed with the same config is skipped (re-running the demo resumes instead of starting over); once a
-stage runs, every later stage runs too, since its inputs changed.
+Every stage runs through ``run_stage``, whether ``pcd-ray <stage>`` (also under ``ray job submit``) or the
+pipeline: it takes the provenance record of the stage's inputs, runs the stage, and stamps the record into each
+output. ``pcd-ray pipeline`` runs the job's stages in dependency order and skips a stage whose outputs are up to
+date: committed, made by this config, from inputs whose commit ids are the current ones. Since a stage that ran
+gives its outputs new commit ids, the stages that read them are stale when their turn comes. ``plan`` predicts
+the same without running anything: ``pcd-ray status`` and ``pcd-ray pipeline --dry-run``.
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
-from pcd_ray import artifacts
+from pcd_ray import provenance
 from pcd_ray.config import JobConfig, dump
-from pcd_ray.storage import Storage, join
+from pcd_ray.provenance import State
+from pcd_ray.stages import Stage, ordered, upstream
+from pcd_ray.storage import Storage
 
 
-def _data(job: JobConfig, storage: Storage) -> Any:
-    from pcd_ray.data.readers import make_images_artifact
-
-    return make_images_artifact(job, storage)
-
-
-def _pairs(job: JobConfig, storage: Storage) -> Any:
-    from pcd_ray.data.pairs import sample_pairs
-
-    return sample_pairs(job, storage)
+def stage_state(stage: Stage, job: JobConfig, storage: Storage) -> State:
+    if stage.section(job) is None:
+        return State("no section")
+    return provenance.state(storage, stage.name, stage.config(job), stage.inputs(job), stage.outputs(job))
 
 
-def _generate(job: JobConfig, storage: Storage) -> Any:
-    from pcd_ray.generate.job import run_generate
-
-    return run_generate(job, storage)
-
-
-def _train(section: str) -> Callable[[JobConfig, Storage], Any]:
-    def run(job: JobConfig, storage: Storage) -> Any:
-        from pcd_ray.train.trainer import run_train
-
-        return run_train(job, storage, section)
-
-    return run
-
-
-def _embed(job: JobConfig, storage: Storage) -> Any:
-    from pcd_ray.embed.job import run_embed
-
-    return run_embed(job, storage)
-
-
-def _eval(job: JobConfig, storage: Storage) -> Any:
-    from pcd_ray.eval.job import run_eval
-
-    return run_eval(job, storage)
+def run_stage(stage: Stage, job: JobConfig, storage: Storage) -> Any:
+    """Run one stage and record in its outputs what they were made from; returns the stage's result."""
+    record = provenance.take(storage, stage.name, stage.config(job), stage.inputs(job))
+    result = stage.run(job, storage)
+    for output in stage.outputs(job):
+        provenance.stamp(storage, output, record)
+    return result
 
 
 @dataclass(frozen=True)
-class Stage:
-    name: str  # also the job-file section it reads
-    run: Callable[[JobConfig, Storage], Any]
-
-    def section(self, job: JobConfig):
-        return getattr(job, self.name)
-
-    def up_to_date(self, job: JobConfig, storage: Storage) -> bool:
-        """True when this stage's output is committed and was made by exactly this section's config."""
-        cfg = self.section(job)
-        if self.name in ("base_train", "train"):
-            done = join(cfg.output, "config.yaml")
-            return storage.exists(join(cfg.output, "export", "open_clip_config.json")) and \
-                storage.exists(done) and storage.read_text(done) == dump(cfg)
-        if self.name == "eval":
-            return False  # cheap, and its inputs (models) may have changed under the same URIs
-        uri = cfg.output
-        if not artifacts.exists(storage, uri):
-            return False
-        manifest = artifacts.read_manifest(storage, uri)
-        # An artifact committed piece by piece (generate) is up to date only once finished; a re-run resumes it.
-        return manifest.get("complete", True) and manifest.get("config") == cfg.model_dump(mode="json")
+class Step:
+    stage: str
+    outputs: list[str]
+    state: State
+    runs: bool
+    """Whether the pipeline would run it now (its own state, or a stage it reads from runs first)."""
 
 
-# embed sits between base_train (whose export it may embed with) and train (which reads it); like base_train it
-# runs only when the job has its section.
-STAGES = [Stage("data", _data), Stage("pairs", _pairs), Stage("generate", _generate),
-          Stage("base_train", _train("base_train")), Stage("embed", _embed), Stage("train", _train("train")),
-          Stage("eval", _eval)]
+def plan(job: JobConfig, storage: Storage, *, force: bool = False, only: list[str] | None = None) -> list[Step]:
+    """Each stage of the job in run order with its state, and whether ``run_pipeline`` would run it."""
+    deps = upstream(job, storage)
+    steps: list[Step] = []
+    running: set[str] = set()
+    for stage in ordered(job, storage):
+        state = stage_state(stage, job, storage)
+        selected = not only or stage.name in only
+        before = sorted(deps[stage.name] & running)
+        if state.current and before:
+            state = State("stale", f"{before[0]} runs first and changes its input", state.made, state.rows)
+        runs = selected and (force or not state.current)
+        if runs:
+            running.add(stage.name)
+        steps.append(Step(stage.name, [storage.resolve(o.uri) for o in stage.outputs(job)], state, runs))
+    return steps
+
+
+def format_plan(steps: list[Step], *, verb: str = "would run") -> str:
+    """The stage graph as a table: stage, state (and why), when made, rows, output; then what a pipeline run does."""
+    head = ("stage", "state", "made", "rows", "output")
+    rows = [(s.stage, s.state.status + (f": {s.state.reason}" if s.state.reason else ""), s.state.made or "-",
+             "-" if s.state.rows is None else str(s.state.rows), ", ".join(s.outputs)) for s in steps]
+    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(4)]
+    lines = ["  ".join(f"{c:<{w}}" for c, w in zip(r, widths)) + "  " + r[4] for r in [head, *rows]]
+    runs = [s.stage for s in steps if s.runs]
+    lines.append(f"pipeline {verb}: {', '.join(runs) if runs else 'nothing (all up to date)'}")
+    return "\n".join(lines)
 
 
 def run_pipeline(job: JobConfig, storage: Storage, *, force: bool = False,
                  only: list[str] | None = None) -> dict[str, Any]:
-    """Run every stage of the job in order (those with a section); returns {stage: result or "skipped"}."""
+    """Run every stage of the job that is not up to date, in dependency order; returns {stage: result or
+    "skipped"}. ``force`` runs them all; ``only`` limits the run to those stages."""
     from pcd_ray.runtime import init_ray
 
     init_ray(job.ray)
     results: dict[str, Any] = {}
-    dirty = force
     storage.write_text("job.yaml", dump(job))
-    for stage in STAGES:
-        if stage.section(job) is None or (only and stage.name not in only):
+    for stage in ordered(job, storage):
+        if only and stage.name not in only:
             continue
         t0 = time.perf_counter()
-        if not dirty and stage.up_to_date(job, storage):
+        # Judged now, not planned up front: a stage that ran gave its outputs new commit ids, so the stages that
+        # read them find themselves stale.
+        state = stage_state(stage, job, storage)
+        if state.current and not force:
             print(f"== {stage.name}: up to date, skipped", flush=True)
             results[stage.name] = "skipped"
             continue
-        dirty = True
-        print(f"== {stage.name} ...", flush=True)
-        results[stage.name] = stage.run(job, storage)
+        print(f"== {stage.name}: {state.status}{f' ({state.reason})' if state.reason else ''}; running ...",
+              flush=True)
+        results[stage.name] = run_stage(stage, job, storage)
         print(f"== {stage.name}: done in {time.perf_counter() - t0:.1f} s", flush=True)
     return results

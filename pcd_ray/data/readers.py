@@ -14,83 +14,86 @@ Sources (``DataConfig.source``), local or s3://, all streamed through Ray Data t
   binary, so one non-UTF-8 caption rejects its row instead of failing the file; JSON lines via ``read_json``).
 
 Every input row ends in exactly one artifact: ``images`` (image_id, split, caption, image bytes as stored, attributes
-null, source) or ``image_rejects`` (image_id, source, reason, detail), with reasons ``no_caption``,
-``empty_caption``, ``caption_not_utf8``, ``missing_image``, ``image_too_large``, ``corrupt_image``,
-``corrupt_shard``. Image bytes are checked by decoding them (the header's size first, so a bomb is rejected before
-its pixels are allocated) and stored unchanged.
+null, source) or ``image_rejects`` (image_id, source, reason, detail), with the reasons in ``REASONS``. Image bytes
+are checked by decoding them (the header's size first, so a bomb is rejected before its pixels are allocated) and
+stored unchanged. A source marks a row it could not read by setting its ``reason`` and ``detail`` columns; the
+checks raise ``RejectError``; ``pcd_ray.sink`` writes, commits and counts both artifacts.
+
+    make_images_artifact(job, storage)   # the data stage: job.data.source -> job.data.output + job.data.rejects
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import posixpath
 import re
-import sys
 import tarfile
-import time
-from collections import Counter
 from typing import Any, Iterator
 
 import numpy as np
+
+from pcd_ray.sink import RejectError
 
 log = logging.getLogger(__name__)
 
 IMAGE_COLUMNS = ["image_id", "split", "caption", "image", "attributes", "source"]
 REJECT_COLUMNS = ["image_id", "source", "reason", "detail"]
-REASONS = ("no_caption", "empty_caption", "caption_not_utf8", "missing_image", "image_too_large", "corrupt_image",
-           "corrupt_shard")
-# The columns every source produces before the checks; error (a reason code) is set when reading already failed.
-CANDIDATE_COLUMNS = ["image_id", "split", "caption", "image", "source", "error"]
+REASONS = ("no_caption", "empty_caption", "caption_not_utf8", "caption_too_long", "missing_image", "image_too_large",
+           "image_too_small", "corrupt_image", "corrupt_shard", "unknown_image_id")
+# The columns every source produces before the checks; reason (a code of REASONS) and detail are set when reading
+# already failed.
+CANDIDATE_COLUMNS = ["image_id", "split", "caption", "image", "source", "reason", "detail"]
 
 
 # ------------------------------------------------------------------------------------------------ the checks
-def _caption(value: Any) -> tuple[str | None, str | None]:
-    """(caption, None) or (None, reason). Whitespace runs (newlines in .txt members) become one space."""
+def _caption(value: Any, max_chars: int) -> str:
+    """The caption with whitespace runs (newlines in .txt members) made one space; raises RejectError."""
     if value is None:
-        return None, "no_caption"
+        raise RejectError("no_caption", "no caption")
     if isinstance(value, (bytes, bytearray, memoryview)):
         try:
             value = bytes(value).decode("utf-8")
-        except UnicodeDecodeError:
-            return None, "caption_not_utf8"
+        except UnicodeDecodeError as e:
+            raise RejectError("caption_not_utf8", str(e)) from None
     text = " ".join(str(value).split())
-    return (text, None) if text else (None, "empty_caption")
+    if not text:
+        raise RejectError("empty_caption", "the caption is only whitespace")
+    if len(text) > max_chars:
+        raise RejectError("caption_too_long", f"{len(text)} characters, over the limit of {max_chars}")
+    return text
 
 
-def _image(data: Any, max_bytes: int, max_pixels: int) -> tuple[str | None, str]:
-    """(None, "") for a usable image, else (reason, detail)."""
-    from pcd_ray.data.images import ImageDecodeError, decode_image
+def _check_image(data: Any, cfg) -> None:
+    """Raises RejectError unless ``data`` is an image within ``cfg``'s (DataConfig) limits."""
+    from pcd_ray.data.images import decode_image
 
     if data is None:
-        return "missing_image", "no image in the row"
+        raise RejectError("missing_image", "no image in the row")
     data = bytes(data)
-    if len(data) > max_bytes:
-        return "image_too_large", f"{len(data)} bytes, over the limit of {max_bytes}"
-    try:
-        decode_image(data, max_pixels=max_pixels)
-    except ImageDecodeError as e:
-        return ("image_too_large" if "over the limit" in str(e) or "too large" in str(e) else "corrupt_image"), str(e)
-    return None, ""
+    if len(data) > cfg.max_image_bytes:
+        raise RejectError("image_too_large", f"{len(data)} bytes, over the limit of {cfg.max_image_bytes}")
+    width, height = decode_image(data, max_pixels=cfg.max_image_pixels).size  # ImageDecodeError is a RejectError
+    if min(width, height) < cfg.min_image_side:
+        raise RejectError("image_too_small", f"image is {width}x{height}, under the minimum side of "
+                                             f"{cfg.min_image_side} pixels")
 
 
-def check_batch(batch, max_image_bytes: int, max_image_pixels: int):
+def check_batch(batch, cfg):
     """map_batches UDF: candidate rows -> the same rows with ``caption`` decoded and ``reason``/``detail`` set for
-    rows that cannot be used (null for good rows)."""
+    rows that cannot be used (null for good rows); ``cfg`` is the DataConfig with the limits."""
     import pyarrow as pa
 
     rows = batch.to_pylist()
     ids, captions, reasons, details = [], [], [], []
     for r in rows:
-        caption, reason, detail = None, r.get("error"), ""
-        if reason:
-            detail = reason.partition(": ")[2]
-            reason = reason.partition(": ")[0]
-        else:
-            caption, reason = _caption(r["caption"])
-            if reason is None:
-                reason, detail = _image(r["image"], max_image_bytes, max_image_pixels)
+        caption, reason, detail = None, r["reason"], r["detail"]
+        if reason is None:
+            try:
+                caption = _caption(r["caption"], cfg.max_caption_chars)
+                _check_image(r["image"], cfg)
+            except RejectError as e:
+                reason, detail = e.reason, e.detail
         image_id = r["image_id"]
         if image_id is None and r["image"] is not None:
             image_id = "sha1-" + hashlib.sha1(bytes(r["image"])).hexdigest()[:20]
@@ -115,7 +118,7 @@ def _candidates(columns: dict[str, list]):
 
     n = len(columns["source"])
     types = {"image_id": pa.string(), "split": pa.string(), "caption": pa.binary(), "image": pa.binary(),
-             "source": pa.string(), "error": pa.string()}
+             "source": pa.string(), "reason": pa.string(), "detail": pa.string()}
     out = {}
     for c in CANDIDATE_COLUMNS:
         values = columns.get(c, [None] * n)
@@ -126,28 +129,26 @@ def _candidates(columns: dict[str, list]):
 
 
 def fetch_images(batch, storage, uri_column: str = "uri"):
-    """map_batches UDF: read each row's image bytes from its URI (missing or unreadable -> error missing_image)."""
-    import pyarrow as pa
-
+    """map_batches UDF: read each row's image bytes from its URI (missing or unreadable -> missing_image); rows
+    whose ``reason`` is already set are passed on unread."""
     t = batch
-    images, errors = [], []
-    existing_err = t.column("error").to_pylist() if "error" in t.column_names else [None] * t.num_rows
-    for uri, err in zip(t.column(uri_column).to_pylist(), existing_err):
-        if err or uri is None:
-            images.append(None)
-            errors.append(err or "missing_image: no image URI")
-            continue
-        try:
-            images.append(storage.read_bytes(uri))
-            errors.append(None)
-        except (FileNotFoundError, IsADirectoryError, PermissionError, OSError) as e:
-            images.append(None)
-            errors.append(f"missing_image: {type(e).__name__}: {uri}")
-    cols = {c: t.column(c) for c in t.column_names if c not in ("image", "error", uri_column)}
-    cols["image"] = pa.array(images, pa.binary())
-    cols["error"] = pa.array(errors, pa.string())
-    cols.setdefault("source", t.column(uri_column))
-    return _candidates({c: (v.to_pylist() if hasattr(v, "to_pylist") else v) for c, v in cols.items()})
+    n = t.num_rows
+    reasons = t.column("reason").to_pylist() if "reason" in t.column_names else [None] * n
+    details = t.column("detail").to_pylist() if "detail" in t.column_names else [None] * n
+    images = []
+    for k, uri in enumerate(t.column(uri_column).to_pylist()):
+        image = None
+        if reasons[k] is None and uri is None:
+            reasons[k], details[k] = "missing_image", "no image URI"
+        elif reasons[k] is None:
+            try:
+                image = storage.read_bytes(uri)
+            except (FileNotFoundError, IsADirectoryError, PermissionError, OSError) as e:
+                reasons[k], details[k] = "missing_image", f"{type(e).__name__}: {uri}"
+        images.append(image)
+    cols = {c: t.column(c).to_pylist() for c in t.column_names if c not in ("image", "reason", "detail", uri_column)}
+    cols.setdefault("source", t.column(uri_column).to_pylist())
+    return _candidates({**cols, "image": images, "reason": reasons, "detail": details})
 
 
 # ------------------------------------------------------------------------------------------------- sources
@@ -159,7 +160,8 @@ def _blocks(table, rows_per_task: int):
 
 
 def read_coco(cfg, data_cfg, storage):
-    """COCO captions JSON + image folder -> candidate rows (one per image in the JSON's images[])."""
+    """COCO captions JSON + image folder -> candidate rows: one per image in the JSON's images[], plus an
+    ``unknown_image_id`` row per annotation naming an image that images[] does not list."""
     import pyarrow as pa
 
     from pcd_ray.storage import join
@@ -171,20 +173,29 @@ def read_coco(cfg, data_cfg, storage):
     by_image: dict[int, list[tuple[int, str]]] = {}
     for ann in meta["annotations"]:
         by_image.setdefault(ann["image_id"], []).append((ann.get("id", 0), ann.get("caption")))
-    ids, uris, captions = [], [], []
+    rows: dict[str, list] = {c: [] for c in ("image_id", "caption", "uri", "source", "reason", "detail")}
+
+    def add(image_id, caption, uri, source, reason=None, detail=None):
+        for c, v in zip(rows, (image_id, caption, uri, source, reason, detail)):
+            rows[c].append(v)
+
     for img in meta["images"]:
-        anns = sorted(by_image.get(img["id"], []), key=lambda a: a[0])
+        anns = sorted(by_image.pop(img["id"], []), key=lambda a: a[0])
         if not anns:
             caption = None
         elif cfg.caption == "first":
             caption = anns[0][1]
         else:
             caption = anns[int(np.random.default_rng([cfg.seed, int(img["id"])]).integers(len(anns)))][1]
-        ids.append(f"coco-{img['id']}")
-        uris.append(join(storage.resolve(cfg.images), *img["file_name"].split("/")))
-        captions.append(caption)
-    table = pa.table({"image_id": pa.array(ids, pa.string()), "split": pa.array([cfg.split] * len(ids), pa.string()),
-                      "caption": pa.array(captions, pa.string()), "uri": pa.array(uris, pa.string())})
+        uri = join(storage.resolve(cfg.images), *img["file_name"].split("/"))
+        add(f"coco-{img['id']}", caption, uri, uri)
+    annotations = storage.resolve(cfg.annotations)
+    for image_id, anns in by_image.items():  # what is left names no image of images[]
+        for ann_id, caption in sorted(anns, key=lambda a: a[0]):
+            add(f"coco-{image_id}", caption, None, f"{annotations}#annotation-{ann_id}", "unknown_image_id",
+                f"annotation {ann_id} names image id {image_id}, which images[] does not list")
+    table = pa.table({"split": pa.array([cfg.split] * len(rows["uri"]), pa.string()),
+                      **{c: pa.array(v, pa.string()) for c, v in rows.items()}})
     return _blocks(table, data_cfg.rows_per_task).map_batches(
         fetch_images, fn_args=(storage,), batch_format="pyarrow", batch_size=None)
 
@@ -242,7 +253,8 @@ def _tar_samples(stream, shard: str, cfg) -> Iterator[dict[str, Any]]:
 def _sample(key: str, members: dict[str, bytes], shard: str, cfg) -> dict[str, Any]:
     image = next((members[e] for e in cfg.image_members if e in members), None)
     return {"image_id": key, "split": cfg.split, "caption": members.get(cfg.caption_member), "image": image,
-            "source": f"{shard}#{key}", "error": None if image is not None else "missing_image: no image member"}
+            "source": f"{shard}#{key}", "reason": None if image is not None else "missing_image",
+            "detail": None if image is not None else "no image member"}
 
 
 def read_webdataset_shards(batch, storage, cfg, rows_per_block: int):
@@ -261,7 +273,7 @@ def read_webdataset_shards(batch, storage, cfg, rows_per_block: int):
         except (tarfile.TarError, EOFError, OSError) as e:
             log.warning("webdataset: %s is damaged after %d samples: %s", shard, len(rows), e)
             rows.append({"image_id": None, "split": cfg.split, "caption": None, "image": None,
-                         "source": shard, "error": f"corrupt_shard: {type(e).__name__}: {e}"})
+                         "source": shard, "reason": "corrupt_shard", "detail": f"{type(e).__name__}: {e}"})
         if rows:
             yield _candidates({c: [r[c] for r in rows] for c in CANDIDATE_COLUMNS})
 
@@ -294,7 +306,7 @@ def _parquet_rows(batch, cfg, storage):
         images = [r.get("bytes") if isinstance(r, dict) else r for r in raw]
         sources = [f"{cfg.image_column}[{k}]" for k in range(n)]
         return _candidates({"image_id": ids, "split": split, "caption": caption, "image": images,
-                            "source": sources, "error": [None] * n})
+                            "source": sources})
     uris = [None if u is None else (storage.resolve(join(cfg.uri_root, u)) if cfg.uri_root and "://" not in u
                                     else storage.resolve(u)) for u in t.column(cfg.uri_column).to_pylist()]
     ids = [i if i is not None or u is None else u for i, u in zip(ids, uris)]
@@ -363,72 +375,25 @@ SOURCES = {"coco": read_coco, "webdataset": read_webdataset, "parquet": read_par
 
 
 # ------------------------------------------------------------------------------------------------- the job
-def write_checked(table, storage, images_dir: str, rejects_dir: str):
-    """map_batches UDF: checked rows -> an images shard and a rejects shard; one row of names and counts back."""
-    import pyarrow as pa
-    import pyarrow.compute as pc
-
-    from pcd_ray.artifacts import put_shard
-
-    good_mask = pc.is_null(table.column("reason"))
-    good, bad = table.filter(good_mask), table.filter(pc.invert(good_mask))
-    return pa.table({
-        "images": [put_shard(storage, good.select(IMAGE_COLUMNS), images_dir) if good.num_rows else ""],
-        "images_rows": [good.num_rows],
-        "rejects": [put_shard(storage, bad.select(REJECT_COLUMNS), rejects_dir) if bad.num_rows else ""],
-        "rejects_rows": [bad.num_rows],
-        "reasons": [json.dumps(Counter(bad.column("reason").to_pylist()))],
-    })
-
-
 def read_images(job, storage) -> dict[str, Any]:
     """Read ``job.data``'s real dataset into the images artifact (and image_rejects); returns the images manifest.
 
+    Summary keys: source, rows_in, images, rejected, rejected_by_reason, wall_s, images_per_s.
     Raises ValueError / FileNotFoundError naming the path when the dataset is missing or not of the declared kind.
     """
-    from pcd_ray import artifacts
     from pcd_ray.runtime import init_ray
+    from pcd_ray.sink import Output, Sink
 
     data = job.data
-    src_cfg = getattr(data, data.source)
     init_ray(job.ray)
-    start = time.time()
-    config = data.model_dump(mode="json")
-    images = artifacts.Appender(storage, data.output, "images", columns=IMAGE_COLUMNS, config=config,
-                                identity=None, resume=False)
-    rejects = artifacts.Appender(storage, data.rejects, "image_rejects", columns=REJECT_COLUMNS, config=config,
-                                 identity=None, resume=False)
-    ds = SOURCES[data.source](src_cfg, data, storage)
-    ds = ds.map_batches(check_batch, fn_args=(data.max_image_bytes, data.max_image_pixels), batch_format="pyarrow",
-                        batch_size=None)
-    ds = ds.map_batches(write_checked, fn_args=(storage, images.staging, rejects.staging), batch_format="pyarrow",
-                        batch_size=None)
-    by_reason: Counter = Counter()
-    bar = None
-    if sys.stderr.isatty():
-        from tqdm import tqdm
-
-        bar = tqdm(unit="img", desc=f"data ({data.source})", dynamic_ncols=True)
-    for row in ds.iter_rows():
-        if row["images"]:
-            images.add(row["images"], row["images_rows"])
-        if row["rejects"]:
-            rejects.add(row["rejects"], row["rejects_rows"])
-        by_reason.update(json.loads(row["reasons"]))
-        if bar is not None:
-            bar.update(row["images_rows"] + row["rejects_rows"])
-    if bar is not None:
-        bar.close()
-    wall = time.time() - start
-    kept = images.total_rows
-    summary = {"source": data.source, "rows_in": kept + sum(by_reason.values()), "images": kept,
-               "rejected": sum(by_reason.values()), "rejected_by_reason": dict(sorted(by_reason.items())),
-               "wall_s": round(wall, 3), "images_per_s": round(kept / max(wall, 1e-9), 1)}
-    rejects.commit(summary, complete=True)
-    manifest = images.commit(summary, complete=True)
-    log.info("data (%s): %d images, %d rejected %s in %.1f s -> %s", data.source, kept, summary["rejected"],
-             summary["rejected_by_reason"], wall, images.base)
-    return manifest
+    # The source first: a missing dataset fails before either artifact is touched.
+    ds = SOURCES[data.source](getattr(data, data.source), data, storage)
+    sink = Sink(storage, "data", unit="image", kept=Output(data.output, "images", IMAGE_COLUMNS),
+                rejected=Output(data.rejects, "image_rejects", REJECT_COLUMNS), config=data.model_dump(mode="json"))
+    sink.run(ds, lambda rows: rows.map_batches(check_batch, fn_args=(data,), batch_format="pyarrow", batch_size=None),
+             summary=lambda t: {"source": data.source, "rows_in": t.kept + t.rejected, "images": t.kept,
+                                "images_per_s": round(t.per_s(t.kept), 1)})
+    return sink.kept.manifest
 
 
 def make_images_artifact(job, storage) -> dict[str, Any]:

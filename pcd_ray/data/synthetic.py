@@ -193,6 +193,12 @@ def make_images(job, storage) -> dict[str, Any]:
     manifest = artifacts.write_dataset(ds, storage, job.data.output, "images",
                                        config=job.data.model_dump(mode="json"), summary=summary,
                                        rows_per_file=cfg.rows_per_shard)
+    # Drawn images are never bad, but the data stage always leaves both of its outputs, so what reads (and
+    # records) image_rejects finds an empty artifact rather than none.
+    import pyarrow as pa
+
+    artifacts.write_table(pa.table({c: pa.array([], pa.string()) for c in ("image_id", "source", "reason", "detail")}),
+                          storage, job.data.rejects, "image_rejects", config=job.data.model_dump(mode="json"))
     wall = time.time() - start
     manifest = artifacts.update_summary(storage, job.data.output, wall_s=round(wall, 3),
                                         images_per_s=round(total / max(wall, 1e-9), 1))

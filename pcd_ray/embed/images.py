@@ -7,7 +7,10 @@ Output columns (the ``embeddings`` artifact's schema plus an error column):
   test normalises each embedding itself, and consumers that want unit vectors can normalise cheaply, while the norm
   cannot be recovered); null when the image could not be decoded;
 - ``model``: the model's source string (``LoadedModel.source``), so embeddings of several models can share a table;
-- ``error``: null, or why the row has no embedding ("not a decodable image: ...").
+- ``error``: null, or why the row has no embedding ("not a decodable image: ...");
+- ``reason`` (only with ``reasons=True``, what the embed stage asks for): null, or the reject code of that error
+  (``missing_image``, ``corrupt_image``, ``image_too_large``, ``preprocess_failed``; the data stage's codes where
+  they mean the same).
 
 A bad image never fails the batch: it becomes a row with a null embedding and a reason (DESIGN.md principle).
 """
@@ -36,13 +39,14 @@ class ImageEmbedder:
         max_pixels: images larger than this (width * height) are rejected before decoding (image bombs).
         init_seed: torch seed set before building the model; matters only for a spec without weights (random init),
             which must match the train loop's model (it seeds train.seed the same way).
+        reasons: add the ``reason`` column (see the module).
 
     Raises FileNotFoundError / RuntimeError from ``load_model`` when the spec names no loadable model: a wrong
     model is a configuration error that should stop the job, unlike a bad image.
     """
 
     def __init__(self, spec: ModelSpec, storage: Storage, batch_size: int = 64, device: str = "cpu",
-                 max_pixels: int | None = None, init_seed: int | None = None):
+                 max_pixels: int | None = None, init_seed: int | None = None, reasons: bool = False):
         import torch
 
         from pcd_ray.data.images import DEFAULT_MAX_PIXELS
@@ -60,27 +64,35 @@ class ImageEmbedder:
         self.batch_size = batch_size
         self.device = torch.device(device)
         self.max_pixels = DEFAULT_MAX_PIXELS if max_pixels is None else max_pixels
+        self.reasons = reasons
 
-    def _tensors(self, images: list[Any]) -> tuple[list[Any], list[str | None]]:
-        """Decode + preprocess each image alone, so one bad image costs one row, not the batch."""
-        from pcd_ray.data.images import ImageDecodeError, decode_image
+    def _tensor(self, data: Any) -> Any:
+        """One image's model input; raises RejectError when the image cannot be used."""
+        from pcd_ray.data.images import decode_image
+        from pcd_ray.sink import RejectError
+
+        if data is None:
+            raise RejectError("missing_image", "missing image bytes")
+        image = decode_image(bytes(data), max_pixels=self.max_pixels)  # ImageDecodeError is a RejectError
+        try:
+            return self.preprocess(image)
+        except Exception as e:  # a transform that chokes on an odd image is still that image's problem
+            raise RejectError("preprocess_failed", f"preprocess failed: {type(e).__name__}: {e}") from None
+
+    def _tensors(self, images: list[Any]) -> tuple[list[Any], list[Any]]:
+        """Decode + preprocess each image alone, so one bad image costs one row, not the batch: (tensors, errors),
+        a tensor or None and a RejectError or None per image."""
+        from pcd_ray.sink import RejectError
 
         tensors: list[Any] = []
-        errors: list[str | None] = []
+        errors: list[RejectError | None] = []
         for data in images:
-            if data is None:
-                tensors.append(None)
-                errors.append("missing image bytes")
-                continue
             try:
-                tensors.append(self.preprocess(decode_image(bytes(data), max_pixels=self.max_pixels)))
+                tensors.append(self._tensor(data))
                 errors.append(None)
-            except ImageDecodeError as e:
+            except RejectError as e:
                 tensors.append(None)
-                errors.append(str(e))
-            except Exception as e:  # a transform that chokes on an odd image is still that image's problem
-                tensors.append(None)
-                errors.append(f"preprocess failed: {type(e).__name__}: {e}")
+                errors.append(e)
         return tensors, errors
 
     def embed_tensors(self, tensors: list[Any]) -> Any:
@@ -117,16 +129,20 @@ class ImageEmbedder:
         if len(good) < len(images):
             log.warning("%d of %d images not embedded; first reason: %s", len(images) - len(good), len(images),
                         next(e for e in errors if e))
-        return pa.table({
+        columns = {
             "image_id": ids,
             "embedding": embedding,
             "model": pa.array([self.source] * len(images), type=pa.string()),
-            "error": pa.array(errors, type=pa.string()),
-        })
+            "error": pa.array([None if e is None else str(e) for e in errors], type=pa.string()),
+        }
+        if self.reasons:
+            columns["reason"] = pa.array([None if e is None else e.reason for e in errors], type=pa.string())
+        return pa.table(columns)
 
 
 def embed_images(ds, spec: ModelSpec, storage: Storage, *, batch_size: int = 64, num_actors: int = 1,
-                 num_gpus: float = 0, num_cpus: float | None = None, init_seed: int | None = None):
+                 num_gpus: float = 0, num_cpus: float | None = None, init_seed: int | None = None,
+                 reasons: bool = False):
     """Embed every row of a Dataset with ``image_id`` + ``image`` columns; lazy, returns a Dataset.
 
     Args:
@@ -137,9 +153,9 @@ def embed_images(ds, spec: ModelSpec, storage: Storage, *, batch_size: int = 64,
         num_actors: size of the fixed actor pool (each actor holds one copy of the model).
         num_gpus: GPUs per actor; > 0 puts the image tower on CUDA (a GPU cluster), 0 runs it on CPU.
         num_cpus: CPUs per actor (Ray's default of 1 when None).
-        init_seed: see ``ImageEmbedder``.
+        init_seed, reasons: see ``ImageEmbedder``.
 
-    Returns a Dataset with columns image_id, embedding, model, error (one row per input row).
+    Returns a Dataset with columns image_id, embedding, model, error[, reason] (one row per input row).
     Raises ValueError when ``ds`` lacks the input columns.
     """
     import ray.data
@@ -158,7 +174,8 @@ def embed_images(ds, spec: ModelSpec, storage: Storage, *, batch_size: int = 64,
     return ds.select_columns(INPUT_COLUMNS).map_batches(
         ImageEmbedder,
         fn_constructor_kwargs={"spec": spec, "storage": storage, "batch_size": batch_size,
-                               "device": "cuda" if num_gpus else "cpu", "init_seed": init_seed},
+                               "device": "cuda" if num_gpus else "cpu", "init_seed": init_seed,
+                               "reasons": reasons},
         batch_size=batch_size,
         batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(size=num_actors),

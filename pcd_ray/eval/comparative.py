@@ -24,13 +24,10 @@ from typing import Callable, Sequence
 import numpy as np
 
 from pcd_ray.eval.zeroshot import confusion_matrix
+from pcd_ray.vectors import normalise
 
 EPS = 1e-12
 Pair = tuple[int, int]
-
-
-def _unit(x: np.ndarray) -> np.ndarray:
-    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), EPS)
 
 
 def most_confused_pairs(confusion: np.ndarray, n: int, allowed: Callable[[int, int], bool] | None = None) -> list[Pair]:
@@ -52,14 +49,14 @@ def most_confused_pairs(confusion: np.ndarray, n: int, allowed: Callable[[int, i
 def comparative_embeddings(class_emb: np.ndarray, comparatives: dict[Pair, np.ndarray], alpha: float) -> np.ndarray:
     """[k, D] unit class embeddings h (module formula); ``comparatives`` maps ordered (i, j) to d_ij (normalised
     here)."""
-    t = _unit(np.asarray(class_emb, dtype=np.float64))
+    t = normalise(class_emb, eps=EPS, dtype=np.float64)
     h = t.copy()
     by_target: dict[int, list[np.ndarray]] = {}
     for (i, j), d in comparatives.items():
-        by_target.setdefault(j, []).append(t[i] - _unit(np.asarray(d, dtype=np.float64)))
+        by_target.setdefault(j, []).append(t[i] - normalise(d, eps=EPS, dtype=np.float64))
     for j, terms in by_target.items():
         h[j] = alpha * t[j] + (1.0 - alpha) * np.mean(terms, axis=0)
-    return _unit(h)
+    return normalise(h, eps=EPS)
 
 
 def _accuracy(images: np.ndarray, labels: np.ndarray, h: np.ndarray) -> tuple[float | None, np.ndarray]:
@@ -127,9 +124,9 @@ def comparative_prompting(image_emb: np.ndarray, labels: np.ndarray, class_emb: 
 
     Returns {"alpha", "n_pairs", "protocols": {"paper": ..., "heldout": ...}} (accuracies in %).
     """
-    images = _unit(np.asarray(image_emb, dtype=np.float64))
+    images = normalise(image_emb, eps=EPS, dtype=np.float64)
     labels = np.asarray(labels, dtype=np.int64)
-    t = _unit(np.asarray(class_emb, dtype=np.float64))
+    t = normalise(class_emb, eps=EPS, dtype=np.float64)
     k = len(classes)
     texts = {(i, j): comparative_text(i, j) for i in range(k) for j in range(k) if i != j}
     texts = {p: s for p, s in texts.items() if s}

@@ -24,6 +24,7 @@ from typing import Callable, Literal, Sequence
 import numpy as np
 
 from pcd_ray.data.attributes import EVAL_TEMPLATES, ORDERED, eval_sentence
+from pcd_ray.vectors import difference_direction, normalise
 
 DEFAULT_ATTRIBUTES = tuple(ORDERED)
 EPS = 1e-12
@@ -123,11 +124,9 @@ def pair_scores(image_emb: np.ndarray, pairs: np.ndarray, text_emb: np.ndarray) 
 
     Two images with the same embedding give a zero difference and score 0, which is not > 0: no credit.
     """
-    g = image_emb / np.maximum(np.linalg.norm(image_emb, axis=1, keepdims=True), EPS)
-    d = g[pairs[:, 0]] - g[pairs[:, 1]]
-    d /= np.maximum(np.linalg.norm(d, axis=1, keepdims=True), EPS)
-    t = text_emb / np.maximum(np.linalg.norm(text_emb, axis=1, keepdims=True), EPS)
-    return np.sum(t * d, axis=1)
+    g = normalise(image_emb, eps=EPS)  # once per image, not once per pair it appears in
+    d, _ = difference_direction(g[pairs[:, 0]], g[pairs[:, 1]], eps=EPS, normalised=True)
+    return np.sum(normalise(text_emb, eps=EPS) * d, axis=1)
 
 
 def summarize(per_seed: Sequence[float | None]) -> tuple[float | None, float | None]:

@@ -19,23 +19,20 @@ from typing import Sequence
 import numpy as np
 
 from pcd_ray.eval.difference import summarize
+from pcd_ray.vectors import difference_direction, normalise
 
 EPS = 1e-12
 
 
-def _unit(x: np.ndarray) -> np.ndarray:
-    x = np.asarray(x, dtype=np.float64)
-    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), EPS)
-
-
 def difference_distances(class_emb: np.ndarray, comparatives: dict[tuple[int, int], np.ndarray]) -> dict:
     """Mean forward / reverse distance over the comparative pairs, with standard errors over pairs."""
-    t = _unit(class_emb)
+    t = normalise(class_emb, eps=EPS, dtype=np.float64)
     pairs = sorted(comparatives)
     if not pairs:
         return {"forward": None, "reverse": None, "forward_stderr": None, "reverse_stderr": None, "num_pairs": 0}
-    d = _unit(np.stack([comparatives[p] for p in pairs]))
-    diff = _unit(np.stack([t[i] - t[j] for i, j in pairs]))
+    d = normalise(np.stack([comparatives[p] for p in pairs]), eps=EPS, dtype=np.float64)
+    first, second = np.asarray(pairs).T
+    diff, _ = difference_direction(t[first], t[second], eps=EPS, normalised=True, dtype=np.float64)
     fwd = 1.0 - np.sum(diff * d, axis=1)
     rev = 1.0 + np.sum(diff * d, axis=1)
     se = (lambda x: float(x.std(ddof=1) / np.sqrt(len(x))) if len(x) > 1 else None)  # noqa: E731
@@ -55,10 +52,10 @@ def analogy_accuracy(image_emb: np.ndarray, grid: np.ndarray, class_emb: np.ndar
 
     Returns {"text": {...}, "image": {...}, "chance_text", "chance_image"} with accuracy/stderr/per_seed entries.
     """
-    g = _unit(image_emb)
+    g = normalise(image_emb, eps=EPS, dtype=np.float64)
     grid = np.asarray(grid, dtype=np.int64)
     U, V = class_emb.shape[:2]
-    t = _unit(class_emb.reshape(U * V, -1))
+    t = normalise(class_emb.reshape(U * V, -1), eps=EPS, dtype=np.float64)
     cell = grid[:, 0] * V + grid[:, 1]
     members = {c: np.flatnonzero(cell == c) for c in range(U * V)}
     res = {"text": [], "image": []}

@@ -21,15 +21,11 @@ import numpy as np
 
 from pcd_ray.data.attributes import ORDERED, eval_sentence
 from pcd_ray.eval.difference import summarize
+from pcd_ray.vectors import normalise
 
 EPS = 1e-12
 CHUNK = 2048
 MAX_CELLS = 1 << 24  # 16M similarities (128 MB) per block, whatever the number of candidates
-
-
-def _unit(x: np.ndarray) -> np.ndarray:
-    x = np.asarray(x, dtype=np.float64)
-    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), EPS)
 
 
 def _flat(lists: Sequence[np.ndarray], start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
@@ -43,7 +39,7 @@ def best_correct_rank(queries: np.ndarray, candidates: np.ndarray, correct: Sequ
                       exclude: Sequence[np.ndarray] | None = None) -> np.ndarray:
     """Per query, how many candidates score strictly above its best correct candidate (0 = top); -1 when the
     query has no correct candidate. ``exclude`` removes candidates per query (the query image itself)."""
-    q, c = _unit(queries), _unit(candidates)
+    q, c = normalise(queries, eps=EPS, dtype=np.float64), normalise(candidates, eps=EPS, dtype=np.float64)
     ranks = np.full(len(q), -1, dtype=np.int64)
     chunk = max(1, min(CHUNK, MAX_CELLS // max(len(c), 1)))  # bounds the [chunk, candidates] similarity block
     for s in range(0, len(q), chunk):
@@ -77,7 +73,7 @@ def caption_retrieval(image_emb: np.ndarray, caption_emb: np.ndarray, caption_im
 
 def difference_scale(image_emb: np.ndarray, rng: np.random.Generator, samples: int = 2000) -> float:
     """Median |ĝ(x) - ĝ(y)| over random pairs of distinct images."""
-    g = _unit(image_emb)
+    g = normalise(image_emb, eps=EPS, dtype=np.float64)
     i, j = rng.integers(len(g), size=samples), rng.integers(len(g), size=samples)
     keep = i != j
     return float(np.median(np.linalg.norm(g[i[keep]] - g[j[keep]], axis=1))) if keep.any() else 0.0
@@ -89,11 +85,11 @@ def conditioned_retrieval(image_emb: np.ndarray, attrs: Sequence[dict],
                           attributes: Sequence[str] = tuple(ORDERED)) -> dict:
     """"Like A but more/less <attribute>" over seeds (module docstring). Hits in %; mean ± s.e. over seeds of the
     mean over attributes, per k, for the text-conditioned query and the image-only reference."""
-    g = _unit(image_emb)
+    g = normalise(image_emb, eps=EPS, dtype=np.float64)
     rank = {a: np.asarray([ORDERED[a].index(x[a]) for x in attrs]) for a in attributes}
     ident = np.asarray([f"{x['kind']}/{x['colour']}" for x in attrs])
     sentences = {(a, d): eval_sentence(a, d, 0) for a in attributes for d in (1, -1)}
-    text = dict(zip(sentences, _unit(np.asarray(encode_texts(list(sentences.values())), dtype=np.float64))))
+    text = dict(zip(sentences, normalise(encode_texts(list(sentences.values())), eps=EPS, dtype=np.float64)))
     per_seed: dict[str, dict[int, list]] = {"text": {k: [] for k in ks}, "image": {k: [] for k in ks}}
     counts = []
     for seed in seeds:

@@ -13,12 +13,9 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 
 from pcd_ray.data.attributes import ZEROSHOT_TASKS, ZEROSHOT_TEMPLATE, zeroshot_label
+from pcd_ray.vectors import normalise
 
 EPS = 1e-12
-
-
-def _normalise(x: np.ndarray) -> np.ndarray:
-    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), EPS)
 
 
 def prompts(tasks: Mapping[str, Mapping[str, str]], template: str = ZEROSHOT_TEMPLATE) -> dict[str, list[str]]:
@@ -60,8 +57,8 @@ def zeroshot_accuracy(image_emb: np.ndarray, attrs: Sequence[dict | None],
     text_emb = np.asarray(encode_texts(flat), dtype=np.float64)
     if len(text_emb) != len(flat):
         raise ValueError(f"encode_texts returned {len(text_emb)} rows for {len(flat)} prompts")
-    text_emb = _normalise(text_emb)
-    images = _normalise(image_emb)
+    text_emb = normalise(text_emb, eps=EPS)
+    images = normalise(image_emb, eps=EPS)
 
     out: dict = {"template": template, "tasks": {}}
     offset = 0
@@ -102,8 +99,8 @@ def class_embeddings(encode_texts: Callable[[list[str]], np.ndarray], classnames
     emb = np.asarray(encode_texts(texts), dtype=np.float64)
     if len(emb) != len(texts):
         raise ValueError(f"encode_texts returned {len(emb)} rows for {len(texts)} prompts")
-    emb = _normalise(emb).reshape(len(classnames), len(templates), -1).mean(axis=1)
-    return _normalise(emb)
+    emb = normalise(emb, eps=EPS).reshape(len(classnames), len(templates), -1).mean(axis=1)
+    return normalise(emb, eps=EPS)
 
 
 def top_confused(confusion: np.ndarray, classes: Sequence[str], n: int = 5) -> list[list]:
@@ -122,7 +119,7 @@ def labelled_zeroshot(image_emb: np.ndarray, labels: np.ndarray, class_emb: np.n
     Returns {"accuracy", "chance", "num_images", "num_classes", "top_confused", "confusion" (only for
     k <= max_confusion_classes: a 397-class matrix does not belong in a report)}.
     """
-    pred = np.argmax(_normalise(np.asarray(image_emb, dtype=np.float64)) @ class_emb.T, axis=1)
+    pred = np.argmax(normalise(image_emb, eps=EPS, dtype=np.float64) @ class_emb.T, axis=1)
     cm = confusion_matrix(np.asarray(labels), pred, len(classes))
     out = {"accuracy": float(100.0 * np.mean(pred == labels)), "chance": 100.0 / len(classes),
            "num_images": int(len(labels)), "num_classes": len(classes), "top_confused": top_confused(cm, classes)}

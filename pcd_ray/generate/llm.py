@@ -1,11 +1,11 @@
 """LLM engines of the generate stage: ``TransformersEngine`` (any causal LM, CPU or GPU) and ``VLLMEngine``.
 
-Both implement ``engines.Engine``: a batch's ``prompt`` column (the user message of the configured prompt version)
+Both implement ``base.Engine``: a batch's ``prompt`` column (the user message of the configured prompt version)
 is wrapped in the tokenizer's chat template per ``llm.chat_template``, encoded, and sampled with ``cfg.sampling``;
 each row's output is a ``Generated(text, tokens)`` or an ``EngineRowError`` that rejects only that row.
 
-torch, transformers and vllm are imported inside the constructors (this module is imported by ``engines.make_engine``
-in every generate actor, including the rule engine's). See docs/GENERATION.md.
+torch, transformers and vllm are imported inside the constructors (``actor.py`` imports this module in every generate
+actor, the rule engine's included). See docs/GENERATION.md.
 """
 
 from __future__ import annotations
@@ -13,28 +13,17 @@ from __future__ import annotations
 import gc
 import logging
 import os
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import numpy as np
 
 from pcd_ray.config import GenerateConfig
-from pcd_ray.generate.engines import EngineRowError, Generated, pair_seed
+from pcd_ray.generate.base import EngineRowError, Generated, batch_seed, request_seed
 from pcd_ray.generate.prompts import chat_prompt, uses_chat_template
 
 log = logging.getLogger(__name__)
 
 Output = Generated | EngineRowError
-
-
-def request_seed(seed: int, pair_id: str) -> int:
-    """A 32-bit seed for one pair's request: stable per (seed, pair id), independent of batching."""
-    return int(np.random.SeedSequence(pair_seed(seed, pair_id)).generate_state(1)[0])
-
-
-def batch_seed(seed: int, pair_ids: Sequence[str]) -> int:
-    """A 32-bit seed for a whole batch (engines without per-request seeds): the same batch samples the same text."""
-    entropy = [seed] + [pair_seed(seed, p)[1] for p in pair_ids]
-    return int(np.random.SeedSequence(entropy).generate_state(1)[0])
 
 
 class _LLMEngine:

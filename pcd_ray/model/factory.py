@@ -54,13 +54,14 @@ class LoadedModel:
         """Texts -> float32 numpy [n, D] text embeddings with the model's own tokenizer, in chunks of batch_size."""
         import numpy as np
         import torch
-        import torch.nn.functional as F
+
+        from pcd_ray.vectors import EPS, normalise_torch
 
         out = [np.zeros((0, self.embed_dim), dtype=np.float32)]
         with torch.inference_mode():
             for start in range(0, len(texts), batch_size):
                 emb = self.model.encode_text(self.tokenizer(list(texts[start:start + batch_size]))).float()
-                out.append((F.normalize(emb, dim=-1) if normalize else emb).cpu().numpy())
+                out.append((normalise_torch(emb, eps=EPS) if normalize else emb).cpu().numpy())
         return np.concatenate(out)
 
 

@@ -1,6 +1,6 @@
 """The module a train step runs: a CLIP model turned into the feature dict the loss reads.
 
-``PairEncoder(batch)`` returns features with the fixed keys of ``loss.pc_clip_loss`` (``image_a``/``image_b``/
+``PairEncoder(batch)`` returns features with the fixed keys of ``pcd_ray.model.loss`` (``image_a``/``image_b``/
 ``diff_text`` for the difference group, ``image``/``caption`` for the CLIP group; the loss normalises them) plus the
 log-scales it needs (``logit_scale``, and ``diff_logit_scale`` when that is learned).
 

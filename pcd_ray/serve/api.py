@@ -29,6 +29,7 @@ class ModelBackend(Protocol):
     """What the routes need from a replica. Embeddings are float32 [n, D] with unit rows."""
 
     source: str
+    """The model every response names (ModelInfo.name)."""
     embed_dim: int
     max_image_pixels: int
 

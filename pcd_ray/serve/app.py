@@ -58,7 +58,7 @@ class PCDModelServer:
         self.token = read_token(cfg.auth_token_env)
         self.runner = ModelRunner(cfg.model, Storage(storage_cfg), device=pick_device())
         self.cache = TextCache(cfg.text_cache_size)
-        self.source, self.embed_dim = self.runner.loaded.source, self.runner.embed_dim
+        self.source, self.embed_dim = self.runner.public_name, self.runner.embed_dim
         self.max_image_pixels = cfg.max_image_pixels
         for queue in (self._text_batch, self._image_batch):
             queue.set_max_batch_size(cfg.max_batch_size)
@@ -105,12 +105,12 @@ class PCDModelServer:
         return await asyncio.to_thread(self.runner.encode_images, pixels)
 
     def info(self) -> ModelInfo:
-        spec = self.cfg.model
-        name = spec.checkpoint or (f"{spec.name}:{spec.pretrained}" if spec.pretrained else spec.name)
+        detail = ({"source": self.runner.loaded.source, "meta": self.runner.loaded.meta}
+                  if self.token is not None else None)
         return ModelInfo(
-            name=name, source=self.source, export_id=self.runner.export_id, embed_dim=self.embed_dim,
-            device=self.runner.device, batching=self.cfg.batching, model_cfg=self.runner.loaded.model_cfg,
-            meta=self.runner.loaded.meta,
+            name=self.source, weights_id=self.runner.weights_id, provenance=self.runner.provenance(),
+            embed_dim=self.embed_dim, device=self.runner.device, batching=self.cfg.batching,
+            model_cfg=self.runner.loaded.model_cfg, detail=detail,
             limits={"max_request_bytes": self.cfg.max_request_bytes, "max_image_pixels": self.max_image_pixels,
                     "max_items": MAX_ITEMS, "max_labels": MAX_LABELS, "max_text_chars": MAX_TEXT_CHARS},
             text_cache={"capacity": self.cache.size, "entries": len(self.cache), "hits": self.cache.hits,

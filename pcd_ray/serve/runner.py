@@ -12,9 +12,11 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from pcd_ray import provenance
 from pcd_ray.config import ModelSpec
 from pcd_ray.model.factory import LoadedModel, load_model
 from pcd_ray.storage import Storage
+from pcd_ray.vectors import EPS, normalise_torch
 
 
 def pick_device() -> str:
@@ -26,8 +28,9 @@ def pick_device() -> str:
     return "cuda" if gpu_ids and torch.cuda.is_available() else "cpu"
 
 
-def weights_id(state_dict: dict[str, Any]) -> str:
-    """sha256 over (name, dtype, shape, bytes) of every tensor in name order -> first 16 hex digits."""
+def tensors_id(state_dict: dict[str, Any]) -> str:
+    """sha256 over (name, dtype, shape, bytes) of every tensor in name order -> first 16 hex digits: the id of a
+    model loaded by name, which has no weights file to hash."""
     import torch
 
     h = hashlib.sha256()
@@ -46,7 +49,27 @@ class ModelRunner:
         self.device = device
         self.loaded: LoadedModel = load_model(spec, storage, device=device)
         self.loaded.model.eval()
-        self.export_id = weights_id(self.loaded.model.state_dict())
+        if spec.checkpoint:
+            # The id pipelines record for this export (its weights file's sha256), so a client can match what it
+            # is served against a run's provenance.
+            self.weights_id = provenance.weights_id(storage, spec.checkpoint) or ""
+            self.name = "/".join(storage.resolve(spec.checkpoint).rstrip("/").split("/")[-2:])
+        else:
+            self.weights_id = tensors_id(self.loaded.model.state_dict())
+            self.name = f"{spec.name}:{spec.pretrained}" if spec.pretrained else f"{spec.name} (random init)"
+
+    @property
+    def public_name(self) -> str:
+        """What every response names as its model: no server path, and the weights id, so two replicas serving
+        different weights under one URI never look alike."""
+        return f"{self.name}@{self.weights_id}"
+
+    def provenance(self) -> dict[str, Any]:
+        """The export's record without locations: the stage, when, and each input's commit id."""
+        record = self.loaded.meta.get("provenance") or {}
+        return {"stage": record.get("stage"), "made": record.get("made"),
+                "inputs": {k: {"kind": v.get("kind"), "commit": v.get("commit")}
+                           for k, v in (record.get("inputs") or {}).items()}} if record else {}
 
     @property
     def embed_dim(self) -> int:
@@ -60,20 +83,18 @@ class ModelRunner:
         """Texts -> [n, D] unit float32 text embeddings in one forward pass (the tokenizer pads to a fixed length,
         so an embedding does not depend on what else is in the batch)."""
         import torch
-        import torch.nn.functional as F
 
         with torch.inference_mode():
             tokens = self.loaded.tokenizer(list(texts)).to(self.device)
-            return F.normalize(self.loaded.model.encode_text(tokens).float(), dim=-1).cpu().numpy()
+            return normalise_torch(self.loaded.model.encode_text(tokens).float(), eps=EPS).cpu().numpy()
 
     def encode_images(self, pixels: Sequence[Any]) -> np.ndarray:
         """Preprocessed images ([3, H, W] tensors) -> [n, D] unit float32 image embeddings in one forward pass."""
         import torch
-        import torch.nn.functional as F
 
         with torch.inference_mode():
             batch = torch.stack(list(pixels)).to(self.device)
-            return F.normalize(self.loaded.model.encode_image(batch).float(), dim=-1).cpu().numpy()
+            return normalise_torch(self.loaded.model.encode_image(batch).float(), eps=EPS).cpu().numpy()
 
 
 class TextCache:

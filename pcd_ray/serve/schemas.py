@@ -60,7 +60,7 @@ class EmbedRequest(_Body):
 
 class EmbedResponse(_Body):
     model: str
-    """Where the served weights came from (LoadedModel.source)."""
+    """The served model: ``name@weights_id`` as in GET /v1/model, never a server path."""
     dim: int
     """Embedding dimension D."""
     text_embeddings: list[list[float]] = Field(default_factory=list)
@@ -178,18 +178,23 @@ class ModelInfo(_Body):
     """GET /v1/model: what this replica serves and the limits it enforces."""
 
     name: str
-    """The model spec served: the export URI, or the open_clip name and pretrained tag."""
-    source: str
-    export_id: str
-    """sha256 (first 16 hex digits) of the weights' names, dtypes, shapes and bytes: same weights, same id,
-    wherever they are stored."""
+    """What every response's ``model`` names: the export's last two path components (``train/export``) or the
+    open_clip name and tag, then ``@`` and the weights id."""
+    weights_id: str
+    """For an export, the first 16 hex digits of its weights file's sha256: the commit id pcd-ray's provenance
+    records for it. For a model loaded by name, the sha256 of its tensors (names, dtypes, shapes, bytes)."""
+    provenance: dict[str, Any]
+    """What the export was made from: ``stage``, ``made`` (UTC) and ``inputs`` (name -> kind and commit id); empty
+    for a model loaded by name."""
     embed_dim: int
     device: str
     batching: bool
     model_cfg: dict[str, Any]
     """open_clip model config (embed_dim, vision_cfg, text_cfg)."""
-    meta: dict[str, Any]
-    """pcd_ray.json of the export (base model, run, step); empty for a non-export model."""
+    detail: dict[str, Any] | None = None
+    """Only when auth is on (so only for a caller with the token): ``source`` (where the weights were loaded
+    from), ``meta`` (the export's pcd_ray.json: the training config and the provenance with input URIs). None when
+    auth is off, so an open server reveals no paths or configs."""
     limits: dict[str, int]
     """max_request_bytes, max_image_pixels, max_items, max_labels, max_text_chars."""
     text_cache: dict[str, int]

@@ -9,12 +9,9 @@ from typing import Sequence
 
 import numpy as np
 
+from pcd_ray.vectors import difference_direction, normalise
+
 EPS = 1e-12
-
-
-def _normalise(x: np.ndarray) -> np.ndarray:
-    x = np.asarray(x, dtype=np.float64)
-    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), EPS)
 
 
 def difference_scores(text_emb: np.ndarray, emb_a: np.ndarray, emb_b: np.ndarray) -> np.ndarray:
@@ -22,7 +19,8 @@ def difference_scores(text_emb: np.ndarray, emb_a: np.ndarray, emb_b: np.ndarray
 
     Identical images give d = 0 and scores 0 (the floor keeps NaN out of the JSON).
     """
-    return np.asarray(text_emb, dtype=np.float64) @ _normalise(np.asarray(emb_a) - np.asarray(emb_b))
+    d, _ = difference_direction(emb_a, emb_b, eps=EPS, normalised=True, dtype=np.float64)
+    return np.asarray(text_emb, dtype=np.float64) @ d
 
 
 def rank_scores(text_emb: np.ndarray, image_emb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -62,4 +60,4 @@ def comparative_class_embeddings(class_emb: np.ndarray, comparatives: Sequence[t
 
 def classify_scores(image_emb: np.ndarray, class_emb: np.ndarray) -> np.ndarray:
     """cos(g(x), h_c) for one unit image embedding [D] and class embeddings [C, D] -> [C]."""
-    return _normalise(class_emb) @ np.asarray(image_emb, dtype=np.float64)
+    return normalise(class_emb, eps=EPS, dtype=np.float64) @ np.asarray(image_emb, dtype=np.float64)

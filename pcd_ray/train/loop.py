@@ -181,7 +181,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     import ray.train
     import torch
 
-    from pcd_ray.model.losses import compute_loss
+    from pcd_ray.model.loss import compute_loss
     from pcd_ray.train.engine import init_engine
     from pcd_ray.train.metrics import MetricsLog
 

@@ -2,7 +2,8 @@
 
 The driver builds the Ray Dataset (joins + preprocessing run on Ray Data workers), hands it to the trainer
 (``get_dataset_shard`` splits it across workers), and points Ray Train's storage at ``<output>/<run_name>-<hash>``
-on the job's storage (local or s3://). Re-running the same config resumes from its latest checkpoint.
+on the job's storage (local or s3://). Re-running the same config on the same inputs resumes from its latest
+checkpoint.
 """
 
 from __future__ import annotations
@@ -24,23 +25,32 @@ RESUMABLE_FIELDS = {"epochs", "max_steps", "log_every", "checkpoint_every", "kee
                     "embeddings", "wise_ft_alpha"}
 
 
-def run_dir_name(cfg: TrainConfig) -> str:
-    """``<run_name>-<fingerprint>``: re-running the same config resumes its latest checkpoint; changing anything
-    that shapes the model (lr, loss, data, ...) starts a new run beside the old one instead of resuming it."""
+def run_dir_name(cfg: TrainConfig, inputs: dict[str, str | None] | None = None) -> str:
+    """``<run_name>-<fingerprint>``: re-running the same config on the same inputs resumes its latest checkpoint;
+    changing anything that shapes the model (lr, loss, ...) or any input (new diffs, a new base export: ``inputs``
+    maps each declared input to its commit id, ``input_commits``) starts a new run beside the old one instead of
+    resuming a run that trained on something else."""
     import hashlib
     import json
 
-    identity = cfg.model_dump(mode="json", exclude=RESUMABLE_FIELDS)
+    identity = {"config": cfg.model_dump(mode="json", exclude=RESUMABLE_FIELDS), "inputs": inputs or {}}
     return f"{cfg.run_name}-{hashlib.sha1(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:8]}"
 
 
-def _run_config(cfg: TrainConfig, storage: Storage):
+def input_commits(job: JobConfig, storage: Storage, section: str) -> dict[str, str | None]:
+    """The commit id of every input the ``section`` stage declares (stages.py), by input name."""
+    from pcd_ray import provenance, stages
+
+    return {r.name: provenance.commit_id(storage, r) for r in stages.BY_NAME[section].inputs(job)}
+
+
+def _run_config(cfg: TrainConfig, storage: Storage, name: str):
     import ray.train
 
     root = storage.resolve(cfg.output)
     fs, path = storage.arrow_fs(root)
     return ray.train.RunConfig(
-        name=run_dir_name(cfg),
+        name=name,
         storage_path=path if is_remote(root) else root,
         storage_filesystem=fs if is_remote(root) else None,
         checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
@@ -58,7 +68,7 @@ def _checkpoint_uri(checkpoint, output_uri: str) -> str | None:
     return checkpoint.path
 
 
-def resume_position(cfg: TrainConfig, storage: Storage) -> dict[str, Any] | None:
+def resume_position(cfg: TrainConfig, storage: Storage, name: str) -> dict[str, Any] | None:
     """The data position saved in the run's most advanced checkpoint (the one Ray Train resumes), or None.
 
     Ray Train restores the checkpoint itself; the driver only needs the epoch, to start Ray Data's per-epoch
@@ -66,7 +76,7 @@ def resume_position(cfg: TrainConfig, storage: Storage) -> dict[str, Any] | None
     """
     from pcd_ray.train.loop import POSITION_FILE
 
-    run = join(cfg.output, run_dir_name(cfg))
+    run = join(cfg.output, name)
     found = [u for u in storage.find(run) if u.endswith("/" + POSITION_FILE)]
     positions = [storage.read_json(u) for u in found]
     return max(positions, key=lambda p: p["step"], default=None)
@@ -90,9 +100,10 @@ def run_train(job: JobConfig, storage: Storage, section: str = "train") -> dict[
     print(f"[{section}] {rows} rows; {cfg.epochs} epoch(s) of {rows // cfg.batch_size} steps at batch "
           f"{cfg.batch_size} on {cfg.scaling.num_workers} worker(s); image tower "
           f"{'embedded once up front (frozen)' if precomputed else 'runs on pixels every step'}", flush=True)
-    position = resume_position(cfg, storage)
+    name = run_dir_name(cfg, input_commits(job, storage, section))
+    position = resume_position(cfg, storage, name)
     if position:
-        print(f"[{section}] resuming {run_dir_name(cfg)} at step {position['step']} (epoch {position['epoch']}, "
+        print(f"[{section}] resuming {name} at step {position['step']} (epoch {position['epoch']}, "
               f"{position['batches_in_epoch']} batches into it)", flush=True)
         start_at_epoch(ds, position["epoch"])  # epoch e of the resumed run gets the order epoch e had
     scaling = cfg.scaling
@@ -105,7 +116,7 @@ def run_train(job: JobConfig, storage: Storage, section: str = "train") -> dict[
                                                resources_per_worker={"CPU": scaling.cpus_per_worker}),
         # gloo on CPU workers; nccl when each worker holds a GPU.
         torch_config=TorchConfig(backend="nccl" if scaling.use_gpu else "gloo"),
-        run_config=_run_config(cfg, storage),
+        run_config=_run_config(cfg, storage, name),
         datasets={"train": ds},
     )
     result = trainer.fit()

@@ -1,6 +1,6 @@
 """Dataset readers on fixtures in each standard layout, written here: COCO captions, webdataset shards (also from
 s3://), Parquet (bytes, Hugging Face structs, URIs) and an image folder with a captions file. Every input row must
-land once, in images or in image_rejects with its reason."""
+land once, in images or in image_rejects with its reason; the checks' limits come from the data section."""
 
 from __future__ import annotations
 
@@ -15,12 +15,14 @@ import pytest
 from PIL import Image
 
 from pcd_ray import artifacts
-from pcd_ray.config import ConfigError, JobConfig, load_job
-from pcd_ray.data.readers import _expand_braces, make_images_artifact
+from pcd_ray.config import ConfigError, DataConfig, JobConfig, load_job
+from pcd_ray.data.readers import REASONS, _candidates, _expand_braces, check_batch, make_images_artifact
 from pcd_ray.storage import Storage
 
+SIZE = (24, 20)  # over data.min_image_side (16)
 
-def _jpeg(colour: str, size=(12, 10)) -> bytes:
+
+def _jpeg(colour: str, size=SIZE) -> bytes:
     buf = io.BytesIO()
     Image.new("RGB", size, colour).save(buf, "JPEG")
     return buf.getvalue()
@@ -42,24 +44,27 @@ def _run(tmp_path: Path, data: dict) -> tuple[dict, dict[str, dict], dict[str, s
     assert manifest["summary"]["rows_in"] == len(images) + len(rejects)
     assert manifest["summary"]["rejected"] == len(rejects) and manifest["complete"]
     for img in images.values():
-        assert Image.open(io.BytesIO(img["image"])).size == (12, 10) and img["caption"]
+        assert Image.open(io.BytesIO(img["image"])).size == SIZE and img["caption"]
     return manifest, images, by_id
 
 
 def test_coco_captions_and_image_folder(ray_local, tmp_path):
     root = tmp_path / "coco"
     (root / "train2014").mkdir(parents=True)
-    files = {1: GOOD, 2: CORRUPT, 3: GOOD, 5: GOOD}  # 4 has no file
+    files = {1: GOOD, 2: CORRUPT, 3: GOOD, 5: GOOD, 6: _jpeg("red", (1, 1)), 7: GOOD}  # 4 has no file
     for i, data in files.items():
         (root / "train2014" / f"COCO_train2014_{i:012d}.jpg").write_bytes(data)
     meta = {
-        "images": [{"id": i, "file_name": f"COCO_train2014_{i:012d}.jpg"} for i in (1, 2, 3, 4, 5)],
+        "images": [{"id": i, "file_name": f"COCO_train2014_{i:012d}.jpg"} for i in (1, 2, 3, 4, 5, 6, 7)],
         "annotations": [
             {"id": 11, "image_id": 1, "caption": "A dog on a red couch."},
             {"id": 10, "image_id": 1, "caption": "  The first\ncaption.  "},  # lowest id: chosen by "first"
             {"id": 20, "image_id": 2, "caption": "A broken picture."},
             {"id": 30, "image_id": 3, "caption": "   "},
             {"id": 40, "image_id": 4, "caption": "No file for this one."},
+            {"id": 60, "image_id": 6, "caption": "A tracking pixel."},
+            {"id": 70, "image_id": 7, "caption": "scraped page text " * 12_000},  # ~200 KB
+            {"id": 90, "image_id": 99, "caption": "An image the images list does not have."},
         ],  # 5 has no caption
     }
     (root / "captions_train2014.json").write_text(json.dumps(meta))
@@ -68,9 +73,15 @@ def test_coco_captions_and_image_folder(ray_local, tmp_path):
     assert list(images) == ["coco-1"] and images["coco-1"]["caption"] == "The first caption."
     assert images["coco-1"]["split"] == "train" and images["coco-1"]["attributes"] is None
     assert rejects == {"coco-2": "corrupt_image", "coco-3": "empty_caption", "coco-4": "missing_image",
-                       "coco-5": "no_caption"}
-    assert manifest["summary"]["rejected_by_reason"] == {"corrupt_image": 1, "empty_caption": 1,
-                                                         "missing_image": 1, "no_caption": 1}
+                       "coco-5": "no_caption", "coco-6": "image_too_small", "coco-7": "caption_too_long",
+                       "coco-99": "unknown_image_id"}
+    assert manifest["summary"]["rejected_by_reason"] == {
+        "caption_too_long": 1, "corrupt_image": 1, "empty_caption": 1, "image_too_small": 1, "missing_image": 1,
+        "no_caption": 1, "unknown_image_id": 1}
+    storage = Storage(JobConfig.model_validate({"storage": {"root": str(tmp_path / "run")}}).storage)
+    unknown = next(r for r in artifacts.read_table(storage, "image_rejects", "image_rejects").to_pylist()
+                   if r["reason"] == "unknown_image_id")
+    assert unknown["source"].endswith("captions_train2014.json#annotation-90") and "99" in unknown["detail"]
 
 
 def _tar(path: Path, members: list[tuple[str, bytes]]) -> None:
@@ -198,3 +209,26 @@ def test_missing_dataset_names_the_path(ray_local, tmp_path):
         "source": "webdataset", "webdataset": {"shards": str(tmp_path / "none-*.tar")}}})
     with pytest.raises(FileNotFoundError, match="none-"):
         make_images_artifact(job, Storage(job.storage))
+
+
+def _checked(rows: list[dict], **limits) -> list[tuple[str | None, str | None]]:
+    """(reason, detail) per candidate row after ``check_batch`` with these DataConfig limits (no Ray)."""
+    cols = {c: [r.get(c) for r in rows] for c in ("image_id", "split", "caption", "image", "source")}
+    out = check_batch(_candidates(cols), DataConfig(**limits)).to_pylist()
+    return [(r["reason"], r["detail"]) for r in out]
+
+
+def test_limits_come_from_the_data_section():
+    """A long caption and a tiny image are rejects with their reason codes under the defaults, and kept when the
+    limits allow them; a caption at the limit is kept."""
+    rows = [{"image_id": "long", "caption": "x" * 1001, "image": GOOD, "source": "s"},
+            {"image_id": "limit", "caption": "x" * 1000, "image": GOOD, "source": "s"},
+            {"image_id": "tiny", "caption": "a pixel", "image": _jpeg("red", (1, 1)), "source": "s"},
+            {"image_id": "narrow", "caption": "a strip", "image": _jpeg("red", (200, 15)), "source": "s"}]
+    reasons = _checked(rows)
+    assert [r for r, _ in reasons] == ["caption_too_long", None, "image_too_small", "image_too_small"]
+    assert reasons[0][1] == "1001 characters, over the limit of 1000"
+    assert reasons[3][1] == "image is 200x15, under the minimum side of 16 pixels"
+    assert _checked(rows, max_caption_chars=2000, min_image_side=1) == [(None, None)] * 4
+    assert _checked(rows, max_image_bytes=100)[1][0] == "image_too_large"
+    assert {r for r, _ in reasons if r} <= set(REASONS)

@@ -1,5 +1,7 @@
 """The CLI end to end: `pcd-ray pipeline` on jobs/local.yaml with artifacts in an s3:// bucket, then `pcd-ray demo`
-resuming it (every stage up to date but eval) and printing the base-vs-finetuned table.
+resuming it (every stage up to date) and printing the base-vs-finetuned table; then a researcher's iteration:
+`pcd-ray generate ... generate.seed=7`, `pcd-ray status` naming what it made stale, and the pipeline re-running
+exactly train and eval.
 
 The CLI runs as a separate process that joins the test session's Ray, as it would join a cluster under
 `ray job submit`; sizes are shrunk with overrides so the whole chain takes about two minutes.
@@ -8,6 +10,7 @@ The CLI runs as a separate process that joins the test session's Ray, as it woul
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -61,7 +64,21 @@ def test_pipeline_on_s3_then_demo_resumes_and_prints_the_table(ray_local, s3_roo
     assert storage.exists("train/metrics.csv") and storage.exists("job.yaml")
 
     demo = _cli(["demo", f"storage.root={root}", *TINY], address)
-    for stage in ("data", "pairs", "generate", "base_train", "train"):
-        assert f"== {stage}: up to date, skipped" in demo.stdout
     assert "Difference accuracy, hard pairs" in demo.stdout and "Zero-shot classification" in demo.stdout
     assert "finetuned" in demo.stdout
+    for stage in ("data", "pairs", "generate", "base_train", "embed", "train", "eval"):
+        assert f"== {stage}: up to date, skipped" in demo.stdout
+
+    seven = [f"storage.root={root}", *TINY, "generate.seed=7"]
+    _cli(["generate", "--config", "jobs/local.yaml", *seven], address)
+    status = _cli(["status", "--config", "jobs/local.yaml", *seven], address).stdout
+    assert re.search(r"^generate\s+up to date", status, re.M), status
+    assert re.search(r"^train\s+stale: input diffs changed", status, re.M), status
+    assert re.search(r"^eval\s+stale: train runs first", status, re.M), status
+    assert "pipeline would run: train, eval" in status
+    again = _cli(["pipeline", "--config", "jobs/local.yaml", *seven], address).stdout
+    for stage in ("data", "pairs", "generate", "base_train", "embed"):
+        assert f"== {stage}: up to date, skipped" in again, again[-3000:]
+    for stage in ("train", "eval"):
+        assert f"== {stage}: done" in again, again[-3000:]
+

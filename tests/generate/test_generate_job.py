@@ -15,10 +15,11 @@ from pcd_ray import artifacts
 from pcd_ray.config import GenerateConfig, JobConfig
 from pcd_ray.data.pairs import pair_id, sample_pairs
 from pcd_ray.data.synthetic import make_images
-from pcd_ray.generate.engines import ENGINES, GenerateActor, RuleEngine, make_engine
+from pcd_ray.generate.actor import ENGINES, GenerateActor, make_engine
 from pcd_ray.generate.filter import REASONS
 from pcd_ray.generate.job import run_generate
 from pcd_ray.generate.prompts import PROMPTS, build_prompt
+from pcd_ray.generate.rule import RuleEngine
 from pcd_ray.storage import Storage
 
 A1 = {"kind": "circle", "colour": "red", "size": "large", "brightness": "bright", "count": 1, "position": "left"}
@@ -80,11 +81,11 @@ def test_actor_marks_every_row_kept_or_rejected_with_a_reason():
 
 
 def test_actor_logs_progress(monkeypatch, caplog):
-    import pcd_ray.generate.engines as engines
+    import pcd_ray.generate.actor as actor_module
 
-    monkeypatch.setattr(engines, "PROGRESS_EVERY_S", 0.0)
+    monkeypatch.setattr(actor_module, "PROGRESS_EVERY_S", 0.0)
     actor = GenerateActor(GenerateConfig())
-    with caplog.at_level("INFO", logger="pcd_ray.generate.engines"):
+    with caplog.at_level("INFO", logger="pcd_ray.generate.actor"):
         actor(_batch([("p-1", A1, A2), ("p-2", A1, A1)]))
     assert "generate actor: 2 pairs (1 kept)" in caplog.text
 
@@ -111,7 +112,7 @@ def test_generate_stage_imports_no_torch():
         import ray.data
         import pcd_ray.generate.job
         from pcd_ray.config import GenerateConfig
-        from pcd_ray.generate.engines import GenerateActor
+        from pcd_ray.generate.actor import GenerateActor
         import numpy as np
         attrs = '{"kind": "circle", "colour": "red", "size": "large", "brightness": "bright", "count": 1, ' \\
                 '"position": "left"}'

@@ -17,9 +17,10 @@ pytest.importorskip("transformers", reason="the transformers engine needs transf
 
 from pcd_ray import artifacts  # noqa: E402
 from pcd_ray.config import GenerateConfig, JobConfig  # noqa: E402
-from pcd_ray.generate.engines import ENGINES, EngineRowError, Generated, GenerateActor, make_engine  # noqa: E402
+from pcd_ray.generate.actor import ENGINES, GenerateActor, make_engine  # noqa: E402
+from pcd_ray.generate.base import EngineRowError, Generated, batch_seed, request_seed  # noqa: E402
 from pcd_ray.generate.filter import REASONS  # noqa: E402
-from pcd_ray.generate.llm import TransformersEngine, batch_seed, request_seed  # noqa: E402
+from pcd_ray.generate.llm import TransformersEngine  # noqa: E402
 from pcd_ray.generate.prompts import build_prompt, chat_prompt, uses_chat_template  # noqa: E402
 from pcd_ray.storage import Storage  # noqa: E402
 
@@ -62,7 +63,7 @@ def test_llm_engines_registered_lazily():
     assert {"transformers", "vllm"} <= set(ENGINES)
     code = textwrap.dedent("""
         import sys
-        from pcd_ray.generate.engines import ENGINES
+        from pcd_ray.generate.actor import ENGINES
         import pcd_ray.generate.llm
         print(sorted(m for m in ("torch", "transformers", "vllm", "torchvision", "open_clip") if m in sys.modules))
     """)

@@ -15,7 +15,8 @@ import pytest
 pytest.importorskip("vllm", reason="vllm is not installed in this venv: run scripts/test-vllm (builds .venv-vllm)")
 
 from pcd_ray.config import GenerateConfig, JobConfig  # noqa: E402
-from pcd_ray.generate.engines import Generated, GenerateActor  # noqa: E402
+from pcd_ray.generate.actor import GenerateActor  # noqa: E402
+from pcd_ray.generate.base import Generated  # noqa: E402
 from pcd_ray.generate.filter import REASONS  # noqa: E402
 from pcd_ray.generate.prompts import build_prompt  # noqa: E402
 

@@ -18,9 +18,9 @@ import torch
 import torch.nn.functional as F
 
 from pcd_ray.config import LossConfig
-from pcd_ray.model.fused_loss import fused_contrastive
-from pcd_ray.model.loss import pc_clip_loss
-from pcd_ray.model.losses import compute_loss, fused_pc_clip_loss
+from pcd_ray.model.loss import compute_loss
+from pcd_ray.model.loss.fused import fused_contrastive, fused_pc_clip_loss
+from pcd_ray.model.loss.reference import pc_clip_loss
 
 D, IN, P, B = 8, 5, 4 * 37, 4 * 23  # global rows divide by every tested world size
 LOGIT_SCALE, DIFF_LOG_SCALE = math.log(10.0), math.log(2.0)

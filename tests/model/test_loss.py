@@ -16,7 +16,8 @@ import torch
 import torch.nn.functional as F
 
 from pcd_ray.config import LossConfig
-from pcd_ray.model.loss import contrastive_loss, difference_directions, gather_with_grad, pc_clip_loss
+from pcd_ray.model.loss.groups import difference_directions
+from pcd_ray.model.loss.reference import contrastive_loss, gather_with_grad, pc_clip_loss
 
 D, IN = 6, 5
 LOGIT_SCALE = math.log(10.0)

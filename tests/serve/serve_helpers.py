@@ -45,7 +45,7 @@ def _train(storage, uri: str, num_images: int, steps: int, seed: int) -> str:
     from pcd_ray.data.synthetic import make_example
     from pcd_ray.model.export import export_model
     from pcd_ray.model.factory import load_model
-    from pcd_ray.model.loss import pc_clip_loss
+    from pcd_ray.model.loss.reference import pc_clip_loss
 
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)

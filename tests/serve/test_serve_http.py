@@ -49,7 +49,8 @@ def _error(response, status: int, *words: str) -> dict:
 
 # ------------------------------------------------------------------------------------------- the endpoints
 def test_healthz_docs_and_model_info(server):
-    from pcd_ray.serve.runner import weights_id
+    from pcd_ray import provenance
+    from pcd_ray.storage import Storage
 
     assert server.anon.get("/healthz").json() == {"status": "ok"}  # probes need no token
     paths = server.anon.get("/openapi.json").json()["paths"]
@@ -57,11 +58,18 @@ def test_healthz_docs_and_model_info(server):
     assert "requestBody" in paths["/v1/rank"]["post"]
     assert server.anon.get("/docs").status_code == 200
     info = server.client.get("/v1/model").json()
-    assert info["name"] == "export" and info["source"] == f"export {server.uri}"
-    assert info["export_id"] == weights_id(server.direct.model.state_dict())
+    # The id is the one pipelines record for the export (the sha256 of its weights file), and names the model.
+    wid = provenance.weights_id(Storage(), server.uri)
+    assert len(wid) == 16 and info["weights_id"] == wid
+    assert info["name"] == f"{_last_two(server.uri)}@{wid}"
     assert info["embed_dim"] == 32 and info["device"] == "cpu" and info["batching"] is True
-    assert info["meta"]["run"] == "test-serve"
+    # Auth is on and the caller holds the token: the detail (server path, training meta) is there.
+    assert info["detail"]["source"] == f"export {server.uri}" and info["detail"]["meta"]["run"] == "test-serve"
     assert info["limits"]["max_request_bytes"] == MAX_BYTES and info["limits"]["max_image_pixels"] == MAX_PIXELS
+
+
+def _last_two(uri: str) -> str:
+    return "/".join(uri.rstrip("/").split("/")[-2:])
 
 
 def test_embed_matches_direct_model(server):
@@ -70,7 +78,8 @@ def test_embed_matches_direct_model(server):
     r = server.client.post("/v1/embed", json={"texts": texts, "images": [b64(b) for b in images]})
     assert r.status_code == 200, r.text
     body = r.json()
-    assert body["dim"] == 32 and body["model"] == f"export {server.uri}"
+    assert body["dim"] == 32 and body["model"] == server.client.get("/v1/model").json()["name"]
+    assert str(server.uri) not in r.text
     np.testing.assert_allclose(body["text_embeddings"], _texts(server.direct, texts), atol=1e-5)
     np.testing.assert_allclose(body["image_embeddings"], _images(server.direct, images), atol=1e-5)
     np.testing.assert_allclose(np.linalg.norm(body["image_embeddings"], axis=1), 1.0, atol=1e-5)

@@ -3,6 +3,7 @@ loading without pickle, and the import-time cost of the serve modules."""
 
 from __future__ import annotations
 
+import json
 import pickle
 import subprocess
 import sys
@@ -11,9 +12,11 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
+from pcd_ray import provenance
 from pcd_ray.config import ConfigError, ModelSpec, ServeConfig, StorageConfig, load_job
 from pcd_ray.serve import scoring
 from pcd_ray.serve.schemas import MAX_ITEMS, ClassifyRequest, DifferenceRequest, EmbedRequest, RankRequest
+from pcd_ray.storage import Storage
 
 
 def _unit(x):
@@ -151,7 +154,7 @@ def test_model_loading_never_unpickles(tmp_path, monkeypatch):
 
     from pcd_ray.model.export import export_model
     from pcd_ray.model.factory import load_model
-    from pcd_ray.serve.runner import ModelRunner, weights_id
+    from pcd_ray.serve.runner import ModelRunner, tensors_id
     from pcd_ray.storage import Storage
 
     storage = Storage(StorageConfig(root=str(tmp_path)))
@@ -166,10 +169,47 @@ def test_model_loading_never_unpickles(tmp_path, monkeypatch):
     monkeypatch.setattr(pickle, "loads", refuse)
     monkeypatch.setattr(pickle, "Unpickler", refuse)
     runner = ModelRunner(ModelSpec(checkpoint="export"), storage)
-    assert runner.export_id == weights_id(base.model.state_dict())
+    assert runner.weights_id == provenance.weights_id(storage, "export")
+    assert runner.public_name == f"{tmp_path.name}/export@{runner.weights_id}"
     emb = runner.encode_texts(["a red circle", ""])
     assert emb.shape == (2, 32) and np.allclose(np.linalg.norm(emb, axis=1), 1, atol=1e-5)
-    # The id follows the weights, not the file's location or the Python object.
-    changed = {k: v.clone() for k, v in base.model.state_dict().items()}
+    # A model loaded by name has no weights file: its id hashes the tensors, and follows the weights.
+    by_name = ModelRunner(ModelSpec(name="pcd-micro"), storage)
+    assert by_name.weights_id == tensors_id(by_name.loaded.model.state_dict())
+    changed = {k: v.clone() for k, v in by_name.loaded.model.state_dict().items()}
     changed["logit_scale"] += 1
-    assert weights_id(changed) != runner.export_id
+    assert tensors_id(changed) != by_name.weights_id and by_name.provenance() == {}
+
+
+def test_model_info_reveals_paths_and_config_only_with_auth(tmp_path):
+    """/v1/model's public part: the weights id and the input commit ids; the server path and the training meta only
+    when auth is on (then every /v1 route needs the token)."""
+    from types import SimpleNamespace
+
+    from pcd_ray.model.export import export_model
+    from pcd_ray.model.factory import load_model
+    from pcd_ray.serve.app import PCDModelServer
+    from pcd_ray.serve.runner import ModelRunner, TextCache
+
+    storage = Storage(StorageConfig(root=str(tmp_path)))
+    base = load_model(ModelSpec(name="pcd-micro"))
+    export_model(base.model.state_dict(), base.model_cfg, base.preprocess_cfg, storage, "train/export",
+                 meta={"train_config": {"lr": 1e-4}})
+    record = provenance.take(storage, "train", {"lr": 1e-4}, [provenance.Ref("diffs", "diffs", "artifact")])
+    provenance.stamp(storage, provenance.Ref("export", "train/export", "export"), record)
+    runner = ModelRunner(ModelSpec(checkpoint="train/export"), storage)
+    cfg = ServeConfig(model=ModelSpec(checkpoint="train/export"))
+    for token in (None, "t0k"):
+        replica = SimpleNamespace(runner=runner, cfg=cfg, token=token, source=runner.public_name, embed_dim=32,
+                                  cache=TextCache(4), max_image_pixels=1000)
+        info = PCDModelServer.func_or_class.info(replica).model_dump()
+        assert info["name"] == f"train/export@{runner.weights_id}" and info["weights_id"] == runner.weights_id
+        assert info["provenance"]["stage"] == "train"
+        assert info["provenance"]["inputs"] == {"diffs": {"kind": "artifact", "commit": None}}
+        public = json.dumps({k: v for k, v in info.items() if k != "detail"})
+        assert str(tmp_path) not in public and "train_config" not in public
+        if token is None:
+            assert info["detail"] is None
+        else:
+            assert info["detail"]["source"] == f"export {tmp_path}/train/export"
+            assert info["detail"]["meta"]["train_config"] == {"lr": 1e-4}

@@ -70,11 +70,13 @@ class Killer(threading.Thread):
 def test_killed_worker_stops_run_relaunch_resumes_and_failure_config_restarts(prepared):
     import ray.train
 
-    from pcd_ray.train.trainer import resume_position, run_dir_name, run_train
+    from pcd_ray.train.trainer import input_commits, resume_position, run_dir_name, run_train
 
     storage = Storage(_job(prepared, 0).storage)
-    run_dir = Path(prepared) / "train-ft" / run_dir_name(_job(prepared, 0).train)
-    assert run_dir_name(_job(prepared, 0).train) == run_dir_name(_job(prepared, 1).train)
+    inputs = input_commits(_job(prepared, 0), storage, "train")
+    name = run_dir_name(_job(prepared, 0).train, inputs)
+    run_dir = Path(prepared) / "train-ft" / name
+    assert name == run_dir_name(_job(prepared, 1).train, inputs)  # max_failures does not change the run
 
     # 1. No retries: a killed worker ends the run.
     killer = Killer(run_dir, EVERY)
@@ -83,7 +85,7 @@ def test_killed_worker_stops_run_relaunch_resumes_and_failure_config_restarts(pr
         run_train(_job(prepared, 0), storage)
     killer.join(5)
     assert killer.killed_pid, "the run finished before a worker could be killed"
-    stopped_at = resume_position(_job(prepared, 1).train, storage)["step"]
+    stopped_at = resume_position(_job(prepared, 1).train, storage, name)["step"]
     assert EVERY <= stopped_at < MAX_STEPS
 
     # 2. Relaunch with one retry: resumes at stopped_at, survives a second kill, ends at exactly MAX_STEPS.

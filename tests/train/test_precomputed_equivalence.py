@@ -40,7 +40,7 @@ def prepared(tmp_path_factory, ray_local):
     """An images artifact, a pcd-micro export, its embeddings artifact (run_embed) and one batch of pairs with
     their rule-engine difference sentences, as raw rows (image bytes and stored embeddings side by side)."""
     from pcd_ray.embed.job import run_embed
-    from pcd_ray.generate.engines import RuleEngine
+    from pcd_ray.generate.rule import RuleEngine
 
     root = str(tmp_path_factory.mktemp("precomputed"))
     job = JobConfig.model_validate({"storage": {"root": root},
@@ -82,7 +82,7 @@ def _tensors(raw: dict, job: JobConfig, storage: Storage) -> dict[str, torch.Ten
 
 def _step(module, model, batch: dict[str, torch.Tensor], loss_cfg: LossConfig, precomputed: bool):
     """One forward + backward as the train loop runs it (world_size 1): (loss outputs, gradients by name)."""
-    from pcd_ray.model.losses import compute_loss
+    from pcd_ray.model.loss import compute_loss
 
     a, b = ("emb_a", "emb_b") if precomputed else ("image_a", "image_b")
     keys = [a] + ([b, "diff_tokens"] if loss_cfg.diff_weight else []) + \

@@ -61,7 +61,7 @@ def _fit_fixed_batch(config):
 
     from pcd_ray.config import TrainConfig
     from pcd_ray.model.factory import load_model
-    from pcd_ray.model.losses import compute_loss
+    from pcd_ray.model.loss import compute_loss
     from pcd_ray.model.pair_encoder import PairEncoder
     from pcd_ray.model.trainable import image_tower_frozen, select_trainable
     from pcd_ray.train.engine import init_engine

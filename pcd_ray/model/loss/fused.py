@@ -1,7 +1,10 @@
-"""The fused all-gather contrastive loss (LOSS.md): one packed all-gather, chunked LSEs, no b x N logits.
+"""The fused loss (``train.loss.impl: fused``, what training runs; LOSS.md): one packed all-gather, chunked LSEs,
+no b x N logits.
 
-:class:`FusedContrastive` computes, for every contrastive group (x, y, scale, valid), the rank-local symmetric
-InfoNCE ``l_r`` of :func:`pcd_ray.model.loss.contrastive_loss` (same value, same exactness convention), but:
+:func:`fused_pc_clip_loss` is :func:`pcd_ray.model.loss.reference.pc_clip_loss` (same arguments, same values) with
+every group going through :class:`FusedContrastive`, which computes, for each contrastive group (x, y, scale, valid),
+the rank-local symmetric InfoNCE ``l_r`` of :func:`pcd_ray.model.loss.reference.contrastive_loss` (same value, same
+exactness convention, package docstring), but:
 
 - all groups' features (and validity flags) travel in ONE ``all_gather_single`` (bf16 or full precision) and are
   read through views; the small per-row LSE vectors (2n floats per group per rank) and the per-rank losses follow
@@ -28,8 +31,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.distributed as dist
+
+from pcd_ray.model.loss.groups import check_process_group, prepare_groups
+
+if TYPE_CHECKING:
+    from pcd_ray.config import LossConfig
 
 NEG_INF = float("-inf")
 
@@ -320,9 +330,7 @@ def fused_contrastive(groups: list[tuple[torch.Tensor, torch.Tensor, torch.Tenso
     of valid rows over all ranks.
     """
     if world_size > 1:
-        from pcd_ray.model.loss import _check_group
-
-        _check_group(rank, world_size)
+        check_process_group(rank, world_size)
     flat = []
     for x, y, scale, valid in groups:
         if x.shape != y.shape or x.dim() != 2:
@@ -336,3 +344,26 @@ def fused_contrastive(groups: list[tuple[torch.Tensor, torch.Tensor, torch.Tenso
     options = {"world": world_size, "rank": rank, "chunk": chunk_size, "gather_dtype": gather_dtype,
                "group": group}
     return FusedContrastive.apply(options, *flat)
+
+
+def fused_pc_clip_loss(features: dict[str, torch.Tensor], cfg: LossConfig, *, logit_scale: torch.Tensor | None,
+                       rank: int, world_size: int,
+                       diff_logit_scale: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """:func:`pcd_ray.model.loss.reference.pc_clip_loss` (same arguments, same values) through one fused
+    collective op, with the keys the train loop reads (package docstring).
+
+    All enabled groups share one feature all-gather and one LSE gather; the backward runs no collective. The
+    global loss and the NaN check ride on the LSE gather, so skipping a bad step costs no extra collective.
+    """
+    groups, degenerate, padded = prepare_groups(features, cfg, logit_scale=logit_scale,
+                                                diff_logit_scale=diff_logit_scale)
+    local, glob, _ = fused_contrastive([(g.x, g.y, g.scale, g.valid) for g in groups], rank=rank,
+                                       world_size=world_size, chunk_size=cfg.chunk_size,
+                                       gather_dtype=cfg.gather_dtype)
+    weights = torch.tensor([g.weight for g in groups], dtype=local.dtype, device=local.device)
+    parts = {g.name: local[i].detach() for i, g in enumerate(groups)}
+    zero = torch.zeros((), dtype=local.dtype, device=local.device)
+    global_loss = (glob * weights).sum()
+    return {"loss": (local * weights).sum(), "diff_loss": parts.get("diff", zero),
+            "clip_loss": parts.get("clip", zero), "global_loss": global_loss, "skip_step": ~torch.isfinite(global_loss),
+            "degenerate_pairs": degenerate, "padded_rows": padded}

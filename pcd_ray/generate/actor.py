@@ -1,110 +1,33 @@
-"""Engines that write difference text, and the Ray Data actor that runs one over batches of pairs.
+"""The Ray Data actor of the generate stage, and the registry that builds an engine by name.
 
-An engine turns a batch of pairs into one raw text per row; it knows nothing about filtering or artifacts. Engines
-are chosen by short name from ``ENGINES`` (``GenerateConfig.engine``). The rule engine writes ground-truth sentences
-from the synthetic set's attributes; LLM engines (vLLM on GPU, transformers on CPU) implement the same protocol.
-
-This module and everything it imports must stay free of torch, torchvision and open_clip: LLM engines run in a venv
-with their own torch, and import their libraries lazily inside their constructors.
+``GenerateActor`` builds one engine per actor (an LLM loads once), runs it over batches of pairs and applies the
+paper's filter, so every pair leaves the actor as one row, kept or rejected with a reason. Engines are chosen by
+short name from ``ENGINES`` (``GenerateConfig.engine``); adding one means a class implementing ``base.Engine``
+registered there.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import time
-from typing import Any, NamedTuple, Protocol, runtime_checkable
+from typing import Any
 
 import numpy as np
 
 from pcd_ray.config import GenerateConfig
-from pcd_ray.data import attributes as A
+from pcd_ray.generate.base import Engine, EngineRowError, Generated
 from pcd_ray.generate.filter import paper_filter
+from pcd_ray.generate.llm import TransformersEngine, VLLMEngine
 from pcd_ray.generate.prompts import build_prompt
+from pcd_ray.generate.rule import RuleEngine
 
 log = logging.getLogger(__name__)
 
 PROGRESS_EVERY_S = 30.0
 """Each actor logs a progress line at most this often (Ray Data's bars are off in non-interactive logs)."""
 
-
-class Generated(NamedTuple):
-    """One engine output with the number of tokens generated for it (for tokens/s in the stage summary)."""
-
-    text: str
-    tokens: int
-
-
-@runtime_checkable
-class Engine(Protocol):
-    """Writes one raw difference text per pair.
-
-    ``requires`` names batch columns that must be non-null in a row for the engine to use it; the actor rejects
-    rows missing one (reason ``no_<column without _a/_b>``, e.g. ``no_attributes``) without calling the engine.
-    ``generate`` receives a batch of numpy arrays [n] holding at least pair_id, caption_a, caption_b and prompt
-    (the user message of the configured prompt version; chat templates are the engine's business), plus
-    attributes_a/attributes_b when the pairs have them, and returns n outputs, each a ``str`` or a ``Generated``
-    (LLM engines: text + tokens generated). "" (or None) where it has nothing; an exception raised for a single row
-    should be caught by the engine and returned as ``EngineRowError`` so only that row is rejected.
-    """
-
-    name: str
-    requires: tuple[str, ...]
-
-    def generate(self, batch: dict[str, np.ndarray]) -> list[str]: ...
-
-
-def pair_seed(seed: int, pair_id: str) -> list[int]:
-    """Seed material for one pair: the engine seed plus 64 bits of sha1(pair_id), independent of batching."""
-    return [seed, int.from_bytes(hashlib.sha1(pair_id.encode()).digest()[:8], "big")]
-
-
-class RuleEngine:
-    """Ground-truth differences of the synthetic set: ``attributes.difference_sentence`` per pair.
-
-    The wording choice of a pair depends only on (cfg.seed, pair_id), so a pair gets the same text whatever batch
-    or actor it lands in. Rows whose attributes are not a JSON object of the synthetic vocabulary get "".
-    """
-
-    name = "rule"
-    requires = ("attributes_a", "attributes_b")
-
-    def __init__(self, cfg: GenerateConfig):
-        self.seed = cfg.seed
-
-    def _one(self, pair_id: str, attrs_a: Any, attrs_b: Any) -> str:
-        try:
-            a, b = json.loads(attrs_a), json.loads(attrs_b)
-            return A.difference_sentence(a, b, np.random.default_rng(pair_seed(self.seed, pair_id)))
-        except (TypeError, ValueError, KeyError, AttributeError) as e:
-            log.warning("rule engine: pair %s has unusable attributes (%s: %s)", pair_id, type(e).__name__, e)
-            return ""
-
-    def generate(self, batch: dict[str, np.ndarray]) -> list[str]:
-        return [self._one(str(p), a, b) for p, a, b in
-                zip(batch["pair_id"].tolist(), batch["attributes_a"].tolist(), batch["attributes_b"].tolist())]
-
-
-class EngineRowError(NamedTuple):
-    """An engine's per-row failure: that row is rejected with ``engine_error: <reason>``; the batch goes on."""
-
-    reason: str
-
-
-def _llm_engine(cls_name: str):
-    """A builder that imports pcd_ray.generate.llm only when an LLM engine is built (it imports this module)."""
-    def build(cfg: GenerateConfig) -> Engine:
-        from pcd_ray.generate import llm
-
-        return getattr(llm, cls_name)(cfg)
-    build.__qualname__ = build.__name__ = cls_name
-    return build
-
-
-ENGINES: dict[str, Any] = {"rule": RuleEngine, "transformers": _llm_engine("TransformersEngine"),
-                           "vllm": _llm_engine("VLLMEngine")}
-"""Engine name -> class or builder called with the GenerateConfig."""
+ENGINES: dict[str, Any] = {"rule": RuleEngine, "transformers": TransformersEngine, "vllm": VLLMEngine}
+"""Engine name -> class, called with the GenerateConfig."""
 
 
 def make_engine(cfg: GenerateConfig) -> Engine:
@@ -120,9 +43,9 @@ class GenerateActor:
     """Ray Data ``map_batches`` callable: a batch of pairs -> pyarrow Table with one output row per pair.
 
     Output columns: pair_id, raw (engine output, "" if none), text (filtered text, null if rejected), reason (null
-    if kept), engine, prompt_version, tokens (generated by an LLM engine; 0 for rule). Every input row yields exactly one output row: a row the engine cannot use is
-    rejected with ``no_<column>``, and an exception from the engine rejects that batch's rows with
-    ``engine_error: <ExceptionType>`` instead of failing the job.
+    if kept), engine, prompt_version, tokens (generated by an LLM engine; 0 for rule). Every input row yields
+    exactly one output row: a row the engine cannot use is rejected with ``no_<column>``, and an exception from the
+    engine rejects that batch's rows with ``engine_error: <ExceptionType>`` instead of failing the job.
     """
 
     def __init__(self, cfg: GenerateConfig | dict, *, in_worker: bool = False):

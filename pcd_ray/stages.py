@@ -100,9 +100,12 @@ def _run_embed(job: JobConfig, storage: Storage) -> Any:
 
 def _run_train(section: str) -> Callable[[JobConfig, Storage], Any]:
     def run(job: JobConfig, storage: Storage) -> Any:
+        from pcd_ray.provenance import commit_id
         from pcd_ray.train.trainer import run_train
 
-        return run_train(job, storage, section)
+        # New inputs mean a new Ray Train run directory, never a resume of a run that trained on the old ones.
+        inputs = {r.name: commit_id(storage, r) for r in BY_NAME[section].inputs(job)}
+        return run_train(job, storage, section, inputs=inputs)
 
     return run
 

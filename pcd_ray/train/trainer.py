@@ -28,20 +28,13 @@ RESUMABLE_FIELDS = {"epochs", "max_steps", "log_every", "checkpoint_every", "kee
 def run_dir_name(cfg: TrainConfig, inputs: dict[str, str | None] | None = None) -> str:
     """``<run_name>-<fingerprint>``: re-running the same config on the same inputs resumes its latest checkpoint;
     changing anything that shapes the model (lr, loss, ...) or any input (new diffs, a new base export: ``inputs``
-    maps each declared input to its commit id, ``input_commits``) starts a new run beside the old one instead of
-    resuming a run that trained on something else."""
+    maps each input the stage declares to its commit id, as the pipeline passes them) starts a new run beside the
+    old one instead of resuming a run that trained on something else."""
     import hashlib
     import json
 
     identity = {"config": cfg.model_dump(mode="json", exclude=RESUMABLE_FIELDS), "inputs": inputs or {}}
     return f"{cfg.run_name}-{hashlib.sha1(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:8]}"
-
-
-def input_commits(job: JobConfig, storage: Storage, section: str) -> dict[str, str | None]:
-    """The commit id of every input the ``section`` stage declares (stages.py), by input name."""
-    from pcd_ray import provenance, stages
-
-    return {r.name: provenance.commit_id(storage, r) for r in stages.BY_NAME[section].inputs(job)}
 
 
 def _run_config(cfg: TrainConfig, storage: Storage, name: str):
@@ -82,8 +75,10 @@ def resume_position(cfg: TrainConfig, storage: Storage, name: str) -> dict[str, 
     return max(positions, key=lambda p: p["step"], default=None)
 
 
-def run_train(job: JobConfig, storage: Storage, section: str = "train") -> dict[str, Any]:
-    """Train one section of the job; returns a summary (also written to <output>/summary.json)."""
+def run_train(job: JobConfig, storage: Storage, section: str = "train",
+              inputs: dict[str, str | None] | None = None) -> dict[str, Any]:
+    """Train one section of the job; returns a summary (also written to <output>/summary.json). ``inputs``: the
+    commit id of each input (``stages.py`` passes them), part of the run directory's fingerprint."""
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -100,7 +95,7 @@ def run_train(job: JobConfig, storage: Storage, section: str = "train") -> dict[
     print(f"[{section}] {rows} rows; {cfg.epochs} epoch(s) of {rows // cfg.batch_size} steps at batch "
           f"{cfg.batch_size} on {cfg.scaling.num_workers} worker(s); image tower "
           f"{'embedded once up front (frozen)' if precomputed else 'runs on pixels every step'}", flush=True)
-    name = run_dir_name(cfg, input_commits(job, storage, section))
+    name = run_dir_name(cfg, inputs)
     position = resume_position(cfg, storage, name)
     if position:
         print(f"[{section}] resuming {name} at step {position['step']} (epoch {position['epoch']}, "

@@ -70,10 +70,10 @@ class Killer(threading.Thread):
 def test_killed_worker_stops_run_relaunch_resumes_and_failure_config_restarts(prepared):
     import ray.train
 
-    from pcd_ray.train.trainer import input_commits, resume_position, run_dir_name, run_train
+    from pcd_ray.train.trainer import resume_position, run_dir_name, run_train
 
     storage = Storage(_job(prepared, 0).storage)
-    inputs = input_commits(_job(prepared, 0), storage, "train")
+    inputs = None  # run_train called directly: the run directory follows the config alone
     name = run_dir_name(_job(prepared, 0).train, inputs)
     run_dir = Path(prepared) / "train-ft" / name
     assert name == run_dir_name(_job(prepared, 1).train, inputs)  # max_failures does not change the run

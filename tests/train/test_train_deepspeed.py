@@ -20,14 +20,14 @@ def test_two_worker_deepspeed_run_checkpoints_and_exports(prepared):
     import open_clip
 
     from pcd_ray.model.factory import load_model
-    from pcd_ray.train.trainer import input_commits, run_dir_name, run_train
+    from pcd_ray.train.trainer import run_dir_name, run_train
 
     job = _job(prepared)
     storage = Storage(job.storage)
     summary = run_train(job, storage)
     assert summary["final_metrics"]["step"] == 4
     ckpt = Path(summary["checkpoint"])
-    assert ckpt.parent.name == run_dir_name(job.train, input_commits(job, storage, "train"))
+    assert ckpt.parent.name == run_dir_name(job.train)
     # DeepSpeed's own format, merged from both ranks: model states once, one ZeRO optimizer shard per rank.
     files = {p.name for p in ckpt.rglob("*.pt")}
     assert "mp_rank_00_model_states.pt" in files
@@ -56,7 +56,7 @@ def test_zero3_checkpoints_and_exports_round_trip_through_s3(prepared, s3_root):
 
     from pcd_ray.model.factory import load_model
     from pcd_ray.train.loop import DS_TAG
-    from pcd_ray.train.trainer import input_commits, run_dir_name, run_train
+    from pcd_ray.train.trainer import run_dir_name, run_train
 
     out = f"{s3_root}/train-z3"
     settings = {"output": out, "checkpoint_every": 2, "wise_ft_alpha": 0.5,
@@ -66,7 +66,7 @@ def test_zero3_checkpoints_and_exports_round_trip_through_s3(prepared, s3_root):
     summary = run_train(job, storage)
     assert summary["final_metrics"]["step"] == 3
     ckpt = summary["checkpoint"]
-    assert ckpt.startswith(f"{out}/{run_dir_name(job.train, input_commits(job, storage, 'train'))}/")
+    assert ckpt.startswith(f"{out}/{run_dir_name(job.train)}/")
     names = {u.rsplit("/", 1)[-1] for u in storage.find(ckpt)}
     # ZeRO-3: parameters are sharded too, so every rank writes its own model and optimizer states.
     assert {f"zero_pp_rank_{r}_mp_rank_00_{kind}_states.pt" for r in (0, 1) for kind in ("model", "optim")} <= names

@@ -13,7 +13,7 @@ from pathlib import Path
 from pcd_ray.config import StorageConfig, TrainConfig
 from pcd_ray.storage import Storage
 from pcd_ray.train.engine import CPU_WORKER_ENV
-from pcd_ray.train.trainer import _run_config
+from pcd_ray.train.trainer import _run_config, run_dir_name
 
 
 def _record_env(config):
@@ -25,7 +25,7 @@ def _record_env(config):
 
 def test_gpu_workers_keep_the_default_allocator(tmp_path):
     cfg = TrainConfig.model_validate({"scaling": {"use_gpu": True}})
-    assert _run_config(cfg, Storage(StorageConfig(root=str(tmp_path)))).worker_runtime_env == {"env_vars": {}}
+    assert _run_config(cfg, Storage(StorageConfig(root=str(tmp_path))), run_dir_name(cfg)).worker_runtime_env == {"env_vars": {}}
 
 
 def test_cpu_train_workers_start_with_the_allocator_env(ray_local, tmp_path):
@@ -40,5 +40,5 @@ def test_cpu_train_workers_start_with_the_allocator_env(ray_local, tmp_path):
     TorchTrainer(_record_env, train_loop_config={"out": str(out)},
                  scaling_config=ray.train.ScalingConfig(num_workers=2, resources_per_worker={"CPU": 1}),
                  torch_config=TorchConfig(backend="gloo"),
-                 run_config=_run_config(cfg, Storage(StorageConfig(root=str(tmp_path))))).fit()
+                 run_config=_run_config(cfg, Storage(StorageConfig(root=str(tmp_path))), run_dir_name(cfg))).fit()
     assert json.loads(out.read_text()) == CPU_WORKER_ENV

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Any
+from typing import Any, Callable
 
 from pcd_ray.storage import Storage, join
 
@@ -208,6 +208,36 @@ class Appender:
         self.manifest["config"] = self.config
         self._write(complete=complete)
         return self.manifest
+
+    def drop_rows(self, column: str, predicate: Callable[[Any], bool]) -> int:
+        """Remove the committed rows whose ``column`` value satisfies ``predicate``, and commit; returns how many.
+
+        Only shards holding such rows are rewritten (into this attempt's directory, so the manifest never names a
+        half-written file); the replaced shards go when a later run drops what no manifest lists.
+        """
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        files, dropped = [], 0
+        for entry in self.manifest["files"]:
+            fs, path = self.storage.fs(join(self.base, *entry["path"].split("/")))
+            with fs.open(path, "rb") as f:
+                values = pq.read_table(f, columns=[column]).column(column).to_pylist()
+            mask = [bool(predicate(v)) for v in values]
+            if not any(mask):
+                files.append(entry)
+                continue
+            with fs.open(path, "rb") as f:
+                kept = pq.read_table(f).filter(pa.array([not m for m in mask]))
+            dropped += len(mask) - kept.num_rows
+            if kept.num_rows:
+                uri = put_shard(self.storage, kept, self.staging)
+                files.append({"path": uri[len(self.base.rstrip("/")) + 1:], "rows": kept.num_rows})
+        if dropped:
+            self.manifest["files"] = files
+            self.manifest["num_rows"] = sum(e["rows"] for e in files)
+            self._write(complete=False)
+        return dropped
 
     def _write(self, *, complete: bool) -> None:
         self.manifest.update(attempt=self.attempt, complete=complete, columns=self.columns,

@@ -14,6 +14,7 @@ import os
 import sys
 
 from pcd_ray.config import DEFAULT_JOB, ConfigError, dump, load_job
+from pcd_ray.errors import StageError
 
 STAGES = {
     "data": "make the images artifact (the synthetic attribute set)",
@@ -150,6 +151,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"pcd-ray: {e}", file=sys.stderr)
         return 2
+    except StageError as e:
+        print(f"pcd-ray: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 JOBS_DIR = Path(__file__).resolve().parent.parent / "jobs"
 DEFAULT_JOB = "local"
@@ -234,6 +234,22 @@ class LLMConfig(_Strict):
     """Passed through to vllm.LLM(...) / AutoModelForCausalLM.from_pretrained(...) as is."""
 
 
+class FaultConfig(_Strict):
+    """How the generate stage rides out engine faults (a CUDA error, an out-of-memory, a dead vLLM engine): a
+    faulted batch is never committed as rejects; it is retried, and a job whose retries run out stops with an
+    error naming the engine and the cause, keeping everything committed before."""
+
+    batch_attempts: int = Field(3, ge=1)
+    """Tries of one batch inside an actor, the engine recovered (rebuilt) between tries."""
+    backoff_s: float = Field(1.0, ge=0)
+    """Wait before the second try of a batch, doubling for each further one."""
+    actor_restarts: int = Field(2, ge=0)
+    """After a batch's tries run out the actor's process exits (a CUDA error poisons it for good) and Ray restarts
+    it, loading the engine afresh, at most this many times per actor."""
+    batch_retries: int = Field(2, ge=0)
+    """Times Ray Data sends a batch again after the actor running it died (a fault past its tries, a crash, a kill)."""
+
+
 class GenerateConfig(_Strict):
     input: str = "pairs"
     """URI of the pairs artifact read."""
@@ -241,9 +257,10 @@ class GenerateConfig(_Strict):
     """URI of the diffs artifact written (kept texts)."""
     rejects: str = "rejects"
     """URI of the rejects artifact written (every dropped output, with its reason)."""
-    engine: Literal["rule", "transformers", "vllm"] = "rule"
+    engine: str = "rule"
     """Which engine writes the difference text: rule (ground truth from the synthetic set's attributes),
-    transformers (any causal LM, CPU or GPU), vllm (GPU, continuous batching, tensor parallel)."""
+    transformers (any causal LM, CPU or GPU), vllm (GPU, continuous batching, tensor parallel), or your own as
+    ``package.module:ClassName`` (a class implementing pcd_ray.generate.base.Engine, importable on every node)."""
     llm: LLMConfig = Field(default_factory=LLMConfig)
     """The LLM of the transformers and vllm engines (ignored by rule)."""
     sampling: SamplingConfig = Field(default_factory=SamplingConfig)
@@ -256,6 +273,10 @@ class GenerateConfig(_Strict):
     num_gpus_per_actor: float | None = Field(None, ge=0)
     """GPUs each actor reserves; null = llm.tensor_parallel_size for vllm, 0 otherwise."""
     num_cpus_per_actor: float = Field(1, gt=0)
+    batches_in_flight: int = Field(8, ge=1)
+    """Engines with an async interface (vLLM): batches each actor keeps in its engine at once, so the engine stays
+    full across batch boundaries instead of draining at the end of each. Others run one batch at a time."""
+    faults: FaultConfig = Field(default_factory=FaultConfig)
     resume: bool = True
     """Re-running skips pairs already committed to diffs or rejects by the same generation settings; false starts
     over. Settings that change the text (engine, llm, sampling, prompt, seed, input) always start over."""
@@ -263,6 +284,13 @@ class GenerateConfig(_Strict):
     """How often finished shards are committed to the output manifests: the most work a kill can lose."""
     seed: int = 0
     """Seed of the rule engine's wording choice and the LLM sampling (stable per pair id)."""
+
+    @field_validator("engine")
+    @classmethod
+    def _known_engine(cls, v: str) -> str:
+        if v not in ("rule", "transformers", "vllm") and ":" not in v:
+            raise ValueError(f"unknown engine {v!r}: rule, transformers, vllm, or package.module:ClassName")
+        return v
 
 
 # ----------------------------------------------------------------------------------------------------------- train

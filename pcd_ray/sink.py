@@ -212,10 +212,12 @@ class Sink:
         resume: resume committed artifacts of the same identity (needs ``key``).
         key: the input column that names a row in both outputs; committed keys are not processed again.
         commit_every_s: how often finished shards are committed: the most work a kill can lose.
+        redo: reject reasons that a resumed run takes back and processes again (faults, not verdicts on the row).
     """
 
     def __init__(self, storage: Storage, label: str, *, unit: str, kept: Output, rejected: Output, config: Any,
-                 identity: Any = None, resume: bool = False, key: str | None = None, commit_every_s: float = 30.0):
+                 identity: Any = None, resume: bool = False, key: str | None = None, commit_every_s: float = 30.0,
+                 redo: Callable[[str], bool] | None = None):
         self.storage, self.label, self.unit, self.key, self.commit_every_s = storage, label, unit, key, commit_every_s
         # Both or neither: the two artifacts describe one run, so one left by other settings means starting over.
         resume = resume and key is not None and all(
@@ -224,6 +226,13 @@ class Sink:
         self.kept, self.rejected = (
             artifacts.Appender(storage, o.uri, o.kind, columns=o.columns, config=config, identity=identity,
                                resume=resume) for o in self.outputs)
+        self.redone = 0
+        if resume and redo is not None and self.rejected.num_rows:
+            # Rejects that were faults, not verdicts on their rows (written by an older version): their keys leave
+            # the committed set, so this run processes those rows again.
+            self.redone = self.rejected.drop_rows("reason", lambda r: r is not None and redo(r))
+            if self.redone:
+                log.info("%s: %d %ss rejected by a fault in an earlier run are done again", label, self.redone, unit)
         self.tally = Tally(expected=None, skipped=self.kept.num_rows + self.rejected.num_rows, resumed=resume)
         if self.rejected.num_rows:
             # From the committed rows, not a summary: a kill between the two manifests' commits leaves their
@@ -266,7 +275,12 @@ class Sink:
                 write_block, fn_args=(self.storage, self.kept.staging, self.rejected.staging, split, stats),
                 batch_size=rows_per_shard, batch_format="pyarrow",
                 **({"num_cpus": write_cpus} if write_cpus is not None else {}))
-            self._drain(out.iter_rows(), Progress(self.label, self.unit, t, rates))
+            try:
+                self._drain(out.iter_rows(), Progress(self.label, self.unit, t, rates))
+            except Exception:
+                # Keep every finished shard before the error propagates: a re-run resumes from them.
+                self._commit()
+                raise
         total = self.kept.total_rows + self.rejected.total_rows
         if expected is not None and total != expected:
             self._commit()  # keep what was made; a resumable stage's re-run resumes and the check runs again

@@ -1,42 +1,107 @@
 """The Ray Data actor of the generate stage, and the registry that builds an engine by name.
 
 ``GenerateActor`` builds one engine per actor (an LLM loads once), runs it over batches of pairs and applies the
-paper's filter, so every pair leaves the actor as one row, kept or rejected with a reason. Engines are chosen by
-short name from ``ENGINES`` (``GenerateConfig.engine``); adding one means a class implementing ``base.Engine``
-registered there.
+paper's filter, so every pair leaves the actor as one row, kept or rejected with a reason.
+
+Two kinds of failure have two fates here. A row the engine cannot use (no caption, a prompt longer than the model's
+context, an output the filter drops) is a reject with its reason. A fault of the engine (any exception: a CUDA
+error, an out-of-memory, a dead vLLM engine) is never committed: the actor tries the batch again, recovering the
+engine in between, ``faults.batch_attempts`` times in all; after that it records the fault and ends its own process,
+and Ray restarts the actor (a fresh process: CUDA errors are sticky) and sends the batch again
+(``faults.actor_restarts``, ``faults.batch_retries``). When those run out too, the job stops with an error naming
+the engine and the cause (``job.py``), and what was committed before stays.
+
+Engines are chosen by short name from ``ENGINES`` or as ``package.module:ClassName`` (``GenerateConfig.engine``).
 """
 
 from __future__ import annotations
 
+import asyncio
+import importlib
 import logging
+import os
+import socket
 import time
+import traceback
+import uuid
 from typing import Any
 
 import numpy as np
 
-from pcd_ray.config import GenerateConfig
-from pcd_ray.generate.base import Engine, EngineRowError, Generated
+from pcd_ray.config import GenerateConfig, StorageConfig
+from pcd_ray.errors import StageError
+from pcd_ray.generate.base import Engine, Generated, RowReject
 from pcd_ray.generate.filter import paper_filter
 from pcd_ray.generate.llm import TransformersEngine, VLLMEngine
 from pcd_ray.generate.prompts import build_prompt
 from pcd_ray.generate.rule import RuleEngine
+from pcd_ray.storage import Storage, join
 
 log = logging.getLogger(__name__)
 
 PROGRESS_EVERY_S = 30.0
 """Each actor logs a progress line at most this often (Ray Data's bars are off in non-interactive logs)."""
 
+FAULT_EXIT_CODE = 75
+"""The exit status of an actor that ends its process after a batch's tries ran out (EX_TEMPFAIL: try again)."""
+
 ENGINES: dict[str, Any] = {"rule": RuleEngine, "transformers": TransformersEngine, "vllm": VLLMEngine}
 """Engine name -> class, called with the GenerateConfig."""
 
 
-def make_engine(cfg: GenerateConfig) -> Engine:
-    """Build the engine named by ``cfg.engine``. Raises KeyError listing the known engines."""
+class EngineFailure(StageError):
+    """An engine kept failing on a batch after every try: raised to a direct caller (the actor ends its process
+    instead, so that Ray restarts it)."""
+
+
+def engine_class(cfg: GenerateConfig) -> type:
+    """The class ``cfg.engine`` names: a short name of ``ENGINES`` or ``package.module:ClassName``.
+    Raises KeyError listing the known engines, ImportError or AttributeError for a path that does not import."""
+    if ":" in cfg.engine:
+        module, _, name = cfg.engine.partition(":")
+        return getattr(importlib.import_module(module), name)
     try:
-        cls = ENGINES[cfg.engine]
+        return ENGINES[cfg.engine]
     except KeyError:
         raise KeyError(f"unknown engine {cfg.engine!r}; known: {sorted(ENGINES)}") from None
-    return cls(cfg)
+
+
+def make_engine(cfg: GenerateConfig) -> Engine:
+    """Build the engine ``cfg.engine`` names (see ``engine_class``)."""
+    return engine_class(cfg)(cfg)
+
+
+LLM_ENGINES = ("transformers", "vllm")
+"""The engines that load ``generate.llm.model``."""
+
+
+class FaultLog:
+    """Where an actor records each engine fault: one small JSON object per fault under ``uri``, so the driver can
+    name the cause when a job stops, and count the faults that retries absorbed. No-op without a URI."""
+
+    def __init__(self, storage: Storage, uri: str | None):
+        self.storage, self.uri = storage, uri
+
+    def record(self, **fields: Any) -> None:
+        if self.uri is None:
+            return
+        fields = {"time": time.time(), "node": socket.gethostname(), "pid": os.getpid(), **fields}
+        name = f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{os.getpid()}-{uuid.uuid4().hex[:8]}.json"
+        try:
+            self.storage.write_json(join(self.uri, name), fields)
+        except Exception:  # the record is for the report; the retry must go on without it
+            log.exception("could not record an engine fault under %s", self.uri)
+
+
+def with_local_weights(cfg: GenerateConfig, storage: Storage) -> GenerateConfig:
+    """``cfg`` with a remote ``llm.model`` / ``llm.tokenizer`` replaced by this node's downloaded copy."""
+    from pcd_ray.generate.weights import local_model
+
+    llm = cfg.llm
+    update = {"model": local_model(llm.model, storage)}
+    if llm.tokenizer:
+        update["tokenizer"] = local_model(llm.tokenizer, storage)
+    return cfg.model_copy(update={"llm": llm.model_copy(update=update)})
 
 
 class GenerateActor:
@@ -44,22 +109,113 @@ class GenerateActor:
 
     Output columns: pair_id, raw (engine output, "" if none), text (filtered text, null if rejected), reason (null
     if kept), engine, prompt_version, tokens (generated by an LLM engine; 0 for rule). Every input row yields
-    exactly one output row: a row the engine cannot use is rejected with ``no_<column>``, and an exception from the
-    engine rejects that batch's rows with ``engine_error: <ExceptionType>`` instead of failing the job.
+    exactly one output row or, on an engine fault past every try, none: the batch fails and is sent again.
+
+    ``__call__`` is a coroutine, so Ray Data runs several batches of one actor concurrently; an engine with
+    ``agenerate`` (vLLM) keeps up to ``cfg.batches_in_flight`` of them in flight, the others take one at a time.
+    Direct callers (tests, benchmarks) use ``run``.
     """
 
-    def __init__(self, cfg: GenerateConfig | dict, *, in_worker: bool = False):
-        """``in_worker``: running as a Ray actor, so set up the worker's logging (never done to a caller's process)."""
+    def __init__(self, cfg: GenerateConfig | dict, *, in_worker: bool = False,
+                 storage: StorageConfig | dict | None = None, faults_uri: str | None = None):
+        """``in_worker``: running as a Ray actor: set up the worker's logging, and end the process when a batch's
+        tries run out (a direct caller gets ``EngineFailure``). ``faults_uri``: where faults are recorded."""
         if in_worker:
             from pcd_ray.runtime import quiet_worker_logs
 
             quiet_worker_logs()
+        self.in_worker = in_worker
         self.cfg = cfg if isinstance(cfg, GenerateConfig) else GenerateConfig.model_validate(cfg)
         build_prompt(self.cfg.prompt_version, "", "")  # an unknown version fails here, once, not per batch
-        self.engine = make_engine(self.cfg)
+        store = Storage(storage if isinstance(storage, StorageConfig) else StorageConfig.model_validate(storage or {}))
+        self.faults = FaultLog(store, faults_uri)
+        # The engine sees a local copy of weights kept at a URI; records and logs keep the configured name.
+        self.engine = make_engine(with_local_weights(self.cfg, store) if self.cfg.engine in LLM_ENGINES else self.cfg)
+        self._concurrent = hasattr(self.engine, "agenerate")
+        self._slots: asyncio.Semaphore | None = None  # made on first use, inside the event loop that runs batches
+        self._recovering: asyncio.Lock | None = None
+        self._generation = 0  # bumped by every recovery: batches that failed on an older engine do not recover again
+        self._loop: asyncio.AbstractEventLoop | None = None  # run()'s, for callers outside an event loop
         self._start = self._last_log = time.time()
         self._done = self._kept = 0
 
+    # ----------------------------------------------------------------------------------------------- engine
+    async def _call_engine(self, batch: dict[str, np.ndarray]) -> list[Any]:
+        if self._slots is None:
+            self._slots = asyncio.Semaphore(self.cfg.batches_in_flight if self._concurrent else 1)
+            self._recovering = asyncio.Lock()
+        async with self._slots:
+            if self._concurrent:
+                return list(await self.engine.agenerate(batch))
+            # A blocking engine runs in a thread so the event loop keeps feeding Ray Data meanwhile.
+            return list(await asyncio.to_thread(self.engine.generate, batch))
+
+    async def _recover(self, generation: int, error: BaseException) -> None:
+        """Recover the engine once per fault, however many in-flight batches saw it."""
+        assert self._recovering is not None
+        async with self._recovering:
+            if self._generation != generation:
+                return  # another batch already recovered the engine from this fault
+            recover = getattr(self.engine, "recover", None)
+            if recover is not None:
+                await asyncio.to_thread(recover, error)
+            self._generation += 1
+
+    async def _run_engine(self, batch: dict[str, np.ndarray], n: int) -> list[tuple[str, int, str | None]]:
+        """Per row (raw text, tokens, reject reason or None), trying the batch ``faults.batch_attempts`` times."""
+        f = self.cfg.faults
+        pair_ids = [str(p) for p in batch["pair_id"].tolist()]
+        for attempt in range(1, f.batch_attempts + 1):
+            generation = self._generation
+            try:
+                outputs = await self._call_engine(batch)
+                if len(outputs) != n:
+                    raise RuntimeError(f"engine {self.engine.name!r} returned {len(outputs)} outputs for {n} rows")
+                return [self._row(out) for out in outputs]
+            except Exception as e:  # any exception is a fault of the engine, never of the rows
+                final = attempt == f.batch_attempts
+                self._fault(e, attempt, n, pair_ids[0], final=final)
+                if final:
+                    self._give_up(e)
+                await asyncio.sleep(f.backoff_s * 2 ** (attempt - 1))
+                try:
+                    await self._recover(generation, e)
+                except Exception as rebuild_error:  # the engine cannot be made usable in this process
+                    self._fault(rebuild_error, attempt, n, pair_ids[0], final=True, during="recover")
+                    self._give_up(rebuild_error)
+        raise AssertionError("unreachable")
+
+    @staticmethod
+    def _row(out: Any) -> tuple[str, int, str | None]:
+        if isinstance(out, RowReject):
+            return "", 0, out.reason
+        if isinstance(out, Generated):
+            return out.text or "", int(out.tokens), None
+        return ("" if out is None else str(out)), 0, None
+
+    def _fault(self, error: BaseException, attempt: int, n: int, first_pair: str, *, final: bool,
+               during: str = "generate") -> None:
+        log.log(logging.ERROR if final else logging.WARNING,
+                "generate: engine %s fault %s a batch of %d pairs (try %d of %d): %s: %s", self.engine.name,
+                "recovering from" if during == "recover" else "on", n, attempt, self.cfg.faults.batch_attempts,
+                type(error).__name__, error)
+        self.faults.record(engine=self.engine.name, model=None if self.engine.name == "rule" else self.cfg.llm.model,
+                           error=type(error).__name__, message=str(error)[:2000], during=during,
+                           traceback="".join(traceback.format_exception(error))[-4000:], attempt=attempt,
+                           attempts=self.cfg.faults.batch_attempts, pairs=n, first_pair=first_pair, final=final)
+
+    def _give_up(self, error: BaseException):
+        message = (f"engine {self.engine.name!r} failed on a batch {self.cfg.faults.batch_attempts} times: "
+                   f"{type(error).__name__}: {error}")
+        if not self.in_worker:
+            raise EngineFailure(message) from error
+        # A fresh process is the only sure recovery (CUDA errors poison the context for good); Ray restarts this
+        # actor and sends the batch again, within faults.actor_restarts and faults.batch_retries.
+        log.error("generate: %s; ending this actor's process so Ray restarts it", message)
+        logging.shutdown()
+        os._exit(FAULT_EXIT_CODE)
+
+    # ------------------------------------------------------------------------------------------------ rows
     def _progress(self, n: int, kept: int) -> None:
         self._done, self._kept = self._done + n, self._kept + kept
         now = time.time()
@@ -73,26 +229,6 @@ class GenerateActor:
                    for a, b in zip(batch["caption_a"].tolist(), batch["caption_b"].tolist())]
         return np.array(prompts, dtype=object)
 
-    def _run_engine(self, batch: dict[str, np.ndarray], n: int) -> list[tuple[str, int, str | None]]:
-        """Per row (raw text, tokens, reject reason or None). An engine exception rejects the whole batch with
-        ``engine_error: <type>``; an ``EngineRowError`` output rejects only its row."""
-        try:
-            outputs = self.engine.generate(batch)
-            if len(outputs) != n:
-                raise RuntimeError(f"engine {self.engine.name!r} returned {len(outputs)} texts for {n} rows")
-        except Exception as e:  # one bad batch must not kill a job of millions of pairs
-            log.exception("engine %s failed on a batch of %d pairs", self.engine.name, n)
-            return [("", 0, f"engine_error: {type(e).__name__}")] * n
-        rows = []
-        for out in outputs:
-            if isinstance(out, EngineRowError):
-                rows.append(("", 0, f"engine_error: {out.reason}"))
-            elif isinstance(out, Generated):
-                rows.append((out.text or "", int(out.tokens), None))
-            else:
-                rows.append(("" if out is None else str(out), 0, None))
-        return rows
-
     def _missing_reasons(self, batch: dict[str, np.ndarray], n: int) -> list[str | None]:
         """Per row: "no_<column>" for the first column the engine requires that is null (or absent), else None."""
         reasons: list[str | None] = [None] * n
@@ -102,7 +238,7 @@ class GenerateActor:
             reasons = [r if r is not None or v is not None else code for r, v in zip(reasons, values)]
         return reasons
 
-    def __call__(self, batch: dict[str, np.ndarray]):
+    async def __call__(self, batch: dict[str, np.ndarray]):
         import pyarrow as pa
 
         n = len(batch["pair_id"])
@@ -111,9 +247,9 @@ class GenerateActor:
         raw, tokens = [""] * n, [0] * n
         usable = np.array([k for k, r in enumerate(reasons) if r is None], dtype=np.int64)
         if usable.size:
-            outputs = self._run_engine({k: v[usable] for k, v in batch.items()}, int(usable.size))
-            for k, (t, ntok, error) in zip(usable.tolist(), outputs):
-                raw[k], tokens[k], reasons[k] = t, ntok, error
+            outputs = await self._run_engine({k: v[usable] for k, v in batch.items()}, int(usable.size))
+            for k, (t, ntok, reason) in zip(usable.tolist(), outputs):
+                raw[k], tokens[k], reasons[k] = t, ntok, reason
         text: list[str | None] = [None] * n
         for k in range(n):
             if reasons[k] is None:
@@ -129,3 +265,10 @@ class GenerateActor:
             "prompt_version": pa.array([self.cfg.prompt_version] * n, pa.string()),
             "tokens": pa.array(tokens, pa.int32()),
         })
+
+    def run(self, batch: dict[str, np.ndarray]):
+        """``self(batch)`` for a caller outside an event loop (tests, benchmarks); one loop for every call, so the
+        actor's semaphore and lock stay bound to it."""
+        if self._loop is None:
+            self._loop = asyncio.new_event_loop()
+        return self._loop.run_until_complete(self(batch))

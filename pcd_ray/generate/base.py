@@ -23,10 +23,15 @@ class Generated(NamedTuple):
     tokens: int
 
 
-class EngineRowError(NamedTuple):
-    """An engine's per-row failure: that row is rejected with ``engine_error: <reason>``; the batch goes on."""
+class RowReject(NamedTuple):
+    """A row the engine cannot use (its prompt does not fit the model, or cannot be encoded): a property of the row,
+    so the row is rejected with ``reason`` and the batch goes on. Never used for a fault of the engine itself."""
 
     reason: str
+
+
+Output = str | Generated | RowReject
+"""One row's result: a text (rule engine), a text with its token count (LLM engines), or a row reject."""
 
 
 @runtime_checkable
@@ -37,15 +42,25 @@ class Engine(Protocol):
     rows missing one (reason ``no_<column without _a/_b>``, e.g. ``no_attributes``) without calling the engine.
     ``generate`` receives a batch of numpy arrays [n] holding at least pair_id, caption_a, caption_b and prompt
     (the user message of the configured prompt version; chat templates are the engine's business), plus
-    attributes_a/attributes_b when the pairs have them, and returns n outputs, each a ``str`` or a ``Generated``
-    (LLM engines: text + tokens generated). "" (or None) where it has nothing; an exception raised for a single row
-    should be caught by the engine and returned as ``EngineRowError`` so only that row is rejected.
+    attributes_a/attributes_b when the pairs have them, and returns n outputs: "" (or None) where it has nothing,
+    a ``RowReject`` for a row it cannot take.
+
+    Two kinds of failure, two fates: a ``RowReject`` is committed as that row's reject; an exception is a fault of
+    the engine (a CUDA error, an out-of-memory, a dead engine process), never committed as a reject: the actor
+    retries the batch, calling ``recover`` first when the engine has one, and past its budget restarts the actor.
+
+    Optional:
+      - ``async agenerate(batch)``: the same contract, for engines that keep the requests of several batches in
+        flight at once (vLLM's continuous batching); the actor then runs up to ``generate.batches_in_flight``
+        batches concurrently instead of one at a time.
+      - ``recover(error)``: make the engine usable again after a fault (rebuild a dead engine); raising means it
+        cannot, and the actor's process is replaced.
     """
 
     name: str
     requires: tuple[str, ...]
 
-    def generate(self, batch: dict[str, np.ndarray]) -> list[str]: ...
+    def generate(self, batch: dict[str, np.ndarray]) -> Sequence[Output | None]: ...
 
 
 def pair_seed(seed: int, pair_id: str) -> list[int]:

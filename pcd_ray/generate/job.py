@@ -14,15 +14,23 @@ A pair is committed with the shard that holds it, and only once: shards of a kil
 deleted by the next run, which regenerates their pairs. At the end every pair of the input is in exactly one of the
 two artifacts (checked, not assumed), and a summary is written into both manifests and ``<diffs>/_summary.json``.
 
+Engine faults are never rejects (``actor.py``): actors retry, Ray restarts them and sends their batches again, and
+a job whose retries run out stops with ``EngineFailure``, naming the engine and the cause from the fault records
+under ``<diffs>/_faults/``. Rejects an older version committed for engine errors are generated again on resume.
+
 Imports numpy, pyarrow and ray only (no torch): see ``base.py``.
 """
 
 from __future__ import annotations
 
 import logging
+import math
+import time
+import warnings
 from typing import Any
 
-from pcd_ray.generate.actor import GenerateActor
+from pcd_ray.generate.actor import LLM_ENGINES, EngineFailure, GenerateActor, engine_class
+from pcd_ray.generate.weights import check_model
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +38,9 @@ INPUT_COLUMNS = ["pair_id", "caption_a", "caption_b", "attributes_a", "attribute
 DIFF_COLUMNS = ["pair_id", "text", "raw", "engine", "prompt_version"]
 REJECT_COLUMNS = ["pair_id", "raw", "reason", "engine", "prompt_version"]
 SUMMARY_FILE = "_summary.json"
+FAULTS_DIR = "_faults"
+LEGACY_ENGINE_ERROR = "engine_error"
+"""Reject reasons starting with this were engine faults committed as rejects by older versions: done again."""
 ROWS_PER_SHARD = 4096
 """Rows per written shard (both artifacts): few enough files at millions of pairs, small enough to commit often."""
 
@@ -86,23 +97,62 @@ def _check_unique(ds, pairs_manifest: dict, uri: str) -> None:
                            f"its own id (pcd-ray pairs writes sha1 ids of the ordered image ids)")
 
 
-def _engines(todo, cfg):
+def _engines(todo, cfg, storage, faults_uri: str):
     """Pairs -> one GenerateActor output row per pair, from a fixed pool of engine actors."""
     import ray.data
 
-    # Blocks of a few batches, whatever the pairs artifact's file sizes: one big file would otherwise be one block,
-    # i.e. one actor busy and the rest idle (a streaming split, no barrier).
-    return todo.repartition(target_num_rows_per_block=cfg.batch_size * 4).map_batches(
-        GenerateActor,
-        fn_constructor_kwargs={"cfg": cfg.model_dump(mode="json"), "in_worker": True},
-        compute=ray.data.ActorPoolStrategy(size=cfg.num_actors),
-        batch_size=cfg.batch_size,
-        batch_format="numpy",
-        udf_modifying_row_count=False,
-        # Ray Data's actor pools restart a dead actor (a crashed LLM engine) and retry its batch by default
-        # (max_restarts=-1, max_task_retries=-1); a row the engine rejects never fails the job (GenerateActor).
-        **actor_resources(cfg),
-    )
+    # An engine with an async interface keeps batches_in_flight batches in flight per actor; Ray Data runs up to
+    # four batches of one block concurrently in an async actor, so that many blocks per actor at once.
+    concurrent_blocks = math.ceil(cfg.batches_in_flight / 4) if hasattr(engine_class(cfg), "agenerate") else 1
+    with warnings.catch_warnings():
+        # Ray 2.60 deprecates remote args passed as keywords but names no parameter for an actor pool's restarts
+        # and task retries yet; without them a persistent fault would restart actors forever (Ray Data's default).
+        warnings.filterwarnings("ignore", message=".*ray_remote_args.*is deprecated")
+        # Blocks of a few batches, whatever the pairs artifact's file sizes: one big file would otherwise be one
+        # block, i.e. one actor busy and the rest idle (a streaming split, no barrier).
+        return todo.repartition(target_num_rows_per_block=cfg.batch_size * 4).map_batches(
+            GenerateActor,
+            fn_constructor_kwargs={"cfg": cfg.model_dump(mode="json"), "in_worker": True,
+                                   "storage": storage.cfg.model_dump(mode="json"), "faults_uri": faults_uri},
+            compute=ray.data.ActorPoolStrategy(size=cfg.num_actors,
+                                               max_concurrent_calls_per_actor=concurrent_blocks),
+            batch_size=cfg.batch_size,
+            batch_format="numpy",
+            udf_modifying_row_count=False,
+            # An actor whose batch failed every try ends its process; Ray restarts it (a fresh engine) and sends
+            # the batch again, within these bounds, after which the job fails instead of retrying forever.
+            max_restarts=cfg.faults.actor_restarts,
+            max_task_retries=cfg.faults.batch_retries,
+            **actor_resources(cfg),
+        )
+
+
+def read_faults(storage, uri: str, since: float) -> list[dict[str, Any]]:
+    """The engine fault records under ``uri`` made after ``since`` (epoch seconds), oldest first."""
+    if not storage.exists(uri):
+        return []
+    records = [storage.read_json(f) for f in storage.find(uri) if f.endswith(".json")]
+    return sorted((r for r in records if r.get("time", 0) >= since), key=lambda r: r["time"])
+
+
+def _failure(cfg, faults: list[dict[str, Any]], faults_uri: str, error: BaseException) -> EngineFailure:
+    """The error a job stops with when its engine kept failing: the engine, the cause, where the records are."""
+    final = [f for f in faults if f.get("final")] or faults
+    engine = faults[-1]["engine"] if faults else cfg.engine
+    if cfg.engine in LLM_ENGINES:
+        engine += f" ({cfg.llm.model})"
+    if final:
+        last = final[-1]
+        cause = f"{last['error']}: {last['message']}"
+        where = f"{len(faults)} fault(s) this run, records in {faults_uri}"
+    else:
+        cause = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+        where = "no fault was recorded: the actors died (out of host memory? killed?); see the Ray logs"
+    return EngineFailure(
+        f"generate: the {engine} engine kept failing and its retries are spent (faults.batch_attempts="
+        f"{cfg.faults.batch_attempts}, actor_restarts={cfg.faults.actor_restarts}, batch_retries="
+        f"{cfg.faults.batch_retries}): {cause} ({where}). Every committed pair is kept; fix the cause and re-run "
+        f"the same command to resume.")
 
 
 def _summary(t, cfg, storage, pairs_in: int) -> dict[str, Any]:
@@ -138,6 +188,11 @@ def run_generate(job, storage) -> dict[str, Any]:
     from pcd_ray.storage import join
 
     cfg = job.generate
+    if cfg.engine in LLM_ENGINES:
+        # Before any actor starts (and Ray reserves GPUs for it): a misspelt, missing or gated model fails here.
+        check_model(cfg.llm.model, storage, revision=cfg.llm.revision)
+        if cfg.llm.tokenizer:
+            check_model(cfg.llm.tokenizer, storage, revision=cfg.llm.revision, what="generate.llm.tokenizer")
     init_ray(job.ray)
     pairs = artifacts.read_manifest(storage, cfg.input, "pairs")
     pairs_in = int(pairs["num_rows"])
@@ -149,9 +204,38 @@ def run_generate(job, storage) -> dict[str, Any]:
     sink = Sink(storage, "generate", unit="pair", kept=Output(cfg.output, "diffs", DIFF_COLUMNS),
                 rejected=Output(cfg.rejects, "rejects", REJECT_COLUMNS), config=cfg.model_dump(mode="json"),
                 identity=identity(cfg, pairs, storage), resume=cfg.resume, key="pair_id",
-                commit_every_s=cfg.commit_every_s)
-    summary = sink.run(ds, lambda todo: _engines(todo, cfg), expected=pairs_in,
-                       summary=lambda t: _summary(t, cfg, storage, pairs_in), stats=block_tokens, rates=("tokens",),
-                       rows_per_shard=min(ROWS_PER_SHARD, max(cfg.batch_size, pairs_in // 16 + 1)), write_cpus=0.25)
+                commit_every_s=cfg.commit_every_s, redo=lambda reason: reason.startswith(LEGACY_ENGINE_ERROR))
+    faults_uri, started = join(sink.kept.base, FAULTS_DIR), time.time()
+
+    def fields(t) -> dict[str, Any]:
+        # Faults the retries absorbed: counted at every commit, so a user sees the engine stumble while it runs.
+        return {**_summary(t, cfg, storage, pairs_in), "redone": sink.redone,
+                "engine_faults": len(read_faults(storage, faults_uri, started))}
+
+    try:
+        summary = sink.run(ds, lambda todo: _engines(todo, cfg, storage, faults_uri), expected=pairs_in,
+                           summary=fields, stats=block_tokens, rates=("tokens",),
+                           rows_per_shard=min(ROWS_PER_SHARD, max(cfg.batch_size, pairs_in // 16 + 1)),
+                           write_cpus=0.25)
+    except Exception as e:
+        faults = read_faults(storage, faults_uri, started)
+        if faults or _is_actor_death(e):
+            raise _failure(cfg, faults, faults_uri, e) from e
+        raise
+    if summary["engine_faults"]:
+        log.warning("generate: %d engine fault(s) were retried; records in %s", summary["engine_faults"], faults_uri)
     storage.write_json(join(sink.kept.base, SUMMARY_FILE), summary)
     return summary
+
+
+def _is_actor_death(error: BaseException) -> bool:
+    """Whether Ray Data failed because engine actors died (a crash, a kill, restarts spent)."""
+    from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
+
+    chain, seen = error, set()
+    while chain is not None and id(chain) not in seen:
+        if isinstance(chain, (RayActorError, ActorDiedError, ActorUnavailableError)):
+            return True
+        seen.add(id(chain))
+        chain = chain.__cause__ or chain.__context__
+    return False

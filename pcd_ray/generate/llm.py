@@ -1,8 +1,9 @@
 """LLM engines of the generate stage: ``TransformersEngine`` (any causal LM, CPU or GPU) and ``VLLMEngine``.
 
 Both implement ``base.Engine``: a batch's ``prompt`` column (the user message of the configured prompt version)
-is wrapped in the tokenizer's chat template per ``llm.chat_template``, encoded, and sampled with ``cfg.sampling``;
-each row's output is a ``Generated(text, tokens)`` or an ``EngineRowError`` that rejects only that row.
+is wrapped in the tokenizer's chat template per ``llm.chat_template``, encoded, checked against the model's context,
+and sampled with ``cfg.sampling``; each row's output is a ``Generated(text, tokens)`` or a ``RowReject`` for a
+prompt the model cannot take. Any exception is a fault of the engine and goes to the actor, which retries.
 
 torch, transformers and vllm are imported inside the constructors (``actor.py`` imports this module in every generate
 actor, the rule engine's included). See docs/GENERATION.md.
@@ -10,24 +11,29 @@ actor, the rule engine's included). See docs/GENERATION.md.
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import logging
 import os
-from typing import Any, Callable
+import queue
+import threading
+import uuid
+from concurrent.futures import Future
+from typing import Any
 
 import numpy as np
 
 from pcd_ray.config import GenerateConfig
-from pcd_ray.generate.base import EngineRowError, Generated, batch_seed, request_seed
+from pcd_ray.generate.base import Generated, RowReject, batch_seed, request_seed
 from pcd_ray.generate.prompts import chat_prompt, uses_chat_template
 
 log = logging.getLogger(__name__)
 
-Output = Generated | EngineRowError
+Output = Generated | RowReject
 
 
 class _LLMEngine:
-    """What both engines share: prompt rendering and encoding, seeds, and per-row error isolation."""
+    """What both engines share: prompt rendering, encoding and the context check, and seeds."""
 
     requires = ("caption_a", "caption_b")
 
@@ -36,6 +42,7 @@ class _LLMEngine:
         self.seed = cfg.sampling.seed if cfg.sampling.seed is not None else cfg.seed
         self.tokenizer: Any = None
         self.templated = False
+        self.max_len: int | None = None  # the model's context in tokens, once known
 
     def _use_tokenizer(self, tokenizer: Any) -> None:
         """Adopt the model's tokenizer; decides once whether prompts go through its chat template."""
@@ -51,9 +58,8 @@ class _LLMEngine:
         tokenizer adds none then; a raw prompt gets the tokenizer's usual ones."""
         return list(self.tokenizer(self.render(prompt), add_special_tokens=not self.templated)["input_ids"])
 
-    def generate(self, batch: dict[str, np.ndarray]) -> list[Output]:
-        """One output per row of ``batch`` (needs pair_id and prompt): rows that cannot be encoded or that
-        ``check_prompt`` refuses become ``EngineRowError`` without reaching the model."""
+    def prepare(self, batch: dict[str, np.ndarray]) -> tuple[list[Output | None], list[str], dict[int, list[int]]]:
+        """(per-row outputs so far: a RowReject or None, pair ids, row -> token ids of the rows to generate)."""
         pair_ids = [str(p) for p in batch["pair_id"].tolist()]
         rows: list[Output | None] = [None] * len(pair_ids)
         encoded: dict[int, list[int]] = {}
@@ -62,40 +68,25 @@ class _LLMEngine:
                 ids = self.encode(prompt)
             except Exception as e:  # a prompt the tokenizer or template cannot take is that row's problem only
                 log.warning("%s engine: cannot encode pair %s: %s: %s", self.name, pair_ids[k], type(e).__name__, e)
-                rows[k] = EngineRowError(f"encode: {type(e).__name__}")
+                rows[k] = RowReject("prompt_unencodable")
                 continue
-            rows[k] = self.check_prompt(ids)
-            if rows[k] is None:
+            if not ids:
+                rows[k] = RowReject("prompt_empty")
+            elif self.max_len is not None and len(ids) >= self.max_len:
+                # Not even one token would fit: the model would refuse it (vLLM) or overrun its positions.
+                log.warning("%s engine: pair %s: prompt of %d tokens >= context of %d", self.name, pair_ids[k],
+                            len(ids), self.max_len)
+                rows[k] = RowReject("prompt_too_long")
+            else:
                 encoded[k] = ids
+        return rows, pair_ids, encoded
+
+    def generate(self, batch: dict[str, np.ndarray]) -> list[Output]:
+        rows, pair_ids, encoded = self.prepare(batch)
         if encoded:
-            outs = self.generate_isolated([pair_ids[k] for k in encoded], list(encoded.values()))
-            for k, out in zip(encoded, outs):
+            for k, out in zip(encoded, self.generate_ids([pair_ids[k] for k in encoded], list(encoded.values()))):
                 rows[k] = out
         return rows  # type: ignore[return-value]
-
-    def check_prompt(self, ids: list[int]) -> EngineRowError | None:
-        """A reason to reject a prompt before generating, or None. Default: none (the engine validates)."""
-        return None
-
-    fatal_errors: tuple[type[BaseException], ...] = ()
-    """Errors that mean the engine itself is gone, not one row: never isolated per row."""
-
-    def generate_isolated(self, pair_ids: list[str], prompts: list[list[int]]) -> list[Output]:
-        """Generate for all rows at once; if that raises, row by row, so only the failing rows are rejected.
-
-        Exceptions in ``fatal_errors`` (a dead engine) are not isolated: they propagate to the caller.
-        """
-        try:
-            return self.generate_ids(pair_ids, prompts)
-        except self.fatal_errors:
-            raise
-        except Exception as e:
-            if len(prompts) == 1:
-                log.warning("%s engine: pair %s failed: %s: %s", self.name, pair_ids[0], type(e).__name__, e)
-                return [EngineRowError(type(e).__name__)]
-            log.warning("%s engine: a batch of %d failed (%s: %s); retrying row by row", self.name, len(prompts),
-                        type(e).__name__, e)
-            return [self.generate_isolated([p], [ids])[0] for p, ids in zip(pair_ids, prompts)]
 
     def generate_ids(self, pair_ids: list[str], prompts: list[list[int]]) -> list[Output]:
         raise NotImplementedError
@@ -139,12 +130,6 @@ class TransformersEngine(_LLMEngine):
         log.info("transformers engine: %s on %s (%s), chat template %s", llm.model, self.model.device,
                  self.model.dtype, "on" if self.templated else "off")
 
-    def check_prompt(self, ids: list[int]) -> EngineRowError | None:
-        if self.max_len is not None and len(ids) >= self.max_len:
-            log.warning("transformers engine: prompt of %d tokens >= context of %d", len(ids), self.max_len)
-            return EngineRowError("prompt_too_long")
-        return None
-
     def _sampling_kwargs(self) -> dict[str, Any]:
         s = self.cfg.sampling
         if s.temperature == 0:
@@ -174,22 +159,97 @@ class TransformersEngine(_LLMEngine):
         return Generated(self.tokenizer.decode(new[:n], skip_special_tokens=True), n)
 
 
-def _engine_dead_errors() -> tuple[type[BaseException], ...]:
-    """vLLM's "engine process died" exception(s); the module moved between versions, hence the fallbacks."""
+def _client_errors() -> tuple[type[BaseException], ...]:
+    """vLLM's errors caused by one request rather than by the engine (its own 4xx/5xx split)."""
     try:
-        from vllm.v1.engine.exceptions import EngineDeadError
-    except ImportError:
-        return ()
-    return (EngineDeadError,)
+        from vllm.exceptions import VLLMClientError
+    except ImportError:  # older vLLM: request validation raised ValueError
+        return (ValueError,)
+    return (VLLMClientError,)
+
+
+class RequestLoop:
+    """vLLM's engine driven by one thread: requests from any thread are added between engine steps, so requests
+    of several batches share the engine's continuous batching and a finished request frees its slot at once.
+
+    ``LLM.generate`` runs one batch to its end, leaving the engine to drain while the longest output finishes; here
+    the next batches' requests fill those slots. A request vLLM refuses (``VLLMClientError``) resolves to a
+    ``RowReject``; an exception from an engine step is a fault: every request in flight fails with it, and so does
+    every later one, until the engine is rebuilt (``VLLMEngine.recover``) with a new loop.
+    """
+
+    def __init__(self, engine: Any, client_errors: tuple[type[BaseException], ...]):
+        self.engine, self.client_errors = engine, client_errors
+        self.inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self.pending: dict[str, Future] = {}
+        self.error: BaseException | None = None
+        self._lock = threading.Lock()  # orders submit against the loop's failure, so no request is left waiting
+        self._wake, self._stop = threading.Event(), threading.Event()
+        self.thread = threading.Thread(target=self._run, name="pcd-vllm-requests", daemon=True)
+        self.thread.start()
+
+    def submit(self, request_id: str, prompt: Any, params: Any) -> Future:
+        future: Future = Future()
+        with self._lock:
+            if self.error is not None:
+                future.set_exception(self.error)
+                return future
+            self.inbox.put((request_id, prompt, params, future))
+        self._wake.set()
+        return future
+
+    def _run(self) -> None:
+        try:
+            while not self._stop.is_set():
+                self._wake.clear()
+                self._admit()
+                if not self.pending:
+                    self._wake.wait(0.1)
+                    continue
+                for out in self.engine.step():
+                    if out.finished and (future := self.pending.pop(out.request_id, None)) is not None:
+                        future.set_result(out)
+        except BaseException as e:  # the engine is unusable: fail what waits, and what comes
+            log.error("vllm engine step failed: %s: %s", type(e).__name__, e)
+            with self._lock:
+                self.error = e
+                self._admit()
+                for future in self.pending.values():
+                    future.set_exception(e)
+                self.pending.clear()
+
+    def _admit(self) -> None:
+        while True:
+            try:
+                request_id, prompt, params, future = self.inbox.get_nowait()
+            except queue.Empty:
+                return
+            if self.error is not None:
+                future.set_exception(self.error)
+                continue
+            try:
+                self.engine.add_request(request_id, prompt, params)
+            except self.client_errors as e:
+                log.warning("vllm refused request %s: %s: %s", request_id, type(e).__name__, e)
+                future.set_result(RowReject("prompt_refused"))
+                continue
+            self.pending[request_id] = future
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        self.thread.join(timeout=60)
 
 
 class VLLMEngine(_LLMEngine):
-    """vLLM: the whole batch goes to one ``LLM.generate`` call, which batches continuously; per-request
-    ``SamplingParams`` carry a seed per pair (``request_seed``), so a pair's text does not depend on its batch.
+    """vLLM with continuous batching across batches: ``agenerate`` hands a batch's requests to the engine's
+    ``RequestLoop`` and awaits them, so an actor keeps ``generate.batches_in_flight`` batches in the engine at
+    once. Per-request ``SamplingParams`` carry a seed per pair (``request_seed``), so a pair's text depends neither
+    on its batch nor on what else is in flight.
 
-    Rows vLLM refuses (e.g. a prompt longer than ``max_model_len``) are isolated by retrying row by row. If the
-    engine process dies (``EngineDeadError``) the engine is rebuilt once and the batch retried; a second death in
-    the same batch propagates, and the actor rejects that batch.
+    Prompts that do not fit ``max_model_len`` are rejected per row before generating. A fault (a step raising, a
+    dead engine process) fails the batches in flight; the actor retries them after ``recover``, which rebuilds the
+    engine.
     """
 
     name = "vllm"
@@ -207,7 +267,7 @@ class VLLMEngine(_LLMEngine):
         from vllm.inputs import TokensPrompt
 
         self.SamplingParams, self.TokensPrompt = SamplingParams, TokensPrompt
-        self.fatal_errors = _engine_dead_errors()
+        self.loop: RequestLoop | None = None
         self._build()
 
     def _build(self) -> None:
@@ -219,8 +279,10 @@ class VLLMEngine(_LLMEngine):
                        gpu_memory_utilization=llm.gpu_memory_utilization, seed=self.seed,
                        trust_remote_code=llm.trust_remote_code, **llm.engine_kwargs)
         self._use_tokenizer(self.llm.get_tokenizer())
-        log.info("vllm engine: %s, tensor parallel %d, chat template %s", llm.model, llm.tensor_parallel_size,
-                 "on" if self.templated else "off")
+        self.max_len = self.llm.llm_engine.model_config.max_model_len
+        self.loop = RequestLoop(self.llm.llm_engine, _client_errors())
+        log.info("vllm engine: %s, tensor parallel %d, context %d, chat template %s", llm.model,
+                 llm.tensor_parallel_size, self.max_len, "on" if self.templated else "off")
 
     def _params(self, pair_id: str):
         s = self.cfg.sampling
@@ -229,31 +291,39 @@ class VLLMEngine(_LLMEngine):
             n=1, temperature=s.temperature, top_p=1.0 if greedy else s.top_p, top_k=0 if greedy else (s.top_k or 0),
             max_tokens=s.max_tokens, repetition_penalty=s.repetition_penalty, seed=request_seed(self.seed, pair_id))
 
+    def _submit(self, pair_ids: list[str], prompts: list[list[int]]) -> list[Future]:
+        assert self.loop is not None
+        # A fresh request id per submission: a retried batch never collides with a request of the failed try.
+        return [self.loop.submit(f"{p}-{uuid.uuid4().hex[:8]}", self.TokensPrompt(prompt_token_ids=ids),
+                                 self._params(p)) for p, ids in zip(pair_ids, prompts)]
+
+    @staticmethod
+    def _output(out: Any) -> Output:
+        if isinstance(out, RowReject):
+            return out
+        return Generated(out.outputs[0].text, len(out.outputs[0].token_ids))
+
     def generate_ids(self, pair_ids: list[str], prompts: list[list[int]]) -> list[Output]:
-        outs = self.llm.generate([self.TokensPrompt(prompt_token_ids=ids) for ids in prompts],
-                                 sampling_params=[self._params(p) for p in pair_ids], use_tqdm=False)
-        return [Generated(o.outputs[0].text, len(o.outputs[0].token_ids)) for o in outs]
+        return [self._output(f.result()) for f in self._submit(pair_ids, prompts)]
 
-    def generate(self, batch: dict[str, np.ndarray]) -> list[Output]:
-        return _retry_once(lambda: super(VLLMEngine, self).generate(batch), self.fatal_errors, self._rebuild)
+    async def agenerate(self, batch: dict[str, np.ndarray]) -> list[Output]:
+        rows, pair_ids, encoded = await asyncio.to_thread(self.prepare, batch)
+        if encoded:
+            futures = self._submit([pair_ids[k] for k in encoded], list(encoded.values()))
+            outs = await asyncio.gather(*(asyncio.wrap_future(f) for f in futures))
+            for k, out in zip(encoded, outs):
+                rows[k] = self._output(out)
+        return rows  # type: ignore[return-value]
 
-    def _rebuild(self, error: BaseException) -> None:
-        log.error("vllm engine died (%s: %s); rebuilding it and retrying the batch", type(error).__name__, error)
+    def recover(self, error: BaseException) -> None:
+        """Rebuild the engine after a fault; raises if it cannot be rebuilt (the actor then ends its process)."""
+        log.error("vllm engine fault (%s: %s); rebuilding it", type(error).__name__, error)
+        if self.loop is not None:
+            self.loop.stop()
+        self.loop = None
         self.llm = None
         gc.collect()
         self._build()
-
-
-def _retry_once(fn: Callable[[], Any], errors: tuple[type[BaseException], ...],
-                recover: Callable[[BaseException], None]) -> Any:
-    """``fn()``; on one of ``errors``, ``recover(error)`` and ``fn()`` once more (a second error propagates)."""
-    if not errors:
-        return fn()
-    try:
-        return fn()
-    except errors as e:
-        recover(e)
-    return fn()
 
 
 def _has_cuda() -> bool:

@@ -15,7 +15,7 @@ from pcd_ray import artifacts
 from pcd_ray.config import GenerateConfig, JobConfig
 from pcd_ray.data.pairs import pair_id, sample_pairs
 from pcd_ray.data.synthetic import make_images
-from pcd_ray.generate.actor import ENGINES, GenerateActor, make_engine
+from pcd_ray.generate.actor import ENGINES, EngineFailure, GenerateActor, make_engine
 from pcd_ray.generate.filter import REASONS
 from pcd_ray.generate.job import run_generate
 from pcd_ray.generate.prompts import PROMPTS, build_prompt
@@ -69,7 +69,7 @@ def test_rule_engine_is_stable_per_pair_whatever_the_batch():
 
 def test_actor_marks_every_row_kept_or_rejected_with_a_reason():
     actor = GenerateActor(GenerateConfig().model_dump())
-    out = actor(_batch([("p-ok", A1, A2), ("p-same", A1, A1), ("p-none", A1, None), ("p-bad", {"kind": 1}, A2)]))
+    out = actor.run(_batch([("p-ok", A1, A2), ("p-same", A1, A1), ("p-none", A1, None), ("p-bad", {"kind": 1}, A2)]))
     rows = {r["pair_id"]: r for r in out.to_pylist()}
     assert out.column_names == ["pair_id", "raw", "text", "reason", "engine", "prompt_version", "tokens"]
     assert rows["p-ok"]["reason"] is None and rows["p-ok"]["text"] == rows["p-ok"]["raw"]
@@ -86,7 +86,7 @@ def test_actor_logs_progress(monkeypatch, caplog):
     monkeypatch.setattr(actor_module, "PROGRESS_EVERY_S", 0.0)
     actor = GenerateActor(GenerateConfig())
     with caplog.at_level("INFO", logger="pcd_ray.generate.actor"):
-        actor(_batch([("p-1", A1, A2), ("p-2", A1, A1)]))
+        actor.run(_batch([("p-1", A1, A2), ("p-2", A1, A1)]))
     assert "generate actor: 2 pairs (1 kept)" in caplog.text
 
 
@@ -98,12 +98,21 @@ class _Exploding:
         raise ZeroDivisionError("boom")
 
 
-def test_engine_exception_rejects_the_batch_instead_of_failing():
-    actor = GenerateActor(GenerateConfig())
-    actor.engine = _Exploding()
-    out = actor(_batch([("p-1", A1, A2), ("p-2", A2, A1)])).to_pylist()
-    assert [r["reason"] for r in out] == ["engine_error: ZeroDivisionError"] * 2
-    assert all(r["text"] is None and r["raw"] == "" for r in out)
+def test_an_engine_exception_is_a_fault_never_a_reject(tmp_path):
+    """Tried faults.batch_attempts times with the engine recovered between tries, recorded each time; past that a
+    direct caller gets EngineFailure and no row exists."""
+    actor = GenerateActor(GenerateConfig(faults={"batch_attempts": 3, "backoff_s": 0}),
+                          storage={"root": str(tmp_path)}, faults_uri="faults")
+    engine = actor.engine = _Exploding()
+    recovered = []
+    engine.recover = recovered.append
+    with pytest.raises(EngineFailure, match="ZeroDivisionError: boom"):
+        actor.run(_batch([("p-1", A1, A2), ("p-2", A2, A1)]))
+    assert len(recovered) == 2
+    records = sorted((json.loads(r.read_text()) for r in (tmp_path / "faults").glob("*.json")),
+                     key=lambda r: r["attempt"])
+    assert [(r["attempt"], r["final"]) for r in records] == [(1, False), (2, False), (3, True)]
+    assert {r["error"] for r in records} == {"ZeroDivisionError"}
 
 
 def test_generate_stage_imports_no_torch():
@@ -117,8 +126,9 @@ def test_generate_stage_imports_no_torch():
         attrs = '{"kind": "circle", "colour": "red", "size": "large", "brightness": "bright", "count": 1, ' \\
                 '"position": "left"}'
         col = lambda v: np.array(v, dtype=object)
-        GenerateActor(GenerateConfig())({"pair_id": col(["p"]), "caption_a": col(["a"]), "caption_b": col(["b"]),
-                                         "attributes_a": col([attrs]), "attributes_b": col([attrs])})
+        GenerateActor(GenerateConfig()).run({"pair_id": col(["p"]), "caption_a": col(["a"]),
+                                             "caption_b": col(["b"]), "attributes_a": col([attrs]),
+                                             "attributes_b": col([attrs])})
         print(sorted(m for m in ("torch", "torchvision", "open_clip") if m in sys.modules))
     """)
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

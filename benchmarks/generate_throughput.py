@@ -1,7 +1,7 @@
 """Generate-stage throughput: the Ray Data pipeline against the same engine called directly in a loop.
 
 Both sides get the same pairs and the same engine config and are timed end to end: the direct loop builds the
-engine (GenerateActor: engine + paper filter) in this process and calls it batch by batch on the pairs already in
+engine (GenerateActor: engine + output filter) in this process and calls it batch by batch on the pairs already in
 memory; the pipeline is `run_generate` (read the pairs artifact, actor pool, writer tasks, shard commits, final
 checks) on an already running local Ray with one engine actor holding the same number of CPU threads. The ratio
 pipeline / direct is what the Ray Data machinery costs (or gains) for that engine. Steady state leaves out the

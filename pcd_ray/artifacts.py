@@ -24,6 +24,8 @@ SCHEMAS: dict[str, list[str]] = {
     "pairs": ["pair_id", "image_id_a", "image_id_b", "caption_a", "caption_b"],
     "diffs": ["pair_id", "text", "raw", "engine", "prompt_version"],
     "rejects": ["pair_id", "raw", "reason"],
+    "comparatives": ["pair_id", "dataset", "class_i", "class_j", "text"],
+    "comparative_rejects": ["pair_id", "dataset", "class_i", "class_j", "reason"],
     "embeddings": ["image_id", "model", "embedding"],
 }
 

@@ -1,8 +1,9 @@
 """``pcd-ray <stage> [--config NAME|FILE] [key.path=value ...]``
 
-Stages: data, pairs, generate, embed, train, eval, serve; ``pipeline`` chains them; ``demo`` runs the pipeline on
-the embedded default (jobs/local.yaml) and prints the base-vs-finetuned table; ``config show`` prints the resolved
-job; ``doctor`` checks that this environment can run the job (exit 1 when something it needs is missing).
+Stages: data, pairs, generate, comparatives, embed, train, eval, serve; ``pipeline`` chains them; ``demo`` runs the
+pipeline on the embedded default (jobs/local.yaml) and prints the base-vs-finetuned table; ``config show`` prints the
+resolved job; ``doctor`` checks that this environment can run the job (exit 1 when something it needs is missing);
+``fetch`` downloads a dataset of the paper into the layout its reader expects.
 The same command runs on a laptop and, through ``ray job submit -- pcd-ray ...``, on a cluster.
 """
 
@@ -20,6 +21,8 @@ STAGES = {
     "data": "make the images artifact (the synthetic attribute set)",
     "pairs": "sample ordered image pairs",
     "generate": "write difference texts for the pairs (diffs + rejects)",
+    "comparatives": "write how class i differs from class j for the evaluation datasets' class pairs (comparative "
+                    "prompting and geometry read them)",
     "embed": "embed the images once with the frozen image tower (the embeddings artifact train.embeddings reads)",
     "train": "finetune with Ray Train + DeepSpeed (--section base_train for the base pretraining)",
     "eval": "difference accuracy, zero-shot, comparative prompting, geometry, retrieval; base vs finetuned "
@@ -30,6 +33,8 @@ STAGES = {
               "it was made, its rows; reads only manifests",
     "demo": "the whole method on the embedded default, then the base-vs-finetuned table",
     "config": "`config show`: print the resolved job config",
+    "fetch": "`fetch DATASET --to URI`: download a dataset of the paper (COCO, CIFAR-100, Flowers102, EuroSAT, "
+             "SUN397, AwA2, CUB) with resume and checksums, extracted to the layout its reader expects",
     "doctor": "check the environment against what the job needs (packages, GPU stack, DeepSpeed ops, cluster "
               "resources, storage); exits 1 on a failed check",
 }
@@ -43,6 +48,11 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text, description=help_text)
         if name == "config":
             p.add_argument("action", choices=["show"])
+        if name == "fetch":
+            from pcd_ray.fetch import add_arguments
+
+            add_arguments(p)
+            continue
         p.add_argument("--config", "-c", default=DEFAULT_JOB,
                        help=f"job file, or the name of a shipped job in jobs/ (default: {DEFAULT_JOB})")
         p.add_argument("overrides", nargs="*", metavar="key.path=value", help="config overrides")
@@ -74,6 +84,10 @@ def _setup_logging() -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.stage == "fetch":
+        from pcd_ray.fetch import run_fetch
+
+        return run_fetch(args)
     job = load_job(args.config, args.overrides)
     if args.stage == "config":
         print(dump(job), end="")
@@ -154,9 +168,8 @@ def main(argv: list[str] | None = None) -> int:
     except StageError as e:
         # Ray streams its workers' logs to this process from a thread; stopping Ray first keeps the reason the
         # stage stopped as the last thing a user reads.
-        import ray
-
-        if ray.is_initialized():
+        ray = sys.modules.get("ray")  # only a stage that started Ray has it to stop
+        if ray is not None and ray.is_initialized():
             ray.shutdown()
         print(f"pcd-ray: {e}", file=sys.stderr)
         return 1

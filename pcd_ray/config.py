@@ -143,12 +143,27 @@ class FolderConfig(_Strict):
     split_column: str | None = None
 
 
+class CubConfig(_Strict):
+    """CUB-200-2011 images with the Reed et al. captions (ten per image), e.g. as ``pcd-ray fetch cub`` lays them
+    out: the paper's CUB difference-accuracy set goes through pairs and generate from these."""
+
+    root: str
+    """URI of the folder holding CUB_200_2011/ (images.txt, train_test_split.txt, images/) and the captions
+    (cvpr2016_cub/text_c10/<class>/<image>.txt)."""
+    split: Literal["train", "test"] = "test"
+    """CUB's own split (train_test_split.txt); the split name written on every row."""
+    caption: Literal["first", "random"] = "first"
+    """Which of an image's ten captions: the first line of its file, or a seeded pick."""
+    seed: int = 0
+
+
 class DataConfig(_Strict):
-    source: Literal["synthetic", "coco", "webdataset", "parquet", "folder"] = "synthetic"
+    source: Literal["synthetic", "coco", "cub", "webdataset", "parquet", "folder"] = "synthetic"
     """Where images come from: synthetic (procedural shapes with known attributes), or a real image-caption
     dataset read by Ray Data (the section of the same name)."""
     synthetic: SyntheticConfig = Field(default_factory=SyntheticConfig)
     coco: CocoConfig | None = None
+    cub: CubConfig | None = None
     webdataset: WebDatasetConfig | None = None
     parquet: ParquetSourceConfig | None = None
     folder: FolderConfig | None = None
@@ -279,11 +294,14 @@ class GenerateConfig(_Strict):
     faults: FaultConfig = Field(default_factory=FaultConfig)
     resume: bool = True
     """Re-running skips pairs already committed to diffs or rejects by the same generation settings; false starts
-    over. Settings that change the text (engine, llm, sampling, prompt, seed, input) always start over."""
+    over. Settings that change the text (engine, llm, sampling, prompt, seed, filter, input) always start over."""
     commit_every_s: float = Field(30.0, ge=0)
     """How often finished shards are committed to the output manifests: the most work a kill can lose."""
     seed: int = 0
     """Seed of the rule engine's wording choice and the LLM sampling (stable per pair id)."""
+    filter: Literal["strict", "paper"] = "strict"
+    """Which rules keep an LLM output: strict (pcd-ray's) or paper (the authors' filter script, rule for rule);
+    docs/GENERATION.md lists both with their reject rates on the same outputs."""
 
     @field_validator("engine")
     @classmethod
@@ -291,6 +309,31 @@ class GenerateConfig(_Strict):
         if v not in ("rule", "transformers", "vllm") and ":" not in v:
             raise ValueError(f"unknown engine {v!r}: rule, transformers, vllm, or package.module:ClassName")
         return v
+
+
+# ---------------------------------------------------------------------------------------------------- comparatives
+class ComparativesConfig(_Strict):
+    """The comparatives stage: for the evaluation sets' class pairs, a sentence on how class i differs from class j,
+    written by the generate section's engine with its sampling and filter (comparative prompting and the difference
+    distances in eval read them). The rule engine words only the synthetic set's classes; real datasets' classes
+    need an LLM engine."""
+
+    output: str = "comparatives"
+    """URI of the comparatives artifact written (dataset, class_i, class_j, i, j, text, raw, engine, prompt_version,
+    pair_id); eval.comparatives reads it."""
+    rejects: str = "comparative_rejects"
+    """URI of the artifact of every dropped answer, with its reason."""
+    datasets: list[str] | None = Field(None, min_length=1)
+    """Names of eval.datasets, and ``synthetic`` for the synthetic set's tasks (needs eval.images), to write
+    comparatives for; null = every set eval evaluates, skipping those the engine cannot describe (named ones are an
+    error instead)."""
+    select: Literal["all", "confused"] = "all"
+    """all: every ordered class pair; confused: the ``num_pairs`` pairs the first model of eval.models confuses most
+    on each set's evaluated images (zero-shot, the paper's template), in both orders (the paper's choice)."""
+    num_pairs: int = Field(3, ge=1)
+    """Class pairs per set when select is confused (the paper: 3)."""
+    prompt_version: str = "class-v1"
+    """Key of the class-pair prompt (generate/prompts.py CLASS_PROMPTS); recorded in every row."""
 
 
 # ----------------------------------------------------------------------------------------------------------- train
@@ -467,16 +510,18 @@ class EvalDatasetConfig(_Strict):
     max_images: int | None = Field(None, ge=1)
     """Evaluate a seeded random subset of at most this many images; null = the whole split."""
     differences: str | None = None
-    """File (.jsonl/.csv/.parquet) of image_a, image_b, text rows: per-pair difference sentences (CUB's LLM
-    differences from the generate stage); ids are the dataset's image ids (paths relative to its image folder)."""
+    """Per-pair difference sentences (CUB's LLM differences): a diffs artifact of the generate stage (e.g.
+    ``cub/diffs`` of jobs/paper-cub.yaml, joined to its pairs through its manifest), or a file (.jsonl/.csv/.parquet)
+    of image_a, image_b, text rows; ids are the dataset's image ids (paths relative to its image folder)."""
     comparatives: str | None = None
     """File of class_i, class_j, text rows (class names): how class i differs from class j, for comparative
     prompting and geometry; without it those tasks are skipped for this dataset."""
 
 
 class ComparativeConfig(_Strict):
-    alpha: float = Field(0.85, ge=0, le=1)
-    """Weight of the plain class embedding in h_j = normalise(alpha t_j + (1 - alpha) s_j) (the paper: 0.8-0.9)."""
+    alpha: float | None = Field(None, ge=0, le=1)
+    """Weight of the plain class embedding in h_j = normalise(alpha t_j + (1 - alpha) s_j); null = the evaluation
+    protocol's (0.9, the authors' evaluation script's default)."""
     num_pairs: int = Field(3, ge=1)
     """Most-confused class pairs that get comparatives (the paper: 3)."""
     alphas: list[float] = Field(default_factory=lambda: [round(0.1 * k, 1) for k in range(11)], min_length=1)
@@ -486,8 +531,17 @@ class ComparativeConfig(_Strict):
 
 
 class EvalConfig(_Strict):
+    protocol: Literal["fixed", "paper"] = "fixed"
+    """paper: the authors' evaluation code choice for choice (sentence wordings, AwA2 predicates, pair sampling,
+    prompts, alpha); fixed: the same with their index errors (and a typo, the s.e.'s ddof, geometry's unnormalised
+    prompts) fixed. docs/EVAL.md names each choice's source."""
     images: str | None = "images"
     """URI of the images artifact (needs the attributes column: the synthetic set); null = external sets only."""
+    comparatives: str | None = "comparatives"
+    """URI of the comparatives artifact (``pcd-ray comparatives``) that comparative prompting and the difference
+    distances read: a dataset's rows by its name, the synthetic set's by ``synthetic/<task>``; a dataset's own
+    ``comparatives`` file takes precedence; a set without comparatives skips those tasks; null = only such files.
+    The report names the artifact and its commit."""
     split: str = "test"
     """Only images of this split are evaluated (images the pairs/train stages never saw)."""
     models: dict[str, ModelSpec] = Field(
@@ -500,7 +554,8 @@ class EvalConfig(_Strict):
     seeds: list[int] = Field(default_factory=lambda: [0, 1, 2, 3, 4], min_length=1)
     """One pair sample per seed; accuracies are mean and standard error over seeds (the paper: 5)."""
     pairs_per_attribute: int = Field(500, ge=1)
-    """Pairs per attribute and seed for difference accuracy (easy pairs: fewer when fewer exist)."""
+    """Pairs per attribute and seed for the synthetic set's difference accuracy (easy pairs: fewer when fewer exist);
+    labelled datasets draw as eval.protocol says (all cross-class pairs of 100 images per seed; 5,000 CUB pairs)."""
     batch_size: int = Field(256, ge=1)
     """Images per embedding call (and per forward pass); also the chunk size of text encoding in the driver."""
     num_actors: int = Field(1, ge=1)
@@ -595,6 +650,8 @@ class JobConfig(_Strict):
     data: DataConfig = Field(default_factory=DataConfig)
     pairs: PairsConfig = Field(default_factory=PairsConfig)
     generate: GenerateConfig = Field(default_factory=GenerateConfig)
+    comparatives: ComparativesConfig | None = None
+    """Optional: class comparatives for comparative prompting and geometry (``pcd-ray comparatives``)."""
     base_train: TrainConfig | None = None
     """Optional caption-loss pretraining of the base CLIP (the offline demo has no pretrained weights)."""
     train: TrainConfig = Field(default_factory=TrainConfig)

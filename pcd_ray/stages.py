@@ -42,6 +42,20 @@ def _generate_io(job: JobConfig) -> tuple[list[Ref], list[Ref]]:
                                                  Ref("rejects", g.rejects, "artifact")]
 
 
+def _comparatives_io(job: JobConfig) -> tuple[list[Ref], list[Ref]]:
+    from pcd_ray.generate.comparatives import REJECTS_KIND, SYNTHETIC, requested
+
+    c, e = job.comparatives, job.eval
+    # The eval datasets' roots are outside pcd-ray (named by eval.datasets, as for eval); the synthetic set is the
+    # images artifact.
+    names, _ = requested(job)
+    inputs = [Ref("images", e.images, "artifact")] if SYNTHETIC in names and e.images is not None else []
+    if c.select == "confused":
+        name, spec = next(iter(e.models.items()))
+        inputs.append(model_ref(f"models.{name}", spec))
+    return inputs, [Ref("comparatives", c.output, "artifact"), Ref(REJECTS_KIND, c.rejects, "artifact")]
+
+
 def _embed_io(job: JobConfig) -> tuple[list[Ref], list[Ref]]:
     e = job.embed
     return [Ref("images", e.input, "artifact"), model_ref("model", e.model)], [Ref("embeddings", e.output, "artifact")]
@@ -66,10 +80,17 @@ def _eval_io(job: JobConfig) -> tuple[list[Ref], list[Ref]]:
     cfg: EvalConfig = job.eval
     inputs = [Ref("images", cfg.images, "artifact")] if cfg.images is not None else []
     inputs += [model_ref(f"models.{name}", spec) for name, spec in cfg.models.items()]
+    from pcd_ray.eval.pair_texts import names_artifact
+
     for name, ds in cfg.datasets.items():
         # The datasets' own files are named by the config; what pcd-ray made or users edit beside them is tracked.
-        inputs += [Ref(f"datasets.{name}.{key}", getattr(ds, key), "file")
+        # A diffs artifact (CUB's differences) is an artifact input: its commit id, and its stage before eval.
+        inputs += [Ref(f"datasets.{name}.{key}", getattr(ds, key),
+                       "artifact" if key == "differences" and names_artifact(ds.differences) else "file")
                    for key in ("differences", "comparatives") if getattr(ds, key)]
+    if job.comparatives is not None and cfg.comparatives is not None:
+        # Eval reads the artifact whenever it is there; the job's own stage makes it an input to keep current.
+        inputs.append(Ref("comparatives", cfg.comparatives, "artifact"))
     return inputs, [Ref("report", cfg.output, "report")]
 
 
@@ -90,6 +111,18 @@ def _run_generate(job: JobConfig, storage: Storage) -> Any:
     from pcd_ray.generate.job import run_generate
 
     return run_generate(job, storage)
+
+
+def _run_comparatives(job: JobConfig, storage: Storage) -> Any:
+    from pcd_ray.generate.comparatives import run_comparatives
+
+    return run_comparatives(job, storage)
+
+
+def _comparatives_config(job: JobConfig) -> dict[str, Any]:
+    from pcd_ray.generate.comparatives import stage_config
+
+    return stage_config(job)
 
 
 def _run_embed(job: JobConfig, storage: Storage) -> Any:
@@ -123,11 +156,16 @@ class Stage:
     run: Callable[[JobConfig, Storage], Any]
     io: Callable[[JobConfig], tuple[list[Ref], list[Ref]]]
     """(inputs, outputs) declared from the job; called only when the job has the section."""
+    record: Callable[[JobConfig], dict[str, Any]] | None = None
+    """The config its outputs record and are compared with; default: its section. A stage that runs another
+    section's engine records the settings of it that decide its output too."""
 
     def section(self, job: JobConfig):
         return getattr(job, self.name)
 
     def config(self, job: JobConfig) -> dict[str, Any]:
+        if self.record is not None:
+            return self.record(job)
         return self.section(job).model_dump(mode="json")
 
     def inputs(self, job: JobConfig) -> list[Ref]:
@@ -141,6 +179,7 @@ STAGES = [
     Stage("data", _run_data, _data_io),
     Stage("pairs", _run_pairs, _pairs_io),
     Stage("generate", _run_generate, _generate_io),
+    Stage("comparatives", _run_comparatives, _comparatives_io, _comparatives_config),
     Stage("base_train", _run_train("base_train"), lambda job: _train_io(job.base_train)),
     Stage("embed", _run_embed, _embed_io),
     Stage("train", _run_train("train"), lambda job: _train_io(job.train)),

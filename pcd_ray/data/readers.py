@@ -4,6 +4,9 @@ Sources (``DataConfig.source``), local or s3://, all streamed through Ray Data t
 
 - ``coco``: a COCO captions JSON and its image folder. The JSON is metadata (about 20 MB for train2014) and is parsed
   on the driver; image bytes are only ever read by the tasks.
+- ``cub``: CUB-200-2011 (``CUB_200_2011/{images.txt,train_test_split.txt,images/}``) with Reed et al.'s captions
+  (``cvpr2016_cub/text_c10/<class>/<image>.txt``, ten per image). The lists are read on the driver; caption files
+  and images by the tasks. Image ids are the paths relative to ``images/``, as the CUB evaluation set names them.
 - ``webdataset``: tar shards as img2dataset writes them (``<key>.jpg``, ``<key>.txt``, ``<key>.json``), one task per
   shard. We read the tar stream ourselves instead of with ``ray.data.read_webdataset``: that reader aborts the whole
   job on one truncated shard (tarfile.ReadError), where a job over thousands of shards must keep the samples read so
@@ -200,6 +203,118 @@ def read_coco(cfg, data_cfg, storage):
         fetch_images, fn_args=(storage,), batch_format="pyarrow", batch_size=None)
 
 
+CUB_DIR = "CUB_200_2011"
+CUB_CAPTIONS = ("cvpr2016_cub", "text_c10")
+"""Where Reed et al.'s archive puts the captions under the CUB root: ``<class folder>/<image stem>.txt``."""
+
+
+def _cub_list(storage, uri: str, what: str) -> list[tuple[str, str]]:
+    """(first field, rest of the line) of every non-empty line of a CUB list file; errors name the file."""
+    if not storage.exists(uri):
+        raise FileNotFoundError(f"{uri}: missing ({what})")
+    rows = []
+    for k, line in enumerate(storage.read_text(uri).splitlines(), 1):
+        if not line.strip():
+            continue
+        parts = line.split(maxsplit=1)
+        if len(parts) != 2:
+            raise ValueError(f"{uri}, line {k}: expected '<image number> <value>', got {line!r}")
+        rows.append((parts[0], parts[1].strip()))
+    return rows
+
+
+def _cub_caption(data: bytes, uri: str, cfg, number: str) -> str:
+    """One of the captions of an image's caption file (one a line); raises RejectError."""
+    try:
+        lines = [ln.strip() for ln in data.decode("utf-8").splitlines() if ln.strip()]
+    except UnicodeDecodeError as e:
+        raise RejectError("caption_not_utf8", f"{uri}: {e}") from None
+    if not lines:
+        raise RejectError("empty_caption", f"{uri} has no caption (every line is blank)")
+    if cfg.caption == "first":
+        return lines[0]
+    return lines[int(np.random.default_rng([cfg.seed, int(number)]).integers(len(lines)))]
+
+
+def _cub_rows(batch, cfg, storage):
+    """map_batches UDF: CUB rows -> candidate rows, each with the caption picked from its image's caption file
+    (a missing file: ``no_caption``) and its image bytes."""
+    import pyarrow as pa
+
+    t = batch
+    reasons, details = t.column("reason").to_pylist(), t.column("detail").to_pylist()
+    captions = []
+    for k, (uri, number) in enumerate(zip(t.column("caption_uri").to_pylist(), t.column("number").to_pylist())):
+        caption = None
+        if reasons[k] is None:
+            try:
+                caption = _cub_caption(storage.read_bytes(uri), uri, cfg, number)
+            except (FileNotFoundError, IsADirectoryError, PermissionError) as e:
+                reasons[k], details[k] = "no_caption", f"no caption file ({type(e).__name__}: {uri})"
+            except RejectError as e:
+                reasons[k], details[k] = e.reason, e.detail
+        captions.append(caption)
+    return fetch_images(pa.table({
+        **{c: t.column(c) for c in ("image_id", "split", "uri", "source")},
+        "caption": pa.array([None if c is None else c.encode() for c in captions], pa.binary()),
+        "reason": pa.array(reasons, pa.string()), "detail": pa.array(details, pa.string()),
+    }), storage)
+
+
+def read_cub(cfg, data_cfg, storage):
+    """CUB-200-2011 + Reed et al.'s captions -> candidate rows: one per image of ``cfg.split``
+    (train_test_split.txt), plus an ``unknown_image_id`` row per caption file naming no image of images.txt.
+
+    Raises FileNotFoundError / ValueError naming the file when a list or the caption folder is missing or malformed.
+    """
+    import pyarrow as pa
+
+    from pcd_ray.storage import join
+
+    root = storage.resolve(cfg.root)
+    base, text = join(root, CUB_DIR), join(root, *CUB_CAPTIONS)
+    images = _cub_list(storage, join(base, "images.txt"), "CUB image list")
+    split_uri = join(base, "train_test_split.txt")
+    is_train = dict(_cub_list(storage, split_uri, "CUB train/test split"))
+    numbers = [n for n, _ in images]
+    if len(set(numbers)) != len(numbers):
+        raise ValueError(f"{join(base, 'images.txt')}: image numbers repeat")
+    bad = [f"{n} {v}" for n, v in is_train.items() if v not in ("0", "1")]
+    unsplit = [n for n in numbers if n not in is_train]
+    if bad or unsplit:
+        raise ValueError(f"{split_uri}: " + (f"values must be 0 or 1, got e.g. {bad[:3]}" if bad else
+                                             f"{len(unsplit)} images of images.txt have no line, e.g. {unsplit[:3]}"))
+    stems = {f: posixpath.splitext(f[len(text) + 1:])[0] for f in storage.find(text) if f.endswith(".txt")}
+    if not stems:
+        raise FileNotFoundError(f"{text}: no caption files (<class>/<image>.txt, Reed et al.'s text_c10)")
+    # Against every image, whatever the split: a caption file whose image is not in images.txt names no image of
+    # the dataset at all.
+    named = {posixpath.splitext(rel)[0] for _, rel in images}
+    wanted = "1" if cfg.split == "train" else "0"
+    rows: dict[str, list] = {c: [] for c in ("image_id", "number", "uri", "caption_uri", "source", "reason",
+                                             "detail")}
+
+    def add(*values):
+        for c, v in zip(rows, values):
+            rows[c].append(v)
+
+    for number, rel in images:
+        if is_train[number] == wanted:
+            uri = join(base, "images", *rel.split("/"))
+            add(rel, number, uri, join(text, *posixpath.splitext(rel)[0].split("/")) + ".txt", uri, None, None)
+    in_split = len(rows["uri"])
+    for f, stem in stems.items():
+        if stem not in named:
+            add(stem, None, None, None, f, "unknown_image_id",
+                f"caption file names image {stem!r}, which {join(base, 'images.txt')} does not list")
+    log.info("cub: %d %s images of %d, %d caption files naming no image", in_split, cfg.split, len(images),
+             len(rows["uri"]) - in_split)
+    table = pa.table({"split": pa.array([cfg.split] * len(rows["uri"]), pa.string()),
+                      **{c: pa.array(v, pa.string()) for c, v in rows.items()}})
+    return _blocks(table, data_cfg.rows_per_task).map_batches(
+        _cub_rows, fn_args=(cfg, storage), batch_format="pyarrow", batch_size=None)
+
+
 def _expand_braces(pattern: str) -> list[str]:
     """webdataset's shard notation: "shards-{00000..00099}.tar" -> 100 names (zero padding kept)."""
     m = re.search(r"\{(\d+)\.\.(\d+)\}", pattern)
@@ -371,7 +486,8 @@ def read_folder(cfg, data_cfg, storage):
                           batch_size=data_cfg.rows_per_task)
 
 
-SOURCES = {"coco": read_coco, "webdataset": read_webdataset, "parquet": read_parquet_source, "folder": read_folder}
+SOURCES = {"coco": read_coco, "cub": read_cub, "webdataset": read_webdataset, "parquet": read_parquet_source,
+           "folder": read_folder}
 
 
 # ------------------------------------------------------------------------------------------------- the job

@@ -6,8 +6,10 @@ With unit class embeddings t_c and unit comparative embeddings d_ij (how class i
     s_j = mean over (i, j) in P_j of (t_i - d_ij)          h_j = normalise(alpha * t_j + (1 - alpha) * s_j)
 
 classes without comparatives keep t_j; an image is assigned argmax_c cos(g(x), h_c). alpha = 1 is plain zero-shot.
+The class prompt and alpha are the evaluation protocol's (``protocol.py``: "This is a photo of a {label}" and 0.9,
+the authors' eval script's ``run_comparative`` and its ``--alpha`` default), unless the job sets alpha.
 
-Two protocols choose which pairs get comparatives:
+Two pair-selection protocols (not to be confused with ``eval.protocol``) choose which pairs get comparatives:
 
 - ``paper``: the n most-confused class pairs of the model's own zero-shot confusion matrix on the evaluated images
   (the paper admits this is no longer strictly zero-shot: the test labels pick the pairs);

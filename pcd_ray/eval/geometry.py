@@ -5,7 +5,9 @@ point, and does image arithmetic land on the right class?
   forward = 1 - cos(normalise(t_i - t_j), normalise(f(T_ij)))   (lower is better)
   reverse = 1 - cos(normalise(t_j - t_i), normalise(f(T_ij)))   (higher is better)
   Pair by pair reverse = 2 - forward (the paper's CIFAR-100 numbers, 1.04/0.96 and 0.92/1.08, obey it too); both
-  are reported because the paper reports both.
+  are reported because the paper reports both. t are the class prompts' embeddings (the protocol's prompt, "A photo
+  of a {label}"), unit before the difference (``fixed``) or as the text tower returns them (``paper``: the
+  authors' script subtracts raw embeddings, so the longer one dominates the direction).
 - Analogy accuracy on a two-factor class grid (class = (u, v), e.g. (size, colour)): for classes A = (u1, v1),
   B = (u2, v1), C = (u2, v2) the answer is D = (u1, v2). With images a, b, c of A, B, C,
   q = ĝ(a) - ĝ(b) + ĝ(c) (unit image embeddings); ``text``: the class prompt nearest to q is D's;
@@ -24,9 +26,12 @@ from pcd_ray.vectors import difference_direction, normalise
 EPS = 1e-12
 
 
-def difference_distances(class_emb: np.ndarray, comparatives: dict[tuple[int, int], np.ndarray]) -> dict:
-    """Mean forward / reverse distance over the comparative pairs, with standard errors over pairs."""
-    t = normalise(class_emb, eps=EPS, dtype=np.float64)
+def difference_distances(class_emb: np.ndarray, comparatives: dict[tuple[int, int], np.ndarray], *,
+                         unit_prompts: bool = True) -> dict:
+    """Mean forward / reverse distance over the comparative pairs, with standard errors over pairs.
+
+    ``unit_prompts``: normalise the class embeddings before taking their difference (False: as given)."""
+    t = normalise(class_emb, eps=EPS, dtype=np.float64) if unit_prompts else np.asarray(class_emb, dtype=np.float64)
     pairs = sorted(comparatives)
     if not pairs:
         return {"forward": None, "reverse": None, "forward_stderr": None, "reverse_stderr": None, "num_pairs": 0}

@@ -6,6 +6,11 @@ computed in the driver from that stored table (plain numpy, chunked where it gro
 set is one Ray Data job plus a table read. Prompts and sentences are few and distinct and are encoded in the driver.
 Every model sees the same images in the same order and the same seeds, hence the same pairs and sentences: the
 numbers compare models, not samples.
+
+Comparative prompting and the difference distances read their class comparatives from the comparatives artifact
+(``eval.comparatives``, written by ``pcd-ray comparatives``): a dataset's rows by its name, the synthetic set's by
+``synthetic/<task>``. A dataset's own ``comparatives`` file takes precedence; a set without comparatives skips those
+tasks. The report names the artifact and the commit it read.
 """
 
 from __future__ import annotations
@@ -20,12 +25,15 @@ import numpy as np
 
 from pcd_ray import artifacts
 from pcd_ray.config import EvalConfig, JobConfig, ModelSpec
+from pcd_ray.eval.protocol import get as get_protocol
+from pcd_ray.eval.synthetic_suite import SYNTHETIC
 from pcd_ray.storage import Storage, join
 
 log = logging.getLogger(__name__)
 
 MAX_ERRORS_KEPT = 5  # embedding errors quoted in the report; the count is always complete
-SYNTHETIC = "synthetic"
+COMPARATIVES_KIND = "comparatives"
+"""The kind of the comparatives artifact (``pcd-ray comparatives`` writes it, eval reads it)."""
 
 
 class TextCache:
@@ -108,18 +116,61 @@ def stored_embeddings(ds, ids: list, spec: ModelSpec, uri: str, cfg: EvalConfig,
     return matrix[[row[ids[k]] for k in kept]], kept, errors
 
 
-def _read_inputs(name: str, dcfg, ds, storage: Storage) -> dict:
+def read_comparatives_artifact(cfg: EvalConfig, storage: Storage) -> tuple[dict[str, list[dict]], dict | None]:
+    """The comparatives artifact's rows by dataset, and what the report says of it: {"uri", "commit", "rows",
+    "complete", "sets": {set: pairs read}} ("commit" None when there is none at the URI; None when
+    ``eval.comparatives`` is null)."""
+    if cfg.comparatives is None:
+        return {}, None
+    uri = storage.resolve(cfg.comparatives)
+    if not artifacts.exists(storage, uri):
+        log.warning("eval: no comparatives artifact at %s (pcd-ray comparatives writes it); comparative prompting and "
+                    "the difference distances run only for datasets with their own comparatives file", uri)
+        return {}, {"uri": uri, "commit": None, "rows": 0, "complete": None, "sets": {}}
+    manifest = artifacts.read_manifest(storage, uri, COMPARATIVES_KIND)
+    if not manifest.get("complete", True):
+        log.warning("eval: the comparatives artifact at %s is incomplete (a comparatives run was stopped); reading the "
+                    "%d rows it committed", uri, manifest["num_rows"])
+    table = artifacts.read_table(storage, uri, COMPARATIVES_KIND, columns=["dataset", "class_i", "class_j", "text"])
+    by_dataset: dict[str, list[dict]] = {}
+    for row in table.to_pylist():
+        by_dataset.setdefault(row["dataset"], []).append(row)
+    return by_dataset, {"uri": uri, "commit": manifest.get("attempt"), "rows": table.num_rows,
+                        "complete": manifest.get("complete", True), "sets": {}}
+
+
+def _read_inputs(name: str, dcfg, ds, storage: Storage, artifact_rows: list[dict] | None,
+                 artifact: dict | None) -> dict:
     """Files a dataset's tasks need, read once for every model (pair texts, comparatives)."""
-    from pcd_ray.eval.class_difference import read_pair_texts
     from pcd_ray.eval.dataset_suite import read_comparatives
+    from pcd_ray.eval.pair_texts import load_pair_texts
 
     out: dict = {}
     if dcfg.differences:
-        out["pair_rows"], skipped = read_pair_texts(storage, dcfg.differences, ds)
-        log.info("eval %s: %d difference sentences (%d rows not in the split skipped)", name, len(out["pair_rows"]),
-                 skipped)
+        texts = load_pair_texts(storage, dcfg.differences, ds)
+        out["pair_rows"], out["differences_source"] = texts.rows, texts.source
+        log.info("eval %s: %d difference sentences from %s %s (%d rows not in the split skipped)", name,
+                 len(texts.rows), texts.source["kind"], texts.source["uri"], texts.skipped)
     if dcfg.comparatives:
         out["comparatives"] = read_comparatives(storage, dcfg.comparatives, ds)
+        out["comparatives_source"] = storage.resolve(dcfg.comparatives)
+    elif artifact_rows:
+        out["comparatives"] = read_comparatives(storage, artifact["uri"], ds, rows=artifact_rows)
+        out["comparatives_source"] = artifact["uri"]
+        artifact["sets"][name] = len(out["comparatives"])
+    return out
+
+
+def _synthetic_comparatives(by_dataset: dict[str, list[dict]], artifact: dict | None) -> dict:
+    """{task: {(i, j): text}} of the synthetic set's comparative tasks that the artifact has rows for."""
+    from pcd_ray.eval.synthetic_suite import COMPARATIVE_TASKS, comparatives_name, task_comparatives
+
+    out = {}
+    for task in COMPARATIVE_TASKS:
+        comps = task_comparatives(task, by_dataset.get(comparatives_name(task), []))
+        if comps:
+            out[task] = comps
+            artifact["sets"][comparatives_name(task)] = len(comps)
     return out
 
 
@@ -146,7 +197,7 @@ def evaluate_model(name: str, spec: ModelSpec, sets: dict, cfg: EvalConfig, stor
         if set_name == SYNTHETIC:
             kept_ids = [s["ids"][k] for k in kept]
             result = evaluate_synthetic(emb, [s["attrs"][i] for i in kept_ids], [s["captions"][i] for i in kept_ids],
-                                        encode, cfg)
+                                        encode, cfg, s["comparatives"])
             entry.update(result, num_embedded=len(kept), embedding_errors=len(errors),
                          errors=errors[:MAX_ERRORS_KEPT], embeddings=uri)
         else:
@@ -163,21 +214,25 @@ def read_sets(cfg: EvalConfig, storage: Storage) -> tuple[dict, dict]:
     from pcd_ray.eval.datasets import read_dataset
 
     sets: dict = {}
-    data: dict = {"datasets": {}}
+    by_dataset, artifact = read_comparatives_artifact(cfg, storage)
+    data: dict = {"datasets": {}, "comparatives": artifact}
     if cfg.images is not None:
         ds, ids, attrs, captions, unlabelled = load_split(cfg, storage)
         log.info("eval: %d %s images from %s (%d without attributes skipped)", len(ids), cfg.split,
                  storage.resolve(cfg.images), unlabelled)
-        sets[SYNTHETIC] = {"ray": ds, "ids": ids, "attrs": attrs, "captions": captions}
+        sets[SYNTHETIC] = {"ray": ds, "ids": ids, "attrs": attrs, "captions": captions,
+                           "comparatives": _synthetic_comparatives(by_dataset, artifact)}
         data.update(images=storage.resolve(cfg.images), split=cfg.split, num_images=len(ids),
                     skipped_without_attributes=unlabelled)
     for name, dcfg in cfg.datasets.items():
         ds = read_dataset(storage, dcfg.kind, dcfg.root, dcfg.split, seed=dcfg.seed, max_images=dcfg.max_images)
         log.info("eval: %s: %d %s images, %d classes from %s", name, len(ds), dcfg.split, len(ds.classes), ds.root)
-        sets[name] = {"ray": ds.to_dataset(storage), "ids": ds.image_ids, "set": ds, "cfg": dcfg,
-                      "inputs": _read_inputs(name, dcfg, ds, storage)}
+        inputs = _read_inputs(name, dcfg, ds, storage, by_dataset.get(name), artifact)
+        sets[name] = {"ray": ds.to_dataset(storage), "ids": ds.image_ids, "set": ds, "cfg": dcfg, "inputs": inputs}
         data["datasets"][name] = {"kind": dcfg.kind, "root": ds.root, "split": dcfg.split, "seed": dcfg.seed,
-                                  "num_images": len(ds), "num_classes": len(ds.classes)}
+                                  "num_images": len(ds), "num_classes": len(ds.classes),
+                                  "comparatives": inputs.get("comparatives_source"),
+                                  "differences": inputs.get("differences_source")}
     return sets, data
 
 
@@ -201,6 +256,7 @@ def run_eval(job: JobConfig, storage: Storage) -> dict:
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "data": data,
         "settings": {"seeds": list(cfg.seeds), "pairs_per_attribute": cfg.pairs_per_attribute,
+                     "protocol": get_protocol(cfg.protocol).summary(),
                      "attributes": list(ORDERED), "zeroshot_template": ZEROSHOT_TEMPLATE,
                      "config": cfg.model_dump(mode="json")},
         "baseline": next(iter(cfg.models)),

@@ -91,10 +91,12 @@ def _panels(report: dict) -> list:
                        None, "accuracy change (points)"))
     if all(m.get("geometry") for m in models):
         tasks = list(models[0]["geometry"]["distances"])
-        series = [(n, [m["geometry"]["distances"][t]["forward"] for t in tasks],
-                   [m["geometry"]["distances"][t]["forward_stderr"] for t in tasks]) for n, m in zip(names, models)]
-        panels.append(("geometry: forward distance (lower is better)", tasks, series, [1.0] * len(tasks), 2.0,
-                       "1 - cos"))
+        if tasks:  # no comparatives, no distances: the analogy panel still stands
+            series = [(n, [m["geometry"]["distances"][t]["forward"] for t in tasks],
+                       [m["geometry"]["distances"][t]["forward_stderr"] for t in tasks])
+                      for n, m in zip(names, models)]
+            panels.append(("geometry: forward distance (lower is better)", tasks, series, [1.0] * len(tasks), 2.0,
+                           "1 - cos"))
         an = [m["geometry"]["analogy"] for m in models]
         series = [(n, [a["text"]["accuracy"], a["image"]["accuracy"]], [a["text"]["stderr"], a["image"]["stderr"]])
                   for n, a in zip(names, an)]

@@ -2,8 +2,9 @@
 
 The report dict is what ``eval.job.run_eval`` builds::
 
-    {"created", "data": {"images", "split", "num_images", "datasets": {name: {...}}},
-     "settings": {"seeds", "pairs_per_attribute", "attributes", "zeroshot_template", "config"},
+    {"created", "data": {"images", "split", "num_images", "datasets": {name: {..., "comparatives"}},
+              "comparatives": {"uri", "commit", "rows", "complete", "sets": {set: pairs}} or None},
+     "settings": {"seeds", "pairs_per_attribute", "protocol", "attributes", "zeroshot_template", "config"},
      "baseline": <first model's name>,
      "models": {name: {"source", "spec", "num_embedded", "embedding_errors", "errors",
                        "difference": {"hard", "easy"}, "zeroshot", "zeroshot_ensemble", "comparative",
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from pcd_ray.eval.paper import paper_sections
 from pcd_ray.storage import Storage, join
 
 Section = tuple[str, list[str], list[list[str]]]  # (title, header, rows of cells)
@@ -134,10 +136,11 @@ def _synthetic_extra_sections(models, names) -> list[Section]:
             out.append(sec)
     geos = [m.get("geometry") for m in models]
     if all(geos):
-        rows = [r for task in geos[0]["distances"]
+        rows = [r for task in geos[0].get("distances") or {}
                 for r in _geometry_rows([g["distances"][task] for g in geos], task)]
-        out.append(("Geometry (synthetic set): 1 - cos(class-prompt difference, comparative text), mean ± s.e. over "
-                    "pairs", ["task", "distance", "pairs"] + names + deltas, rows))
+        if rows:  # none without comparatives
+            out.append(("Geometry (synthetic set): 1 - cos(class-prompt difference, comparative text), mean ± s.e. "
+                        "over pairs", ["task", "distance", "pairs"] + names + deltas, rows))
         an = [g["analogy"] for g in geos]
         rows = [_row([f"{an[0]['task']}: {kind}", _cell(an[0][f"chance_{kind}"])],
                      [(a[kind]["accuracy"], a[kind]["stderr"]) for a in an]) for kind in ("text", "image")]
@@ -207,12 +210,26 @@ def _sections(report: dict) -> list[Section]:
     names = list(report["models"])
     models = [report["models"][n] for n in names]
     return (_difference_sections(models, names, report["settings"]["seeds"]) + _zeroshot_sections(models, names)
-            + _synthetic_extra_sections(models, names) + _dataset_sections(models, names))
+            + _synthetic_extra_sections(models, names) + _dataset_sections(models, names) + paper_sections(report))
+
+
+def comparatives_line(report: dict) -> str | None:
+    """Which comparatives artifact the report read (URI and commit id), in one line; None when eval read none."""
+    c = (report.get("data") or {}).get("comparatives")
+    if not c:
+        return None
+    if c.get("commit") is None:
+        return (f"Comparatives: none at `{c['uri']}` (`pcd-ray comparatives` writes them); comparative prompting and "
+                f"difference distances skipped where no dataset file gives them.")
+    sets = ", ".join(f"{k} ({n} pairs)" for k, n in c.get("sets", {}).items()) or "none of the evaluated sets"
+    incomplete = ", incomplete" if c.get("complete") is False else ""
+    return f"Comparatives: `{c['uri']}` (commit `{c['commit']}`, {c['rows']} rows{incomplete}); used for {sets}."
 
 
 def format_table(report: dict) -> str:
     """A compact plain-text rendering for the terminal (the demo prints it)."""
-    out = []
+    line = comparatives_line(report)
+    out = [line.replace("`", ""), ""] if line else []
     for title, header, rows in _sections(report):
         widths = [max(len(r[c]) for r in [header] + rows) for c in range(len(header))]
         out.append(title)
@@ -236,9 +253,17 @@ def to_markdown(report: dict, plots: dict[str, str] | None = None) -> str:
     if data.get("images"):
         lines.append(f"Synthetic set `{data['images']}`, split `{data['split']}` ({data['num_images']} images).")
     for name, d in (data.get("datasets") or {}).items():
+        own = d.get("comparatives")
         lines.append(f"Dataset `{name}`: {d['kind']} `{d['root']}`, split `{d['split']}` ({d['num_images']} "
-                     f"images, {d['num_classes']} classes).")
-    lines += ["", f"Seeds {settings['seeds']}; up to {settings['pairs_per_attribute']} pairs per attribute and seed. "
+                     f"images, {d['num_classes']} classes)." + (f" Comparatives from `{own}`." if own else ""))
+    line = comparatives_line(report)
+    if line:
+        lines.append(line)
+    protocol = (settings.get("protocol") or {}).get("name")
+    if protocol and data.get("datasets"):
+        lines.append(f'Labelled datasets under the `{protocol}` evaluation protocol (docs/EVAL.md, "Protocols").')
+    lines += ["", f"Seeds {settings['seeds']}; up to {settings['pairs_per_attribute']} pairs per attribute and seed "
+              "on the synthetic set. "
               f"Baseline for deltas: `{report['baseline']}`. Created {report.get('created', 'n/a')}.", "",
               "| model | source | images embedded | embedding errors |", "|---|---|---|---|"]
     for name, m in report["models"].items():

@@ -2,8 +2,10 @@
 
 Classification tasks are attribute tuples: ``kind``, ``colour``, ``size`` (the zero-shot tasks) and the 18-class
 ``size+colour`` grid, whose many similar classes give comparative prompting real confusions to fix and the analogy
-test its two factors. Comparatives ("how class i differs from class j") are written by the generate stage's rule
-engine (``attributes.difference_sentence``) for two prototypes that differ only in the task's attributes.
+test its two factors. Comparatives ("how class i differs from class j") come from the comparatives artifact
+(``pcd-ray comparatives``: rows of dataset ``synthetic/<task>``, class names as ``class_label`` writes them), where the
+rule engine words them for two class prototypes that differ only in the task's attributes; a task without
+comparatives skips comparative prompting and its difference distances.
 """
 
 from __future__ import annotations
@@ -16,14 +18,17 @@ import numpy as np
 from pcd_ray.config import EvalConfig
 from pcd_ray.data import attributes as A
 from pcd_ray.eval import templates as T
+from pcd_ray.eval.protocol import comparative_alpha
+from pcd_ray.eval.protocol import get as get_protocol
 
 TASKS: dict[str, tuple[str, ...]] = {"kind": ("kind",), "colour": ("colour",), "size": ("size",),
                                      "size+colour": ("size", "colour")}
 VALUES = {"kind": A.KINDS, "colour": list(A.COLOURS), "size": A.SIZES}
-PROTOTYPE = {"kind": "circle", "colour": "red", "size": "medium", "brightness": "bright", "count": 1,
-             "position": "center"}
 COMPARATIVE_TASKS = ("kind", "size", "size+colour")
 ANALOGY_TASK = "size+colour"
+SYNTHETIC = "synthetic"
+"""The synthetic set's name among evaluation sets (and in ``comparatives.datasets``)."""
+Pair = tuple[int, int]
 
 
 def task_classes(task: str) -> list[tuple]:
@@ -42,16 +47,20 @@ def task_labels(task: str, attrs: list[dict]) -> np.ndarray:
     return np.asarray([index[tuple(a[x] for x in TASKS[task])] for a in attrs], dtype=np.int64)
 
 
-def comparative_text(task: str) -> Callable[[int, int], str]:
-    """(i, j) -> the rule engine's sentence for a class-i prototype against a class-j prototype."""
-    classes = task_classes(task)
+def comparatives_name(task: str) -> str:
+    """The ``dataset`` of a task's rows in the comparatives artifact."""
+    return f"{SYNTHETIC}/{task}"
 
-    def text(i: int, j: int) -> str:
-        a = {**PROTOTYPE, **dict(zip(TASKS[task], classes[i]))}
-        b = {**PROTOTYPE, **dict(zip(TASKS[task], classes[j]))}
-        return A.difference_sentence(a, b, np.random.default_rng([i, j]))
 
-    return text
+def task_comparatives(task: str, rows: list[dict]) -> dict[Pair, str]:
+    """(class_i, class_j, text) rows by class label -> {(i, j): text} in the task's class order; empty texts are
+    left out. Raises ValueError naming labels that are not classes of the task."""
+    index = {class_label(task, c): k for k, c in enumerate(task_classes(task))}
+    unknown = sorted({n for r in rows for n in (r["class_i"], r["class_j"]) if n not in index})
+    if unknown:
+        raise ValueError(f"comparatives of {comparatives_name(task)}: {unknown} are not classes of the task "
+                         f"(classes: {sorted(index)})")
+    return {(index[r["class_i"]], index[r["class_j"]]): r["text"] for r in rows if r["text"]}
 
 
 def _ensemble_zeroshot(image_emb, attrs, encode) -> dict:
@@ -69,8 +78,12 @@ def _ensemble_zeroshot(image_emb, attrs, encode) -> dict:
 
 
 def evaluate_synthetic(image_emb: np.ndarray, attrs: list[dict], captions: list[str],
-                       encode: Callable[[list[str]], np.ndarray], cfg: EvalConfig) -> dict:
-    """{"difference", "zeroshot", "zeroshot_ensemble", "comparative", "geometry", "retrieval"} for one model."""
+                       encode: Callable[[list[str]], np.ndarray], cfg: EvalConfig,
+                       comparatives: dict[str, dict[Pair, str]] | None = None) -> dict:
+    """{"difference", "zeroshot", "zeroshot_ensemble", "comparative", "geometry", "retrieval"} for one model.
+
+    ``comparatives``: per task of ``COMPARATIVE_TASKS`` its {(i, j): text} (``task_comparatives``); a task without
+    any is left out of "comparative" and of the geometry's "distances" (the analogy test needs none)."""
     from pcd_ray.eval.comparative import comparative_prompting
     from pcd_ray.eval.difference import difference_accuracy
     from pcd_ray.eval.geometry import analogy_accuracy, difference_distances
@@ -86,20 +99,24 @@ def evaluate_synthetic(image_emb: np.ndarray, attrs: list[dict], captions: list[
     if "ensemble" in cfg.templates:
         out["zeroshot_ensemble"] = _ensemble_zeroshot(image_emb, attrs, encode)
     paper = T.paper()
+    alpha = comparative_alpha(cfg.comparative, get_protocol(cfg.protocol))
     comparative, distances = {}, {}
     for task in COMPARATIVE_TASKS:
-        classes = task_classes(task)
-        names = [class_label(task, c) for c in classes]
+        comps = (comparatives or {}).get(task)
+        if not comps:
+            continue
+        names = [class_label(task, c) for c in task_classes(task)]
         class_emb = class_embeddings(encode, names, paper)
-        write = comparative_text(task)
         cc = cfg.comparative
-        comparative[task] = comparative_prompting(image_emb, task_labels(task, attrs), class_emb, names, write, encode,
-                                                  alpha=cc.alpha, n_pairs=cc.num_pairs, alphas=cc.alphas,
+        comparative[task] = comparative_prompting(image_emb, task_labels(task, attrs), class_emb, names,
+                                                  lambda i, j, c=comps: c.get((i, j)), encode, alpha=alpha,
+                                                  n_pairs=cc.num_pairs, alphas=cc.alphas,
                                                   holdout_fraction=cc.holdout_fraction, seed=cfg.seeds[0])
-        pairs = [(i, j) for i in range(len(classes)) for j in range(len(classes)) if i != j]
-        texts = [write(i, j) for i, j in pairs]
-        distances[task] = difference_distances(class_emb, dict(zip(pairs, np.asarray(encode(texts)))))
-    out["comparative"] = comparative
+        pairs = sorted(comps)
+        text_emb = np.asarray(encode([comps[p] for p in pairs]))
+        distances[task] = difference_distances(class_emb, dict(zip(pairs, text_emb)))
+    if comparative:
+        out["comparative"] = comparative
     classes = task_classes(ANALOGY_TASK)
     grid_emb = class_embeddings(encode, [class_label(ANALOGY_TASK, c) for c in classes], paper)
     u, v = (len(VALUES[a]) for a in TASKS[ANALOGY_TASK])

@@ -2,7 +2,8 @@
 
 Two prompt sets per dataset:
 
-- ``paper``: the paper's single template, "This is a photo of a {label}" (PAPER.md section 4);
+- ``paper``: the evaluation protocol's single template (``protocol.py``): "This is a photo of a {label}", the
+  authors' zero-shot and comparative prompt;
 - ``ensemble``: CLIP's per-dataset template ensembles (OpenAI's prompt-engineering list, as used by open_clip's
   benchmarks); where CLIP published none (CUB, AwA2, the synthetic set) open_clip's own ImageNet ensemble
   (``open_clip.zero_shot_metadata``) is used. The class embedding is the normalised mean of the normalised
@@ -13,7 +14,11 @@ from __future__ import annotations
 
 from typing import Callable
 
+TemplateSet = list[Callable[[str], str]]
 PAPER_TEMPLATE = "This is a photo of a {label}"
+"""The authors' zero-shot prompt (their eval script's ``run_zero_shot`` and ``run_comparative``)."""
+GEOMETRY_TEMPLATE = "A photo of a {label}"
+"""The authors' class prompt of the geometry test (their analysis script's ``test_comparative_prompts``)."""
 
 _CIFAR = ["a photo of a {c}.", "a blurry photo of a {c}.", "a black and white photo of a {c}.",
           "a low contrast photo of a {c}.", "a high contrast photo of a {c}.", "a bad photo of a {c}.",
@@ -39,7 +44,7 @@ EUROSAT_CLASSNAMES = {
 }
 
 
-def ensemble(kind: str) -> list[Callable[[str], str]]:
+def ensemble(kind: str) -> TemplateSet:
     """The template ensemble of a dataset kind, as callables label -> prompt (open_clip's convention).
 
     The synthetic set gets open_clip's 7-template ``SIMPLE_IMAGENET_TEMPLATES`` (the subset CLIP found best): the
@@ -53,16 +58,18 @@ def ensemble(kind: str) -> list[Callable[[str], str]]:
     return list(SIMPLE_IMAGENET_TEMPLATES if kind == "synthetic" else OPENAI_IMAGENET_TEMPLATES)
 
 
-def paper() -> list[Callable[[str], str]]:
-    return [lambda c: PAPER_TEMPLATE.format(label=c)]
+def paper(template: str = PAPER_TEMPLATE) -> TemplateSet:
+    """One template with a ``{label}`` slot as a template set."""
+    return [lambda c: template.format(label=c)]
 
 
-def template_sets(kind: str, names: list[str]) -> dict[str, list[Callable[[str], str]]]:
-    """The requested template sets of a dataset kind by name ('paper', 'ensemble'); ValueError for others."""
+def template_sets(kind: str, names: list[str], paper_template: str = PAPER_TEMPLATE) -> dict[str, TemplateSet]:
+    """The requested template sets of a dataset kind by name ('paper': ``paper_template``, the protocol's; 'ensemble');
+    ValueError for others."""
     out = {}
     for name in names:
         if name == "paper":
-            out[name] = paper()
+            out[name] = paper(paper_template)
         elif name == "ensemble":
             out[name] = ensemble(kind)
         else:

@@ -1,8 +1,9 @@
 """Zero-shot classification: does finetuning keep CLIP's ordinary image-text matching? (PAPER.md section 4)
 
 Each task is a closed set of classes with a label text per class; the prompt is the paper's template
-("This is a photo of a {label}"); an image is assigned the class whose prompt embedding has the highest cosine with
-the image embedding. On the synthetic set the tasks are attributes (kind, colour, size: ``ZEROSHOT_TASKS``).
+("This is a photo of a {label}", the authors' ``run_zero_shot``; on labelled datasets the evaluation protocol's
+``zeroshot_template``, ``protocol.py``); an image is assigned the class whose prompt embedding has the highest cosine
+with the image embedding. On the synthetic set the tasks are attributes (kind, colour, size: ``ZEROSHOT_TASKS``).
 Accuracies are percentages; chance is 100 / number of classes.
 """
 

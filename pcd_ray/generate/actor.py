@@ -1,7 +1,7 @@
 """The Ray Data actor of the generate stage, and the registry that builds an engine by name.
 
 ``GenerateActor`` builds one engine per actor (an LLM loads once), runs it over batches of pairs and applies the
-paper's filter, so every pair leaves the actor as one row, kept or rejected with a reason.
+filter ``generate.filter`` names, so every pair leaves the actor as one row, kept or rejected with a reason.
 
 Two kinds of failure have two fates here. A row the engine cannot use (no caption, a prompt longer than the model's
 context, an output the filter drops) is a reject with its reason. A fault of the engine (any exception: a CUDA
@@ -31,7 +31,7 @@ import numpy as np
 from pcd_ray.config import GenerateConfig, StorageConfig
 from pcd_ray.errors import StageError
 from pcd_ray.generate.base import Engine, Generated, RowReject
-from pcd_ray.generate.filter import paper_filter
+from pcd_ray.generate.filter import filter_output
 from pcd_ray.generate.llm import TransformersEngine, VLLMEngine
 from pcd_ray.generate.prompts import build_prompt
 from pcd_ray.generate.rule import RuleEngine
@@ -253,7 +253,7 @@ class GenerateActor:
         text: list[str | None] = [None] * n
         for k in range(n):
             if reasons[k] is None:
-                result = paper_filter(raw[k])
+                result = filter_output(raw[k], self.cfg.filter)
                 text[k], reasons[k] = result.text, result.reason
         self._progress(n, sum(t is not None for t in text))
         return pa.table({

@@ -18,6 +18,9 @@ Engine faults are never rejects (``actor.py``): actors retry, Ray restarts them 
 a job whose retries run out stops with ``EngineFailure``, naming the engine and the cause from the fault records
 under ``<diffs>/_faults/``. Rejects an older version committed for engine errors are generated again on resume.
 
+``generate_rows`` is all of this for any rows shaped like pairs: the comparatives stage (``comparatives.py``) runs
+its class pairs through it.
+
 Imports numpy, pyarrow and ray only (no torch): see ``base.py``.
 """
 
@@ -27,7 +30,7 @@ import logging
 import math
 import time
 import warnings
-from typing import Any
+from typing import Any, Callable
 
 from pcd_ray.generate.actor import LLM_ENGINES, EngineFailure, GenerateActor, engine_class
 from pcd_ray.generate.weights import check_model
@@ -51,7 +54,8 @@ def identity(cfg, pairs_manifest: dict, storage) -> dict[str, Any]:
     return {
         "input": storage.resolve(cfg.input),
         "input_attempt": pairs_manifest.get("attempt"),
-        **{k: c[k] for k in ("engine", "prompt_version", "seed")},
+        # The filter decides which texts are kept and what they read: a run under another filter starts over.
+        **{k: c[k] for k in ("engine", "prompt_version", "seed", "filter")},
         # The rule engine ignores the LLM and sampling settings; changing them must not discard its output.
         **({k: c[k] for k in ("llm", "sampling")} if cfg.engine != "rule" else {}),
     }
@@ -135,7 +139,8 @@ def read_faults(storage, uri: str, since: float) -> list[dict[str, Any]]:
     return sorted((r for r in records if r.get("time", 0) >= since), key=lambda r: r["time"])
 
 
-def _failure(cfg, faults: list[dict[str, Any]], faults_uri: str, error: BaseException) -> EngineFailure:
+def _failure(cfg, faults: list[dict[str, Any]], faults_uri: str, error: BaseException,
+             label: str = "generate") -> EngineFailure:
     """The error a job stops with when its engine kept failing: the engine, the cause, where the records are."""
     final = [f for f in faults if f.get("final")] or faults
     engine = faults[-1]["engine"] if faults else cfg.engine
@@ -149,26 +154,39 @@ def _failure(cfg, faults: list[dict[str, Any]], faults_uri: str, error: BaseExce
         cause = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
         where = "no fault was recorded: the actors died (out of host memory? killed?); see the Ray logs"
     return EngineFailure(
-        f"generate: the {engine} engine kept failing and its retries are spent (faults.batch_attempts="
+        f"{label}: the {engine} engine kept failing and its retries are spent (faults.batch_attempts="
         f"{cfg.faults.batch_attempts}, actor_restarts={cfg.faults.actor_restarts}, batch_retries="
         f"{cfg.faults.batch_retries}): {cause} ({where}). Every committed pair is kept; fix the cause and re-run "
         f"the same command to resume.")
 
 
-def _summary(t, cfg, storage, pairs_in: int) -> dict[str, Any]:
-    """The stage's summary fields (the sink adds rejected, rejected_by_reason, wall_s, skipped, processed, resumed,
-    complete). Startup vs steady state: for an LLM job of hours only the second matters, for a small job the first
-    dominates; both are reported."""
+def engine_fields(t, cfg) -> dict[str, Any]:
+    """The engine's summary fields, shared by every stage that runs it. Startup vs steady state: for an LLM job of
+    hours only the second matters, for a small job the first dominates; both are reported."""
     steady = t.steady_per_s()
     return {
-        "pairs_in": pairs_in, "written": t.kept, "engine": cfg.engine, "prompt_version": cfg.prompt_version,
+        "engine": cfg.engine, "prompt_version": cfg.prompt_version,
         "model": cfg.llm.model if cfg.engine != "rule" else None, "tokens": t.stats.get("tokens", 0),
         "pairs_per_s": round(t.per_s(t.processed), 2),
         "first_result_s": None if t.first is None else round(t.first[0], 3),
         "steady_pairs_per_s": None if steady is None else round(steady, 2),
         "tokens_per_s": round(t.per_s(t.stats.get("tokens", 0)), 1),
-        "diffs": storage.resolve(cfg.output), "rejects": storage.resolve(cfg.rejects),
     }
+
+
+def _summary(t, cfg, storage, pairs_in: int) -> dict[str, Any]:
+    """The stage's summary fields (the sink adds rejected, rejected_by_reason, wall_s, skipped, processed, resumed,
+    complete)."""
+    return {"pairs_in": pairs_in, "written": t.kept, **engine_fields(t, cfg),
+            "diffs": storage.resolve(cfg.output), "rejects": storage.resolve(cfg.rejects)}
+
+
+def check_engine_model(cfg, storage) -> None:
+    """Before any actor starts (and Ray reserves GPUs for it): a misspelt, missing or gated model fails here."""
+    if cfg.engine in LLM_ENGINES:
+        check_model(cfg.llm.model, storage, revision=cfg.llm.revision)
+        if cfg.llm.tokenizer:
+            check_model(cfg.llm.tokenizer, storage, revision=cfg.llm.revision, what="generate.llm.tokenizer")
 
 
 def run_generate(job, storage) -> dict[str, Any]:
@@ -184,15 +202,10 @@ def run_generate(job, storage) -> dict[str, Any]:
     """
     from pcd_ray import artifacts
     from pcd_ray.runtime import init_ray
-    from pcd_ray.sink import Output, Sink
-    from pcd_ray.storage import join
+    from pcd_ray.sink import Output
 
     cfg = job.generate
-    if cfg.engine in LLM_ENGINES:
-        # Before any actor starts (and Ray reserves GPUs for it): a misspelt, missing or gated model fails here.
-        check_model(cfg.llm.model, storage, revision=cfg.llm.revision)
-        if cfg.llm.tokenizer:
-            check_model(cfg.llm.tokenizer, storage, revision=cfg.llm.revision, what="generate.llm.tokenizer")
+    check_engine_model(cfg, storage)
     init_ray(job.ray)
     pairs = artifacts.read_manifest(storage, cfg.input, "pairs")
     pairs_in = int(pairs["num_rows"])
@@ -200,32 +213,54 @@ def run_generate(job, storage) -> dict[str, Any]:
     columns = [c for c in INPUT_COLUMNS if c in pairs["columns"]]
     ds = artifacts.read_dataset(storage, cfg.input, "pairs", columns=columns)
     _check_unique(ds, pairs, storage.resolve(cfg.input))
+    return generate_rows(ds, cfg, storage, label="generate", unit="pair",
+                         kept=Output(cfg.output, "diffs", DIFF_COLUMNS),
+                         rejected=Output(cfg.rejects, "rejects", REJECT_COLUMNS), config=cfg.model_dump(mode="json"),
+                         identity=identity(cfg, pairs, storage), expected=pairs_in,
+                         summary=lambda t: _summary(t, cfg, storage, pairs_in))
+
+
+def generate_rows(ds, cfg, storage, *, label: str, unit: str, kept, rejected, config: Any, identity: Any,
+                  expected: int, summary: Callable[[Any], dict[str, Any]],
+                  then: Callable[[Any], Any] | None = None) -> dict[str, Any]:
+    """Run ``cfg``'s engine and filter over ``ds`` into a kept and a rejected artifact (``sink.Output``), exactly
+    once and resumable: what the generate stage does with pairs, for any rows shaped like them (pair_id, caption_a,
+    caption_b, optional attributes_a/attributes_b; further columns reach the engine too). ``then`` maps the actor's
+    output before it is written (columns the artifacts add); ``summary`` gives the stage's own fields from the
+    sink's tally. Returns the final summary, also written to ``<kept>/_summary.json``.
+
+    Raises EngineFailure when the engine kept failing, RuntimeError when the artifacts do not account for every row.
+    """
+    from pcd_ray.sink import Sink
+    from pcd_ray.storage import join
+
     _check_cpus(cfg)
-    sink = Sink(storage, "generate", unit="pair", kept=Output(cfg.output, "diffs", DIFF_COLUMNS),
-                rejected=Output(cfg.rejects, "rejects", REJECT_COLUMNS), config=cfg.model_dump(mode="json"),
-                identity=identity(cfg, pairs, storage), resume=cfg.resume, key="pair_id",
-                commit_every_s=cfg.commit_every_s, redo=lambda reason: reason.startswith(LEGACY_ENGINE_ERROR))
+    sink = Sink(storage, label, unit=unit, kept=kept, rejected=rejected, config=config, identity=identity,
+                resume=cfg.resume, key="pair_id", commit_every_s=cfg.commit_every_s,
+                redo=lambda reason: reason.startswith(LEGACY_ENGINE_ERROR))
     faults_uri, started = join(sink.kept.base, FAULTS_DIR), time.time()
 
     def fields(t) -> dict[str, Any]:
         # Faults the retries absorbed: counted at every commit, so a user sees the engine stumble while it runs.
-        return {**_summary(t, cfg, storage, pairs_in), "redone": sink.redone,
-                "engine_faults": len(read_faults(storage, faults_uri, started))}
+        return {**summary(t), "redone": sink.redone, "engine_faults": len(read_faults(storage, faults_uri, started))}
+
+    def transform(todo):
+        out = _engines(todo, cfg, storage, faults_uri)
+        return out if then is None else then(out)
 
     try:
-        summary = sink.run(ds, lambda todo: _engines(todo, cfg, storage, faults_uri), expected=pairs_in,
-                           summary=fields, stats=block_tokens, rates=("tokens",),
-                           rows_per_shard=min(ROWS_PER_SHARD, max(cfg.batch_size, pairs_in // 16 + 1)),
-                           write_cpus=0.25)
+        result = sink.run(ds, transform, expected=expected, summary=fields, stats=block_tokens, rates=("tokens",),
+                          rows_per_shard=min(ROWS_PER_SHARD, max(cfg.batch_size, expected // 16 + 1)),
+                          write_cpus=0.25)
     except Exception as e:
         faults = read_faults(storage, faults_uri, started)
         if faults or _is_actor_death(e):
-            raise _failure(cfg, faults, faults_uri, e) from e
+            raise _failure(cfg, faults, faults_uri, e, label) from e
         raise
-    if summary["engine_faults"]:
-        log.warning("generate: %d engine fault(s) were retried; records in %s", summary["engine_faults"], faults_uri)
-    storage.write_json(join(sink.kept.base, SUMMARY_FILE), summary)
-    return summary
+    if result["engine_faults"]:
+        log.warning("%s: %d engine fault(s) were retried; records in %s", label, result["engine_faults"], faults_uri)
+    storage.write_json(join(sink.kept.base, SUMMARY_FILE), result)
+    return result
 
 
 def _is_actor_death(error: BaseException) -> bool:

@@ -1,7 +1,8 @@
 """Versioned prompt templates for the difference-writing LLM.
 
-A template is never edited in place: a new wording gets a new version name, and every diffs row records the version
-it was written with, so texts made under different prompts are never mixed up silently.
+A template is never edited in place: a new wording gets a new version name, and every diffs (and comparatives) row
+records the version it was written with, so texts made under different prompts are never mixed up silently. Image
+pairs are asked about with the pair versions, class pairs (``CLASS_PROMPTS``) with the class versions.
 """
 
 from __future__ import annotations
@@ -17,7 +18,14 @@ PROMPTS: dict[str, str] = {
     "instruct-v1": ("Image A is described as: {caption_a}\nImage B is described as: {caption_b}\n"
                     "In one or two plain sentences, with no lists or formatting, say how image A looks different "
                     "from image B."),
+    # Class pairs (the comparatives stage): the paper's question about two classes, each described by the zero-shot
+    # prompt "a photo of a {class}"; caption_a and caption_b are the class names.
+    "class-v1": ("What is the visual difference between an image with a description of a photo of a {caption_a} and "
+                 "an image with a description of a photo of a {caption_b}?"),
 }
+
+CLASS_PROMPTS = ("class-v1",)
+"""The versions written for class names rather than captions: the ones ``comparatives.prompt_version`` may name."""
 
 
 def build_prompt(version: str, caption_a: str, caption_b: str) -> str:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import uuid
 
 import pyarrow as pa
@@ -16,12 +17,14 @@ import pytest
 from pcd_ray import artifacts, provenance
 from pcd_ray.cli import main
 from pcd_ray.config import StorageConfig, load_job
+from pcd_ray.generate import comparatives
 from pcd_ray.model.factory import EXPORT_CONFIG, EXPORT_WEIGHTS
 from pcd_ray.pipeline import plan, run_stage
 from pcd_ray.stages import ordered
 from pcd_ray.storage import Storage, join
 
-COLUMNS = dict(artifacts.SCHEMAS, image_rejects=["image_id", "reason"])
+COLUMNS = dict(artifacts.SCHEMAS, image_rejects=["image_id", "reason"], comparatives=comparatives.COLUMNS,
+               comparative_rejects=comparatives.REJECT_COLUMNS)
 
 
 def _write_output(storage: Storage, ref, salt: str) -> None:
@@ -68,7 +71,11 @@ def made(root: str, *overrides: str):
 def test_order_follows_the_declared_inputs(tmp_path):
     job = load_job("local", [f"storage.root={tmp_path}"])
     names = [s.name for s in ordered(job, Storage(job.storage))]
-    assert names == ["data", "pairs", "generate", "base_train", "embed", "train", "eval"]
+    assert names == ["data", "pairs", "generate", "comparatives", "base_train", "embed", "train", "eval"]
+    # Comparatives of the pairs the base model confuses most: after the stage that makes the base model.
+    confused = load_job("local", [f"storage.root={tmp_path}", "comparatives.select=confused"])
+    names = [s.name for s in ordered(confused, Storage(confused.storage))]
+    assert names.index("base_train") < names.index("comparatives") < names.index("eval")
     # Without the embed section train reads no embeddings, and nothing else changes.
     no_embed = load_job("local", [f"storage.root={tmp_path}", "embed=null", "train.embeddings=null"])
     assert "embed" not in [s.name for s in ordered(no_embed, Storage(no_embed.storage))]
@@ -135,8 +142,26 @@ def test_status_command_prints_the_graph(tmp_path, capsys):
     made(root)
     assert main(["status", "--config", "local", f"storage.root={root}", "generate.seed=7"]) == 0
     out = capsys.readouterr().out
-    assert "generate    stale: config changed: generate.seed" in out
+    assert re.search(r"^generate +stale: config changed: generate.seed", out, re.M), out
     assert "pipeline would run: generate, train, eval" in out
     assert main(["pipeline", "--dry-run", "--config", "local", f"storage.root={root}"]) == 0
     assert "pipeline would run: nothing (all up to date)" in capsys.readouterr().out
     assert not os.path.exists(os.path.join(root, "job.yaml")), "a dry run writes nothing"
+
+
+def test_comparatives_feed_eval_and_follow_the_engine_not_its_seed(tmp_path):
+    job, storage = made(str(tmp_path))
+    run_fake(job, storage, "comparatives")  # `pcd-ray comparatives` again: a new commit of the artifact
+    got = states(job, storage)
+    assert got["comparatives"][0] == "up to date"
+    assert got["eval"][0] == "stale" and "input comparatives changed" in got["eval"][1] and got["eval"][2]
+    # The rule engine words class pairs by their class indices: generate's seed changes no comparative.
+    seven = load_job("local", [f"storage.root={tmp_path}", "generate.seed=7"])
+    assert states(seven, storage)["comparatives"][0] == "up to date"
+    llm = load_job("local", [f"storage.root={tmp_path}", "generate.engine=transformers"])
+    status, reason, runs = states(llm, storage)["comparatives"]
+    assert status == "stale" and "comparatives.generate.engine" in reason and runs
+    # Without the section, eval declares no comparatives input (it reads the artifact only if one is there).
+    no_section = load_job("local", [f"storage.root={tmp_path}", "comparatives=null"])
+    assert "comparatives" not in [s.name for s in ordered(no_section, storage)]
+    assert states(no_section, storage)["eval"][0] == "stale"  # its record names an input it no longer reads

@@ -46,7 +46,7 @@ def test_pipeline_on_s3_then_demo_resumes_and_prints_the_table(ray_local, s3_roo
     address = ray_local.get_runtime_context().gcs_address
     root = f"{s3_root}/run"
     out = _cli(["pipeline", "--config", "jobs/local.yaml", f"storage.root={root}", *TINY], address)
-    for stage in ("data", "pairs", "generate", "base_train", "train", "eval"):
+    for stage in ("data", "pairs", "generate", "comparatives", "base_train", "train", "eval"):
         assert f"== {stage}: done" in out.stdout, out.stdout[-3000:]
 
     storage = Storage(StorageConfig(root=root))
@@ -66,8 +66,10 @@ def test_pipeline_on_s3_then_demo_resumes_and_prints_the_table(ray_local, s3_roo
     demo = _cli(["demo", f"storage.root={root}", *TINY], address)
     assert "Difference accuracy, hard pairs" in demo.stdout and "Zero-shot classification" in demo.stdout
     assert "finetuned" in demo.stdout
-    for stage in ("data", "pairs", "generate", "base_train", "embed", "train", "eval"):
+    for stage in ("data", "pairs", "generate", "comparatives", "base_train", "embed", "train", "eval"):
         assert f"== {stage}: up to date, skipped" in demo.stdout
+    assert report["data"]["comparatives"]["commit"] == artifacts.read_manifest(storage, "comparatives")["attempt"]
+    assert "Comparatives: " in demo.stdout
 
     seven = [f"storage.root={root}", *TINY, "generate.seed=7"]
     _cli(["generate", "--config", "jobs/local.yaml", *seven], address)
@@ -77,7 +79,7 @@ def test_pipeline_on_s3_then_demo_resumes_and_prints_the_table(ray_local, s3_roo
     assert re.search(r"^eval\s+stale: train runs first", status, re.M), status
     assert "pipeline would run: train, eval" in status
     again = _cli(["pipeline", "--config", "jobs/local.yaml", *seven], address).stdout
-    for stage in ("data", "pairs", "generate", "base_train", "embed"):
+    for stage in ("data", "pairs", "generate", "comparatives", "base_train", "embed"):
         assert f"== {stage}: up to date, skipped" in again, again[-3000:]
     for stage in ("train", "eval"):
         assert f"== {stage}: done" in again, again[-3000:]

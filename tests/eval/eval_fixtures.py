@@ -18,6 +18,14 @@ AWA2_MATRIX = [[0, 1, 1, 0, 0, 0],   # antelope: white, furry
                [1, 0, 1, 0, 0, 1],   # grizzly bear: black, furry (smart: not visual)
                [1, 1, 0, 1, 0, 1],   # killer whale: black, white (swims, smart: not visual)
                [1, 1, 1, 0, 0, 0]]   # dalmatian: black, white, furry
+AWA2_ALL_PREDICATES = (
+    "black white blue brown gray orange red yellow patches spots stripes furry hairless toughskin big small bulbous "
+    "lean flippers hands hooves pads paws longleg longneck tail chewteeth meatteeth buckteeth strainteeth horns claws "
+    "tusks smelly flys hops swims tunnels walks fast slow strong weak muscle bipedal quadrapedal active inactive "
+    "nocturnal hibernate agility fish meat plankton vegetation insects forager grazer hunter scavenger skimmer stalker "
+    "newworld oldworld arctic coastal desert bush plains forest fields jungle mountains ocean ground water tree cave "
+    "fierce timid smart group solitary nestspot domestic").split()
+"""AwA2's 85 predicates in predicates.txt order."""
 CUB_CLASSES = ["001.Black_footed_Albatross", "002.Laysan_Albatross", "003.Sooty_Albatross"]
 
 
@@ -95,12 +103,16 @@ def write_sun397(root: Path, per_class: int = 10) -> None:
             _img(base / key.strip("/") / f"sun_{c}{k:04d}.jpg", 200 * c + k)
 
 
-def write_awa2(root: Path, per_class: int = 3) -> None:
+def write_awa2(root: Path, per_class: int = 3, predicates: list[str] = AWA2_PREDICATES) -> None:
+    """``predicates``: the predicate list written; a column named like one of ``AWA2_PREDICATES`` takes its values
+    from ``AWA2_MATRIX``, any other is 0."""
     base = root / "Animals_with_Attributes2"
     base.mkdir(parents=True)
+    col = {p: k for k, p in enumerate(AWA2_PREDICATES)}
+    matrix = [[r[col[p]] if p in col else 0 for p in predicates] for r in AWA2_MATRIX]
     (base / "classes.txt").write_text("".join(f"\t{k + 1}\t{c}\n" for k, c in enumerate(AWA2_CLASSES)))
-    (base / "predicates.txt").write_text("".join(f"\t{k + 1}\t{p}\n" for k, p in enumerate(AWA2_PREDICATES)))
-    (base / "predicate-matrix-binary.txt").write_text("\n".join(" ".join(map(str, r)) for r in AWA2_MATRIX) + "\n")
+    (base / "predicates.txt").write_text("".join(f"\t{k + 1}\t{p}\n" for k, p in enumerate(predicates)))
+    (base / "predicate-matrix-binary.txt").write_text("\n".join(" ".join(map(str, r)) for r in matrix) + "\n")
     (base / "testclasses.txt").write_text("killer+whale\ndalmatian\n")
     for c, name in enumerate(AWA2_CLASSES):
         for k in range(per_class):

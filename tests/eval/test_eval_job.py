@@ -8,7 +8,9 @@ import json
 import numpy as np
 import pytest
 
-from pcd_ray.config import (DataConfig, EvalConfig, JobConfig, ModelSpec, StorageConfig, SyntheticConfig)
+from pcd_ray import artifacts
+from pcd_ray.config import (ComparativesConfig, DataConfig, EvalConfig, JobConfig, ModelSpec, StorageConfig,
+                            SyntheticConfig)
 from pcd_ray.data.attributes import sample_attributes
 from pcd_ray.data.images import encode_png
 from pcd_ray.storage import Storage
@@ -154,6 +156,7 @@ def test_run_eval_end_to_end(ray_local, tmp_path, s3_root):
     from pcd_ray.data.synthetic import make_images
     from pcd_ray.eval.job import run_eval
     from pcd_ray.eval.report import format_table
+    from pcd_ray.generate.comparatives import run_comparatives
 
     storage = Storage(StorageConfig(root=str(tmp_path)))
     models = {"base": ModelSpec(checkpoint=make_export(storage, "exports/base", 0)),
@@ -161,12 +164,19 @@ def test_run_eval_end_to_end(ray_local, tmp_path, s3_root):
     job = JobConfig(
         storage=storage.cfg,
         data=DataConfig(synthetic=SyntheticConfig(num_train=20, num_test=150, image_size=32, rows_per_shard=60)),
+        comparatives=ComparativesConfig(output=f"{s3_root}/comparatives", rejects=f"{s3_root}/comparative_rejects"),
         eval=EvalConfig(models=models, seeds=[0, 1, 2], pairs_per_attribute=100, batch_size=32, num_actors=1,
-                        output=f"{s3_root}/eval", analogies_per_seed=40, conditioned_queries=30))
+                        output=f"{s3_root}/eval", analogies_per_seed=40, conditioned_queries=30,
+                        comparatives=f"{s3_root}/comparatives"))
     make_images(job, storage)
+    run_comparatives(job, storage)  # the synthetic set's class comparatives, by the rule engine
     report = run_eval(job, storage)
 
     assert report["data"]["num_images"] == 150 and report["data"]["split"] == "test"
+    comparatives = artifacts.read_manifest(storage, f"{s3_root}/comparatives", "comparatives")
+    assert report["data"]["comparatives"] == {
+        "uri": f"{s3_root}/comparatives", "commit": comparatives["attempt"], "rows": 318, "complete": True,
+        "sets": {"synthetic/kind": 6, "synthetic/size": 6, "synthetic/size+colour": 306}}
     assert report["baseline"] == "base" and list(report["models"]) == ["base", "finetuned"]
     for name, entry in report["models"].items():
         assert entry["source"] == f"export {storage.resolve(f'exports/{name}')}"
@@ -197,4 +207,7 @@ def test_run_eval_end_to_end(ray_local, tmp_path, s3_root):
     saved = json.loads(storage.read_text(f"{s3_root}/eval/report.json"))
     assert saved["models"]["finetuned"]["difference"] == report["models"]["finetuned"]["difference"]
     assert storage.exists(f"{s3_root}/eval/report.png") and "finetuned" in format_table(report)
+    assert f"commit {comparatives['attempt']}" in format_table(report)
+    md = storage.read_text(f"{s3_root}/eval/report.md")
+    assert f"`{s3_root}/comparatives` (commit `{comparatives['attempt']}`, 318 rows)" in md
     assert storage.exists(f"{s3_root}/eval/comparative_alpha.png") and storage.exists(f"{s3_root}/eval/confusion.png")

@@ -6,15 +6,15 @@ import json
 
 import numpy as np
 import pytest
-from eval_fixtures import (make_export, write_awa2, write_cifar100, write_coco, write_cub, write_eurosat,
-                           write_flowers102, write_sun397)
+from eval_fixtures import (AWA2_ALL_PREDICATES, make_export, write_awa2, write_cifar100, write_coco, write_cub,
+                           write_eurosat, write_flowers102, write_sun397)
 
 from pcd_ray.config import ConfigError, EvalConfig, EvalDatasetConfig, JobConfig, ModelSpec, StorageConfig, load_job
 from pcd_ray.eval.datasets import read_dataset
 from pcd_ray.storage import Storage
 
 WRITERS = {"cifar100": write_cifar100, "cub": write_cub, "eurosat": write_eurosat, "sun397": write_sun397,
-           "awa2": write_awa2, "coco": write_coco,
+           "awa2": lambda root: write_awa2(root, predicates=AWA2_ALL_PREDICATES), "coco": write_coco,
            "flowers102": lambda root: write_flowers102(root, ["bolero deep blue", "grape hyacinth", "sunflower",
                                                                "buttercup"])}
 SPLITS = {"awa2": "all", "coco": "val2014"}
@@ -50,8 +50,11 @@ def test_dataset_suite_on_fixed_embeddings(kind, tmp_path):
     assert out["zeroshot"]["paper"]["num_images"] == len(ds)
     expected_task = {"cifar100": "size", "flowers102": "colour", "awa2": "attributes"}.get(kind)
     assert (out.get("difference") or {}).get("task") == expected_task
+    # Every image is drawn (fewer than the protocol's 100), so each seed scores every qualifying pair: CIFAR-100's
+    # 8 larger x 8 smaller images, Flowers102's 2 blue x 2 yellow, AwA2's 66 - 4 x 3 pairs of two classes.
     if expected_task:
-        assert out["difference"]["pairs_per_seed"] == [20, 20]
+        assert out["difference"]["pairs_per_seed"] == {"cifar100": [64, 64], "flowers102": [4, 4],
+                                                       "awa2": [54, 54]}[kind]
 
 
 def test_eval_config_rejects_unknown_keys_and_empty_eval(tmp_path):
@@ -119,6 +122,27 @@ def test_run_eval_on_datasets_and_compare(ray_local, tmp_path, s3_root):
         main(["eval", "--config", "local", f"storage.root={tmp_path}", "--compare", str(tmp_path / "nothing")])
 
 
+def rule_comparatives() -> dict:
+    """The synthetic set's comparatives as the comparatives stage writes them with the rule engine (no Ray):
+    {task: {(i, j): text}}."""
+    from pcd_ray.config import GenerateConfig
+    from pcd_ray.eval.synthetic_suite import COMPARATIVE_TASKS, comparatives_name, task_comparatives
+    from pcd_ray.generate.comparatives import all_pairs, pair_rows, synthetic_sets
+    from pcd_ray.generate.rule import RuleEngine
+
+    sets = synthetic_sets()
+    rows = pair_rows(sets, {s.name: all_pairs(len(s.classes)) for s in sets})
+    texts = RuleEngine(GenerateConfig()).generate({c: np.asarray(rows.column(c).to_pylist(), dtype=object)
+                                                   for c in rows.column_names})
+    names = {s.name: s.classes for s in sets}
+    by_set: dict = {}
+    for r, text in zip(rows.to_pylist(), texts):
+        dataset = r["pair_id"].rsplit("/", 2)[0]
+        by_set.setdefault(dataset, []).append({"class_i": names[dataset][r["i"]], "class_j": names[dataset][r["j"]],
+                                               "text": text})
+    return {task: task_comparatives(task, by_set[comparatives_name(task)]) for task in COMPARATIVE_TASKS}
+
+
 def test_synthetic_suite_report_tables_and_plots(tmp_path):
     import io
 
@@ -134,7 +158,7 @@ def test_synthetic_suite_report_tables_and_plots(tmp_path):
     cfg = EvalConfig(seeds=[0, 1], pairs_per_attribute=40, analogies_per_seed=30, conditioned_queries=30)
     models = {name: {"source": name, "num_embedded": 160, "embedding_errors": 0,
                      **evaluate_synthetic(np.random.default_rng(seed).normal(size=(160, 8)), attrs, captions,
-                                          hashed_encoder(), cfg)}
+                                          hashed_encoder(), cfg, rule_comparatives())}
               for seed, name in enumerate(["base", "finetuned"])}
     report = {"data": {"images": "/x", "split": "test", "num_images": 160},
               "settings": {"seeds": [0, 1], "pairs_per_attribute": 40}, "baseline": "base", "models": models}

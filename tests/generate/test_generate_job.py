@@ -44,9 +44,10 @@ def test_build_prompt_is_the_papers_and_versions_are_closed():
     assert build_prompt("paper-v1", "a red circle", "two blue squares") == (
         "What is the visual difference between an image with a description of a red circle and an image with a "
         "description of two blue squares?")
-    with pytest.raises(KeyError, match=r"unknown prompt version 'v9'; known: \['instruct-v1', 'paper-v1'\]"):
+    with pytest.raises(KeyError, match=r"unknown prompt version 'v9'; known: \['class-v1', 'instruct-v1', "
+                                       r"'paper-v1'\]"):
         build_prompt("v9", "a", "b")
-    assert set(PROMPTS) == {"paper-v1", "instruct-v1"}
+    assert set(PROMPTS) == {"paper-v1", "instruct-v1", "class-v1"}
     assert build_prompt("instruct-v1", "x", "y").startswith("Image A is described as: x\nImage B")
 
 

@@ -82,15 +82,17 @@ def test_deepspeed_accepts_the_job_at_its_worker_count(path, parse):
     assert (offloaded is not None and offloaded.device == "cpu") == cfg.deepspeed.offload_optimizer
 
 
-def test_paper_job_is_the_paper_recipe(parse):
-    job = load_job("train-paper-vitl14")
+@pytest.mark.parametrize("name", ["train-paper-vitl14", "paper"])
+def test_paper_job_is_the_paper_recipe(parse, name):
+    job = load_job(name)
     cfg = job.train
     assert (cfg.model.name, cfg.model.pretrained) == ("ViT-L-14", "datacomp_xl_s13b_b90k")
     assert cfg.trainable == "text_transformer" and cfg.batch_size == 512 and cfg.epochs == 20 and cfg.seed == 0
     assert (cfg.optimizer.name, cfg.optimizer.lr, cfg.optimizer.weight_decay) == ("adam", 1e-8, 0.0)
     assert (cfg.scheduler.name, cfg.scheduler.gamma, cfg.scheduler.warmup_steps) == ("exponential", 0.9, 0)
     assert (cfg.loss.diff_weight, cfg.loss.clip_weight, cfg.loss.diff_temperature) == (1.0, 0.0, 1.0)
-    assert cfg.deepspeed.precision == "fp32"
+    assert cfg.deepspeed.precision == "fp32" and cfg.deepspeed.gradient_clipping is None  # the authors do not clip
+    assert parse(cfg, cfg.scaling.num_workers).gradient_clipping == 0.0
     assert cfg.checkpoint_every and cfg.max_failures > 0
     import torch
 
@@ -100,6 +102,19 @@ def test_paper_job_is_the_paper_recipe(parse):
     opt = client_optimizer([torch.nn.Parameter(torch.zeros(2))], cfg)
     assert type(opt) is torch.optim.Adam
     assert (opt.defaults["weight_decay"], opt.defaults["betas"], opt.defaults["eps"]) == (0.0, (0.9, 0.999), 1e-8)
+
+
+def test_paper_job_is_the_papers_data_regime_and_tables():
+    """jobs/paper.yaml: 1,000 COCO images and every ordered pair among them, the authors' filter and evaluation
+    protocol, class comparatives, and every dataset of the paper's tables."""
+    job = load_job("paper")
+    assert job.data.source == "coco" and job.pairs.num_images == 1000 and job.pairs.num_pairs == 1000 * 999
+    assert job.generate.filter == "paper" and job.eval.protocol == "paper"
+    assert job.comparatives is not None and job.comparatives.select == "confused"
+    kinds = {d.kind for d in job.eval.datasets.values()}
+    assert kinds == {"cifar100", "flowers102", "cub", "eurosat", "sun397", "awa2"}
+    assert any(d.differences for d in job.eval.datasets.values() if d.kind == "cub")
+    assert job.embed is not None and job.embed.model == job.train.model
 
 
 def test_large_job_is_a_zero3_bf16_full_finetune(parse):

@@ -20,7 +20,7 @@ import socket
 import sys
 import time
 
-os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # Ray on 127.0.0.1 only (ENV-NOTES.md)
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # Ray on 127.0.0.1 only (docs/ENV.md)
 
 
 def free_port() -> int:

@@ -10,10 +10,10 @@ The same command runs on a laptop and, through ``ray job submit -- pcd-ray ...``
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 
+from pcd_ray import console
 from pcd_ray.config import DEFAULT_JOB, ConfigError, dump, load_job
 from pcd_ray.errors import StageError
 
@@ -53,6 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
 
             add_arguments(p)
             continue
+        p.add_argument("-v", "--verbose", action="store_true",
+                       help="show Ray's, DeepSpeed's and other libraries' output here instead of in the run's log file")
         p.add_argument("--config", "-c", default=DEFAULT_JOB,
                        help=f"job file, or the name of a shipped job in jobs/ (default: {DEFAULT_JOB})")
         p.add_argument("overrides", nargs="*", metavar="key.path=value", help="config overrides")
@@ -75,20 +77,48 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _setup_logging() -> None:
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    logging.getLogger("pcd_ray").setLevel(logging.INFO)
+def _starts_ray(args: argparse.Namespace) -> bool:
+    if args.stage in ("config", "doctor", "status", "fetch"):
+        return False
+    return not (getattr(args, "dry_run", False) or getattr(args, "compare", None))
+
+
+def _setup_output(args: argparse.Namespace, job) -> None:
+    """Quiet by default: a command that runs Ray sends every library's output to a log file under the storage
+    root (printed once) and keeps the terminal for its own progress and results; ``-v`` shows everything."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     # A local Ray binds to 127.0.0.1 only; Ray reads this at import, so before any stage imports it (runtime.py).
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    verbose = getattr(args, "verbose", False)
+    if job is not None and _starts_ray(args) and not verbose:
+        log_file = _log_file(job, args.stage)
+        console.quiet(log_file)
+        console.say(f"Library logs (Ray, DeepSpeed, ...): {log_file} (-v shows them here)", err=True)
+    console.setup_logging(verbose)
+
+
+def _log_file(job, stage: str) -> str:
+    """<storage.root>/logs/<stage>-<time>.log for a local root; under ~/.cache/pcd-ray/logs for s3:// (the file is
+    written as it goes, which an object store cannot append to)."""
+    import time
+
+    name = f"{stage}-{time.strftime('%Y%m%d-%H%M%S')}.log"
+    root = job.storage.root
+    if "://" in root and not root.startswith("file://"):
+        return os.path.join(os.path.expanduser("~/.cache/pcd-ray/logs"), name)
+    return os.path.join(os.path.abspath(root.removeprefix("file://")), "logs", name)
 
 
 def run(args: argparse.Namespace) -> int:
     if args.stage == "fetch":
         from pcd_ray.fetch import run_fetch
 
+        console.setup_logging(False)
         return run_fetch(args)
-    job = load_job(args.config, args.overrides)
+    try:
+        job = load_job(args.config, args.overrides)
+    finally:
+        _setup_output(args, locals().get("job"))
     if args.stage == "config":
         print(dump(job), end="")
         return 0
@@ -125,7 +155,7 @@ def run(args: argparse.Namespace) -> int:
         from pcd_ray.eval.compare import compare_runs
         from pcd_ray.eval.report import format_table
 
-        print("\n" + format_table(compare_runs(args.compare, storage, job.eval.output)))
+        console.say("\n" + format_table(compare_runs(args.compare, storage, job.eval.output)).rstrip("\n"))
         return 0
     from pcd_ray.runtime import init_ray
 
@@ -147,7 +177,7 @@ def _print_report(report, job, storage) -> None:
 
     if not isinstance(report, dict):
         report = storage.read_json(join(storage.resolve(job.eval.output), REPORT_FILE))
-    print("\n" + format_table(report))
+    console.say("\n" + format_table(report).rstrip("\n"))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -159,11 +189,10 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     args.overrides = list(getattr(args, "overrides", None) or []) + extra
-    _setup_logging()
     try:
         return run(args)
     except ConfigError as e:
-        print(f"pcd-ray: {e}", file=sys.stderr)
+        print(f"pcd-ray: {e}", file=console.terminal())
         return 2
     except StageError as e:
         # Ray streams its workers' logs to this process from a thread; stopping Ray first keeps the reason the
@@ -171,7 +200,9 @@ def main(argv: list[str] | None = None) -> int:
         ray = sys.modules.get("ray")  # only a stage that started Ray has it to stop
         if ray is not None and ray.is_initialized():
             ray.shutdown()
-        print(f"pcd-ray: {e}", file=sys.stderr)
+        print(f"pcd-ray: {e}", file=console.terminal())
+        if console.log_path:
+            print(f"Library logs of this run: {console.log_path}", file=console.terminal())
         return 1
 
 

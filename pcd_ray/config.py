@@ -352,7 +352,7 @@ class LossConfig(_Strict):
     near_duplicate_distance: float = Field(1e-6, ge=0)
     """Pairs with |normalise(e_a) - normalise(e_b)| below this are masked (no direction) and counted."""
     impl: Literal["fused", "reference"] = "fused"
-    """fused: one packed all-gather, chunked LSEs, no [n, N] logits (LOSS.md); reference: per-group gather with
+    """fused: one packed all-gather, chunked LSEs, no [n, N] logits (docs/LOSS.md); reference: per-group gather with
     gradient and full logits (the float64 test oracle)."""
     chunk_size: int = Field(1024, ge=16)
     """fused: edge of the logit tiles; loss memory grows with its square, not with the global batch."""
@@ -423,6 +423,33 @@ class ScalingConfig(_Strict):
     """torch intra-op threads per worker; null keeps Ray's default (OMP_NUM_THREADS = the worker's CPUs)."""
 
 
+class MetricsConfig(_Strict):
+    """Where metrics go besides metrics.csv (pcd_ray/metrics.py): TensorBoard event files in the run directory by
+    default; W&B and MLflow as well when named here (optional packages: ``pip install wandb`` / ``pip install mlflow``,
+    checked when the job starts)."""
+
+    tensorboard: bool = True
+    """TensorBoard event files in the run directory (``tensorboard --logdir <run dir>``)."""
+    wandb_project: str | None = None
+    """A W&B project to log to as well; null = no W&B."""
+    wandb_entity: str | None = None
+    """The W&B team or user owning the project; null = the logged-in user's default."""
+    mlflow_experiment: str | None = None
+    """An MLflow experiment to log to as well; null = no MLflow."""
+    mlflow_tracking_uri: str | None = None
+    """The MLflow tracking server; null = MLflow's own default (MLFLOW_TRACKING_URI, else ./mlruns)."""
+    run_name: str | None = None
+    """The run's name in W&B and MLflow; null = the run directory's name."""
+
+    @model_validator(mode="after")
+    def _sink_named(self) -> "MetricsConfig":
+        if self.wandb_entity and not self.wandb_project:
+            raise ValueError("metrics.wandb_entity is set but metrics.wandb_project is not (W&B logs to a project)")
+        if self.mlflow_tracking_uri and not self.mlflow_experiment:
+            raise ValueError("metrics.mlflow_tracking_uri is set but metrics.mlflow_experiment is not")
+        return self
+
+
 class TrainConfig(_Strict):
     model: ModelSpec = Field(default_factory=ModelSpec)
     trainable: Literal["text_transformer", "text", "full"] = "text_transformer"
@@ -449,6 +476,8 @@ class TrainConfig(_Strict):
     deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig)
     scaling: ScalingConfig = Field(default_factory=ScalingConfig)
     log_every: int = Field(20, ge=1)
+    metrics: MetricsConfig = Field(default_factory=MetricsConfig)
+    """Where the rows of metrics.csv go as well: TensorBoard (default), W&B, MLflow."""
     checkpoint_every: int | None = Field(None, ge=1)
     """Steps between checkpoints (an epoch-end checkpoint is always written)."""
     keep_checkpoints: int = Field(2, ge=1)
@@ -459,8 +488,8 @@ class TrainConfig(_Strict):
     """URI of an ``embeddings`` artifact written by ``pcd-ray embed`` with this run's model; used when image
     features are precomputed. null = embed the images at the start of training instead."""
     wise_ft_alpha: float | None = Field(None, ge=0, le=1)
-    """Also export the WiSE-FT average alpha * finetuned + (1 - alpha) * base to <output>/export-wiseft (PAPER.md
-    section 3); null = no averaged export."""
+    """Also export the WiSE-FT average alpha * finetuned + (1 - alpha) * base to <output>/export-wiseft
+    (docs/METHOD.md, "Training recipe"); null = no averaged export."""
 
     @model_validator(mode="after")
     def _batch_divides(self) -> "TrainConfig":

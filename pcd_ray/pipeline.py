@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from pcd_ray import provenance
+from pcd_ray.console import say
 from pcd_ray.config import JobConfig, dump
 from pcd_ray.provenance import State
 from pcd_ray.stages import Stage, ordered, upstream
@@ -92,11 +93,10 @@ def run_pipeline(job: JobConfig, storage: Storage, *, force: bool = False,
         # read them find themselves stale.
         state = stage_state(stage, job, storage)
         if state.current and not force:
-            print(f"== {stage.name}: up to date, skipped", flush=True)
+            say(f"== {stage.name}: up to date, skipped")
             results[stage.name] = "skipped"
             continue
-        print(f"== {stage.name}: {state.status}{f' ({state.reason})' if state.reason else ''}; running ...",
-              flush=True)
+        say(f"== {stage.name}: {state.status}{f' ({state.reason})' if state.reason else ''}; running ...")
         results[stage.name] = run_stage(stage, job, storage)
-        print(f"== {stage.name}: done in {time.perf_counter() - t0:.1f} s", flush=True)
+        say(f"== {stage.name}: done in {time.perf_counter() - t0:.1f} s")
     return results

@@ -37,13 +37,12 @@ from __future__ import annotations
 import functools
 import json
 import logging
-import sys
 import time
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Callable, NamedTuple
 
-from pcd_ray import artifacts
+from pcd_ray import artifacts, console
 from pcd_ray.storage import Storage
 
 log = logging.getLogger(__name__)
@@ -175,10 +174,12 @@ class Progress:
         self.label, self.unit, self.tally, self.rates = label, unit, tally, rates
         self.last = time.time()
         self.bar = None
-        if sys.stderr.isatty():
+        term = console.terminal()
+        if term.isatty():
             from tqdm import tqdm
 
-            self.bar = tqdm(total=tally.expected, initial=tally.skipped, unit=unit, desc=label, dynamic_ncols=True)
+            self.bar = tqdm(total=tally.expected, initial=tally.skipped, unit=unit, desc=label, dynamic_ncols=True,
+                            file=term)
 
     def update(self, n: int) -> None:
         t = self.tally

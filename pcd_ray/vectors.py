@@ -2,7 +2,7 @@
 
 Embeddings are rows along the last axis: ``x [..., D]``. ``normalise(x) = x / max(|x|, eps)``: a row whose norm is
 below ``eps`` is divided by ``eps``, so an all-zero row (the difference of two identical images) stays zero instead
-of becoming NaN. The difference direction of an ordered pair (PAPER.md section 2) is
+of becoming NaN. The difference direction of an ordered pair (docs/METHOD.md, "Loss") is
 ``d = normalise(normalise(e_a) - normalise(e_b))`` [..., D]; with ``normalised=True`` the inputs are unit rows
 already and ``d = normalise(e_a - e_b)``. Both versions also return the distance ``|normalise(e_a) - normalise(e_b)|``
 [...] (0 to 2, unitless), which tells a degenerate pair (no direction) from a real one.

@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-# Before anything starts Ray: bind Ray to 127.0.0.1 (ENV-NOTES.md) and keep its logs quiet.
+# Before anything starts Ray: bind Ray to 127.0.0.1 (docs/ENV.md, "Ray on one machine") and keep its logs quiet.
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

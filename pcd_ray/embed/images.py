@@ -12,7 +12,8 @@ Output columns (the ``embeddings`` artifact's schema plus an error column):
   (``missing_image``, ``corrupt_image``, ``image_too_large``, ``preprocess_failed``; the data stage's codes where
   they mean the same).
 
-A bad image never fails the batch: it becomes a row with a null embedding and a reason (DESIGN.md principle).
+A bad image never fails the batch: it becomes a row with a null embedding and a reason (docs/ARCHITECTURE.md,
+"Principles").
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
-"""Difference accuracy on labelled datasets (PAPER.md section 4): the sign test on image pairs whose difference
-sentence follows from their classes (AwA2, CIFAR-100 size, Flowers102 colour) or is given per pair (CUB: LLM
-differences written by the generate stage, read from a file).
+"""Difference accuracy on labelled datasets (docs/METHOD.md, "Evaluation"): the sign test on image pairs whose
+difference sentence follows from their classes (AwA2, CIFAR-100 size, Flowers102 colour) or is given per pair (CUB:
+LLM differences written by the generate stage, read from a file or its diffs artifact, ``pair_texts.py``).
 
 Every choice (sentences, class and predicate selections, pair sampling and its sizes, the standard error) is the
 evaluation protocol's (``protocol.py``). ``fixed`` selects classes and predicates by *name*, and a name the dataset

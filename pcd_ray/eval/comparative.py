@@ -1,5 +1,5 @@
-"""Comparative prompting (PAPER.md section 4): move a class's text embedding using texts that say how it differs
-from the classes it is confused with.
+"""Comparative prompting (docs/METHOD.md, "Evaluation"): move a class's text embedding using texts that say how it
+differs from the classes it is confused with.
 
 With unit class embeddings t_c and unit comparative embeddings d_ij (how class i differs from class j):
 

@@ -1,4 +1,4 @@
-"""Difference accuracy: the paper's sign test (PAPER.md section 4) on attribute-labelled test images.
+"""Difference accuracy: the paper's sign test (docs/METHOD.md, "Evaluation") on attribute-labelled test images.
 
 For an ordered pair (a, b) and the ground-truth sentence T ("the objects in the first picture are larger"):
 

@@ -1,5 +1,5 @@
-"""Geometry of the embedding space (PAPER.md section 4): do class-prompt differences point where comparative texts
-point, and does image arithmetic land on the right class?
+"""Geometry of the embedding space (docs/METHOD.md, "Evaluation"): do class-prompt differences point where comparative
+texts point, and does image arithmetic land on the right class?
 
 - Difference distances, per class pair (i, j) with comparative T_ij (how i differs from j):
   forward = 1 - cos(normalise(t_i - t_j), normalise(f(T_ij)))   (lower is better)

@@ -266,4 +266,16 @@ def run_eval(job: JobConfig, storage: Storage) -> dict:
     }
     paths = write_report(report, storage, cfg.output)
     log.info("eval: report written to %s", paths["md"])
+    _write_metrics(report, job, storage)
     return report
+
+
+def _write_metrics(report: dict, job: JobConfig, storage: Storage) -> None:
+    """Every number of the report as TensorBoard scalars (and W&B / MLflow when train.metrics names them), one tag
+    per model and result, in the eval output directory beside report.md."""
+    from pcd_ray.metrics import MetricsWriter, numeric_leaves, tensorboard_command
+
+    with MetricsWriter(job.eval.output, job.train.metrics, storage, name="eval") as writer:
+        for name, entry in report["models"].items():
+            writer.scalars(0, numeric_leaves(entry), prefix=f"eval/{name}")
+    log.info("eval: metrics for TensorBoard: %s", tensorboard_command(storage.resolve(job.eval.output)))

@@ -10,7 +10,17 @@ from __future__ import annotations
 
 from typing import Any
 
-Section = tuple[str, list[str], list[list[str]]]
+Section = tuple[str, list[str], list[list[str]]]  # (title, header, rows of cells): one table of the report
+
+
+def get_path(d: Any, *path: Any) -> Any:
+    """d[path[0]][path[1]]..., or None where a level is missing (reports of other versions lack sections)."""
+    for p in path:
+        if not isinstance(d, dict) or p not in d:
+            return None
+        d = d[p]
+    return d
+
 
 SOURCE = "Sam et al., Finetuning CLIP to Reason about Pairwise Differences (arXiv 2409.09721), as reported"
 
@@ -28,14 +38,6 @@ PAPER_COMPARATIVE_GAIN: dict[str, tuple[float | None, float | None]] = {"eurosat
                                                                        "flowers102": (None, 9.4)}
 # Geometry on CIFAR-100: 1 - cos(class-prompt difference, comparative text).
 PAPER_GEOMETRY: dict[str, tuple[float | None, float | None]] = {"forward": (1.04, 0.92), "reverse": (0.96, 1.08)}
-
-
-def _get(d: Any, *path: Any) -> Any:
-    for p in path:
-        if not isinstance(d, dict) or p not in d:
-            return None
-        d = d[p]
-    return d
 
 
 def _fmt(value: float | None, digits: int = 1, sign: bool = False) -> str:
@@ -68,7 +70,7 @@ def paper_sections(report: dict) -> list[Section]:
 
     rows = []
     for kind, label in DIFFERENCE_ROWS:
-        b, t = _get(base, kind, "difference"), _get(tuned, kind, "difference")
+        b, t = get_path(base, kind, "difference"), get_path(tuned, kind, "difference")
         if b and t:
             paper = PAPER_DIFFERENCE.get(kind, (None, None))
             rows.append([label, _fmt(b["accuracy"]), _fmt(t["accuracy"]), _fmt(paper[0]), _fmt(paper[1])])
@@ -77,7 +79,7 @@ def paper_sections(report: dict) -> list[Section]:
 
     rows = []
     for kind, label in ZEROSHOT_ROWS:
-        b, t = _get(base, kind, "zeroshot", "paper"), _get(tuned, kind, "zeroshot", "paper")
+        b, t = get_path(base, kind, "zeroshot", "paper"), get_path(tuned, kind, "zeroshot", "paper")
         if b and t:
             paper = PAPER_ZEROSHOT.get(kind, (None, None))
             rows.append([label, _fmt(b["accuracy"]), _fmt(t["accuracy"]), _fmt(paper[0]), _fmt(paper[1])])
@@ -88,8 +90,8 @@ def paper_sections(report: dict) -> list[Section]:
     for kind, label in ZEROSHOT_ROWS:
         gains = []
         for model in (base, tuned):
-            p = _get(model, kind, "comparative", "protocols", "paper")
-            before, after = _get(p, "zeroshot", "confused"), _get(p, "comparative", "confused")
+            p = get_path(model, kind, "comparative", "protocols", "paper")
+            before, after = get_path(p, "zeroshot", "confused"), get_path(p, "comparative", "confused")
             gains.append(None if before is None or after is None else after - before)
         if any(g is not None for g in gains):
             paper = PAPER_COMPARATIVE_GAIN.get(kind, (None, None))
@@ -100,7 +102,7 @@ def paper_sections(report: dict) -> list[Section]:
 
     rows = []
     for key, better in (("forward", "lower"), ("reverse", "higher")):
-        b, t = _get(base, "cifar100", "geometry", "distances", key), _get(tuned, "cifar100", "geometry", "distances",
+        b, t = get_path(base, "cifar100", "geometry", "distances", key), get_path(tuned, "cifar100", "geometry", "distances",
                                                                          key)
         if b is not None and t is not None:
             paper = PAPER_GEOMETRY[key]

@@ -19,12 +19,13 @@ baseline). The Markdown and the plain-text table render the same rows, so they c
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
-from pcd_ray.eval.paper import paper_sections
+from pcd_ray.eval.paper import Section, paper_sections
+from pcd_ray.eval.paper import get_path as _get
 from pcd_ray.storage import Storage, join
 
-Section = tuple[str, list[str], list[list[str]]]  # (title, header, rows of cells)
 
 
 def _cell(mean: float | None, stderr: float | None = None, digits: int = 1) -> str:
@@ -37,12 +38,6 @@ def _delta(value: float | None, base: float | None, digits: int = 1) -> str:
     return "n/a" if value is None or base is None else f"{value - base:+.{digits}f}"
 
 
-def _get(d: Any, *path: Any) -> Any:
-    for p in path:
-        if not isinstance(d, dict) or p not in d:
-            return None
-        d = d[p]
-    return d
 
 
 def _row(label: list[str], entries: list[tuple[float | None, float | None]], digits: int = 1) -> list[str]:
@@ -226,17 +221,52 @@ def comparatives_line(report: dict) -> str | None:
     return f"Comparatives: `{c['uri']}` (commit `{c['commit']}`, {c['rows']} rows{incomplete}); used for {sets}."
 
 
+WIDTH = 120
+"""Terminal tables are kept within this many columns: long cells wrap, and a table still wider is split into
+column groups that each repeat the first column."""
+CELL_WIDTH = 36
+
+
+def _wrap_cell(text: str, width: int = CELL_WIDTH) -> list[str]:
+    import textwrap
+
+    return textwrap.wrap(text, width, break_long_words=True, break_on_hyphens=False) or [""]
+
+
+def _text_table(header: list[str], rows: list[list[str]], width: int = WIDTH) -> list[str]:
+    """Rows as aligned lines, no line over ``width`` (with the two-space indent)."""
+    cells = [[_wrap_cell(c) for c in r] for r in [header] + rows]
+    widths = [max(len(part) for r in cells for part in r[c]) for c in range(len(header))]
+    # Label columns (any cell with words) read left to right; numbers line up on the right.
+    left = [c == 0 or any(re.search(r"[a-zA-Z]{2}", r[c]) and r[c] != "n/a" for r in rows) for c in range(len(header))]
+    groups, current, used = [], [0], widths[0]
+    for c in range(1, len(header)):
+        if 2 + used + 2 + widths[c] > width and len(current) > 1:
+            groups.append(current)
+            current, used = [0], widths[0]
+        current.append(c)
+        used += 2 + widths[c]
+    groups.append(current)
+    out = []
+    for n, cols in enumerate(groups):
+        if n:
+            out.append("")
+        for r in cells:
+            for k in range(max(len(r[c]) for c in cols)):
+                parts = [(r[c][k] if k < len(r[c]) else "") for c in cols]
+                out.append("  " + "  ".join(p.ljust(widths[c]) if left[c] else p.rjust(widths[c])
+                                            for p, c in zip(parts, cols)).rstrip())
+    return out
+
+
 def format_table(report: dict) -> str:
-    """A compact plain-text rendering for the terminal (the demo prints it)."""
+    """A compact plain-text rendering for the terminal (the demo prints it), at most WIDTH columns wide."""
+    import textwrap
+
     line = comparatives_line(report)
-    out = [line.replace("`", ""), ""] if line else []
+    out = textwrap.wrap(line.replace("`", ""), WIDTH) + [""] if line else []
     for title, header, rows in _sections(report):
-        widths = [max(len(r[c]) for r in [header] + rows) for c in range(len(header))]
-        out.append(title)
-        for r in [header] + rows:
-            out.append("  " + "  ".join(c.ljust(w) if k == 0 else c.rjust(w)
-                                        for k, (c, w) in enumerate(zip(r, widths))).rstrip())
-        out.append("")
+        out += textwrap.wrap(title, WIDTH) + _text_table(header, rows) + [""]
     return "\n".join(out).rstrip() + "\n"
 
 

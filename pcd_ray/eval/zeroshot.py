@@ -1,4 +1,4 @@
-"""Zero-shot classification: does finetuning keep CLIP's ordinary image-text matching? (PAPER.md section 4)
+"""Zero-shot classification: does finetuning keep CLIP's ordinary image-text matching? (docs/METHOD.md, "Evaluation")
 
 Each task is a closed set of classes with a label text per class; the prompt is the paper's template
 ("This is a photo of a {label}", the authors' ``run_zero_shot``; on labelled datasets the evaluation protocol's

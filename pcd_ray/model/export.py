@@ -33,7 +33,7 @@ def export_model(state_dict: dict[str, Any], model_cfg: dict[str, Any], preproce
 
 
 def wise_ft(finetuned: dict[str, Any], base: dict[str, Any], alpha: float) -> dict[str, Any]:
-    """WiSE-FT weight average alpha * finetuned + (1 - alpha) * base (PAPER.md section 3)."""
+    """WiSE-FT weight average alpha * finetuned + (1 - alpha) * base (docs/METHOD.md, "Training recipe")."""
     if finetuned.keys() != base.keys():
         raise ValueError(f"state dicts differ in keys: {sorted(finetuned.keys() ^ base.keys())[:5]}")
     return {k: alpha * v + (1 - alpha) * base[k] if v.is_floating_point() else v for k, v in finetuned.items()}

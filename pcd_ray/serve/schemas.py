@@ -82,7 +82,7 @@ class DifferenceRequest(_Body):
 class DifferenceResponse(_Body):
     model: str
     scores: list[float]
-    """cos(f(text_k), d) per text, d = normalise(g(a)/|g(a)| - g(b)/|g(b)|) (PAPER.md section 4); in [-1, 1].
+    """cos(f(text_k), d) per text, d = normalise(g(a)/|g(a)| - g(b)/|g(b)|) (docs/METHOD.md, "Loss"); in [-1, 1].
     All 0 when the two images embed identically (d is the zero vector)."""
     best_index: int
     """argmax of scores (the first one on ties)."""
@@ -119,7 +119,7 @@ class RankResponse(_Body):
 
 # --------------------------------------------------------------------------------------------------- classify
 class Comparative(_Body):
-    """How class ``first`` differs from class ``second`` (PAPER.md section 4, comparative prompting)."""
+    """How class ``first`` differs from class ``second`` (docs/METHOD.md, "Evaluation": comparative prompting)."""
 
     first: NonEmptyText
     second: NonEmptyText

@@ -1,4 +1,5 @@
-"""The scores the API returns, from unit-norm embeddings (numpy only, no model): PAPER.md sections 2 and 4.
+"""The scores the API returns, from unit-norm embeddings (numpy only, no model): docs/METHOD.md, "Loss" and
+"Evaluation".
 
 Inputs are L2-normalised rows (text t [n, D], images e [m, D]); outputs are float64 numpy arrays.
 """
@@ -37,7 +38,7 @@ def rank_scores(text_emb: np.ndarray, image_emb: np.ndarray) -> tuple[np.ndarray
 
 def comparative_class_embeddings(class_emb: np.ndarray, comparatives: Sequence[tuple[int, int]],
                                  comparative_emb: np.ndarray, alpha: float) -> np.ndarray:
-    """Comparative prompting (PAPER.md section 4) -> class embeddings h [C, D], unit rows.
+    """Comparative prompting (docs/METHOD.md, "Evaluation") -> class embeddings h [C, D], unit rows.
 
     class_emb: t_c [C, D]; comparatives: distinct ordered pairs (i, j), one per row of comparative_emb d_ij [K, D],
     the text describing how class i differs from class j. For each class j named as ``second``:

@@ -47,7 +47,7 @@ def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
 
 def deepspeed_config(cfg: TrainConfig, *, micro_batch: int, use_gpu: bool) -> dict[str, Any]:
     """DeepSpeed's config dict for a per-worker micro batch (global batch = micro * accumulation * workers)."""
-    ds, opt = cfg.deepspeed, cfg.optimizer
+    ds = cfg.deepspeed
     zero: dict[str, Any] = {"stage": ds.zero_stage}
     if ds.zero_stage >= 2:
         # Overlap the gradient reduce with backward, as DDP does with its buckets.

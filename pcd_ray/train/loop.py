@@ -177,10 +177,12 @@ def build_module(cfg: TrainConfig, storage: Storage | None = None):
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Ray Train entry point. config: {"train": TrainConfig dict, "storage": StorageConfig dict, "rows": int,
-    "precomputed": bool (batches hold image embeddings emb_a/emb_b instead of pixels)}."""
+    "precomputed": bool (batches hold image embeddings emb_a/emb_b instead of pixels), "run_dir_name": the run
+    directory under train.output, where the TensorBoard event files go (without it: train.output itself)}."""
     import ray.train
     import torch
 
+    from pcd_ray.metrics import MetricsWriter
     from pcd_ray.model.loss import compute_loss
     from pcd_ray.train.engine import init_engine
     from pcd_ray.train.metrics import MetricsLog
@@ -208,7 +210,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     # DeepSpeed casts the module to bf16/fp16; pixels must follow (the loss itself computes in fp32).
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.deepspeed.precision)
     shard = ray.train.get_dataset_shard("train")
-    metrics = MetricsLog(storage, cfg.output, resume_step=state["step"]) if rank == 0 else None
+    metrics = None
+    if rank == 0:
+        run_dir = join(cfg.output, config["run_dir_name"]) if config.get("run_dir_name") else cfg.output
+        writer = MetricsWriter(run_dir, cfg.metrics, storage, resume_step=state["step"], params=config["train"])
+        metrics = MetricsLog(storage, cfg.output, resume_step=state["step"], writer=writer)
     step, skipped = state["step"], state["nan_steps"]
     window = {"t": time.perf_counter(), "wait": 0.0, "samples": 0, "masked": 0}
 

@@ -13,6 +13,7 @@ import time
 from typing import Any
 
 from pcd_ray.config import JobConfig, TrainConfig, dump
+from pcd_ray.metrics import require_sinks, tensorboard_command
 from pcd_ray.runtime import init_ray
 from pcd_ray.storage import Storage, is_remote, join
 from pcd_ray.train.engine import worker_env_vars
@@ -22,7 +23,7 @@ log = logging.getLogger(__name__)
 
 # Fields that may change between a run and its resumption (train longer, checkpoint more often, ...).
 RESUMABLE_FIELDS = {"epochs", "max_steps", "log_every", "checkpoint_every", "keep_checkpoints", "max_failures",
-                    "embeddings", "wise_ft_alpha"}
+                    "embeddings", "wise_ft_alpha", "metrics"}
 
 
 def run_dir_name(cfg: TrainConfig, inputs: dict[str, str | None] | None = None) -> str:
@@ -75,6 +76,18 @@ def resume_position(cfg: TrainConfig, storage: Storage, name: str) -> dict[str, 
     return max(positions, key=lambda p: p["step"], default=None)
 
 
+def with_driver_sinks(cfg: TrainConfig) -> TrainConfig:
+    """MLflow without a tracking URI means the driver's: MLFLOW_TRACKING_URI, else its default store where the
+    command runs. Rank 0 logs from another process (another cwd, maybe another node and environment), where the
+    same default would land in a Ray temp directory; so it gets the URI the driver resolves."""
+    m = cfg.metrics
+    if not m.mlflow_experiment or m.mlflow_tracking_uri:
+        return cfg
+    import mlflow
+
+    return cfg.model_copy(update={"metrics": m.model_copy(update={"mlflow_tracking_uri": mlflow.get_tracking_uri()})})
+
+
 def run_train(job: JobConfig, storage: Storage, section: str = "train",
               inputs: dict[str, str | None] | None = None) -> dict[str, Any]:
     """Train one section of the job; returns a summary (also written to <output>/summary.json). ``inputs``: the
@@ -88,6 +101,8 @@ def run_train(job: JobConfig, storage: Storage, section: str = "train",
     cfg: TrainConfig | None = getattr(job, section)
     if cfg is None:
         raise ValueError(f"job has no {section!r} section")
+    require_sinks(cfg.metrics)  # a configured W&B / MLflow without its package stops here, before any work
+    cfg = with_driver_sinks(cfg)
     init_ray(job.ray)
     t0 = time.perf_counter()
     print(f"[{section}] building the training set ({cfg.data}) ...", flush=True)
@@ -96,6 +111,9 @@ def run_train(job: JobConfig, storage: Storage, section: str = "train",
           f"{cfg.batch_size} on {cfg.scaling.num_workers} worker(s); image tower "
           f"{'embedded once up front (frozen)' if precomputed else 'runs on pixels every step'}", flush=True)
     name = run_dir_name(cfg, inputs)
+    run_uri = storage.resolve(join(cfg.output, name))
+    if cfg.metrics.tensorboard:
+        log.info("[%s] training curves: %s", section, tensorboard_command(run_uri))
     position = resume_position(cfg, storage, name)
     if position:
         print(f"[{section}] resuming {name} at step {position['step']} (epoch {position['epoch']}, "
@@ -106,7 +124,7 @@ def run_train(job: JobConfig, storage: Storage, section: str = "train",
         train_loop_per_worker,
         train_loop_config={"train": cfg.model_dump(mode="json"),
                            "storage": storage.portable_cfg().model_dump(mode="json"), "rows": rows,
-                           "precomputed": precomputed},
+                           "precomputed": precomputed, "run_dir_name": name},
         scaling_config=ray.train.ScalingConfig(num_workers=scaling.num_workers, use_gpu=scaling.use_gpu,
                                                resources_per_worker={"CPU": scaling.cpus_per_worker}),
         # gloo on CPU workers; nccl when each worker holds a GPU.
@@ -121,6 +139,7 @@ def run_train(job: JobConfig, storage: Storage, section: str = "train",
         "final_metrics": result.metrics,
         "checkpoint": _checkpoint_uri(result.checkpoint, storage.resolve(cfg.output)),
         "export": storage.resolve(join(cfg.output, "export")),
+        "run_dir": run_uri,
         "wall_s": round(time.perf_counter() - t0, 1),
     }
     storage.write_json(join(cfg.output, "summary.json"), summary)

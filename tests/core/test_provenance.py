@@ -16,7 +16,7 @@ import pytest
 
 from pcd_ray import artifacts, provenance
 from pcd_ray.cli import main
-from pcd_ray.config import StorageConfig, load_job
+from pcd_ray.config import load_job
 from pcd_ray.generate import comparatives
 from pcd_ray.model.factory import EXPORT_CONFIG, EXPORT_WEIGHTS
 from pcd_ray.pipeline import plan, run_stage

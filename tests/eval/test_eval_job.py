@@ -211,3 +211,6 @@ def test_run_eval_end_to_end(ray_local, tmp_path, s3_root):
     md = storage.read_text(f"{s3_root}/eval/report.md")
     assert f"`{s3_root}/comparatives` (commit `{comparatives['attempt']}`, 318 rows)" in md
     assert storage.exists(f"{s3_root}/eval/comparative_alpha.png") and storage.exists(f"{s3_root}/eval/confusion.png")
+    # Every number of the report is a TensorBoard scalar too, in the eval directory (uploaded there on s3://).
+    events = [p for p in storage.listdir(f"{s3_root}/eval") if "events.out.tfevents" in p]
+    assert events, "no TensorBoard event file in the eval output"

@@ -41,3 +41,18 @@ def test_rows_follow_the_paper_with_its_numbers_beside_ours():
 def test_no_paper_tables_without_the_papers_datasets_or_a_second_model():
     assert paper_sections(_report({"base": {}, "finetuned": {}})) == []
     assert paper_sections(_report({"base": {"c": _entry("cifar100", 1, 1, 1, 1, 1)}})) == []
+
+
+def test_terminal_tables_stay_within_120_columns_and_keep_every_cell():
+    from pcd_ray.eval.report import WIDTH, _text_table
+
+    header = ["task", "confused pairs"] + [f"model {k}" for k in range(10)]
+    pairs = "size=large,colour=red / size=medium,colour=red; size=small,colour=blue / size=small,colour=purple"
+    rows = [["size+colour", pairs] + [f"{50 + k}.1 ± 0.3" for k in range(10)]]
+    lines = _text_table(header, rows)
+    assert max(map(len, lines)) <= WIDTH
+    text = " ".join(lines)
+    assert all(f"{50 + k}.1 ± 0.3" in text and f"model {k}" in text for k in range(10))
+    assert all(word in text for word in pairs.split())  # the long cell wraps onto lines of its own column
+    # Each column group repeats the first column, so a row stays readable.
+    assert sum(line.split()[0] == "size+colour" for line in lines if line.strip()) >= 2

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
-from fetch_archives import (AWA2_CLASSES, BUILDERS, CIFAR_NAMES, CUB_CLASSES, EUROSAT, FLOWER_NAMES, caption,
+from fetch_archives import (AWA2_CLASSES, BUILDERS, CIFAR_NAMES, CUB_CLASSES, FLOWER_NAMES, caption,
                             coco_captions, cub_images, sha256, with_checksums)
 
 from pcd_ray.cli import main

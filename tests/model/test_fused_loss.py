@@ -1,4 +1,4 @@
-"""The fused all-gather loss against float64 oracles at W = 1, 2, 4 gloo ranks (LOSS.md's acceptance tests).
+"""The fused all-gather loss against float64 oracles at W = 1, 2, 4 gloo ranks (docs/LOSS.md).
 
 Oracles: the reference ``pc_clip_loss`` in ONE process over the whole global batch (itself checked against the
 paper's formula and open_clip in test_loss.py), open_clip's ``ClipLoss`` run on the same ranks, and the paper's
@@ -234,7 +234,7 @@ def test_diff_group_equals_paper_formula():
     out = fused_pc_clip_loss(feats, cfg, logit_scale=None, rank=0, world_size=1)
     a, b, t = (feats[k] for k in ("image_a", "image_b", "diff_text"))
     d = F.normalize(F.normalize(a, dim=-1) - F.normalize(b, dim=-1), dim=-1)
-    logits = F.normalize(t, dim=-1) @ d.T / 1.0  # PAPER.md: L = t @ d.T / tau, tau = 1
+    logits = F.normalize(t, dim=-1) @ d.T / 1.0  # docs/METHOD.md, "Loss": S = t @ d.T / tau, tau = 1
     labels = torch.arange(len(a))
     ref = (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
     torch.testing.assert_close(out["loss"], ref, rtol=1e-12, atol=0)
@@ -243,7 +243,7 @@ def test_diff_group_equals_paper_formula():
 
 
 def test_fp32_matches_float64_oracle_at_large_scale():
-    """tau = 100 with near-orthogonal rows: a fixed-max LSE shortcut would underflow here (LOSS.md numerics)."""
+    """tau = 100 with near-orthogonal rows: a fixed-max LSE shortcut would underflow here."""
     g = torch.Generator().manual_seed(0)
     x, y = (F.normalize(torch.randn(300, 64, generator=g, dtype=torch.float64), dim=-1) for _ in range(2))
     grads = {}

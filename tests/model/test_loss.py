@@ -1,7 +1,8 @@
 """pc_clip_loss against independent float64 references, in one process and across W gloo ranks.
 
-The references below are written from PAPER.md section 2 with the full N x N logit matrix and no shared code with
-pcd_ray.model.loss. Distributed checks follow LOSS.md's exactness convention: mean over ranks of the rank losses is
+The references below are written from the loss of docs/METHOD.md ("Loss") with the full N x N logit matrix and no
+shared code with pcd_ray.model.loss. Distributed checks follow the package's exactness convention
+(pcd_ray/model/loss/__init__.py): mean over ranks of the rank losses is
 the global loss, each rank's feature gradient is W x the global gradient of its rows, and the mean over ranks of
 the logit-scale gradient is the global one.
 """

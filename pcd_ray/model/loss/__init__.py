@@ -1,4 +1,4 @@
-"""The PC-CLIP training loss (PAPER.md section 2, LOSS.md) with global negatives under data parallelism.
+"""The PC-CLIP training loss (docs/METHOD.md, "Loss"; docs/LOSS.md) with global negatives under data parallelism.
 
 :func:`compute_loss` runs the implementation ``LossConfig.impl`` names:
 

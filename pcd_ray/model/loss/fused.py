@@ -1,4 +1,4 @@
-"""The fused loss (``train.loss.impl: fused``, what training runs; LOSS.md): one packed all-gather, chunked LSEs,
+"""The fused loss (``train.loss.impl: fused``, what training runs; docs/LOSS.md): one packed all-gather, chunked LSEs,
 no b x N logits.
 
 :func:`fused_pc_clip_loss` is :func:`pcd_ray.model.loss.reference.pc_clip_loss` (same arguments, same values) with
@@ -216,9 +216,10 @@ class FusedContrastive(torch.autograd.Function):
 
     Inputs (after ``layouts, options``): per group ``x, y, scale, valid``: x, y [n_g, D_g] L2-normalised (any float
     dtype), scale a 0-dim tensor (may require grad), valid [n_g] bool or None. Outputs: ``(local [G], global [G],
-    n_valid [G])``; only ``local`` is differentiable, and its backward follows LOSS.md's convention (features:
-    W x the global gradient of this rank's rows; scale: d l_r / d scale). The upstream gradient of ``local`` must be
-    identical on every rank (fixed loss weights, a shared loss scale), since no collective combines it.
+    n_valid [G])``; only ``local`` is differentiable, and its backward follows the package's exactness convention
+    (features: W x the global gradient of this rank's rows; scale: d l_r / d scale). The upstream gradient of
+    ``local`` must be identical on every rank (fixed loss weights, a shared loss scale), since no collective
+    combines it.
     """
 
     @staticmethod

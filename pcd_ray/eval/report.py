@@ -264,7 +264,9 @@ def format_table(report: dict) -> str:
     import textwrap
 
     line = comparatives_line(report)
-    out = textwrap.wrap(line.replace("`", ""), WIDTH) + [""] if line else []
+    # "commit <id>" stays on one line (a no-break space through the wrap): people and scripts look for it whole.
+    line = line and line.replace("`", "").replace("commit ", "commit\u00a0")
+    out = [w.replace("\u00a0", " ") for w in textwrap.wrap(line, WIDTH)] + [""] if line else []
     for title, header, rows in _sections(report):
         out += textwrap.wrap(title, WIDTH) + _text_table(header, rows) + [""]
     return "\n".join(out).rstrip() + "\n"

@@ -189,6 +189,9 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     args.overrides = list(getattr(args, "overrides", None) or []) + extra
+    # A caller that already runs Ray (a notebook, a test session) keeps it: only a Ray this command started is stopped.
+    ray_before = sys.modules.get("ray")
+    had_ray = ray_before is not None and ray_before.is_initialized()
     try:
         return run(args)
     except ConfigError as e:
@@ -198,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
         # Ray streams its workers' logs to this process from a thread; stopping Ray first keeps the reason the
         # stage stopped as the last thing a user reads.
         ray = sys.modules.get("ray")  # only a stage that started Ray has it to stop
-        if ray is not None and ray.is_initialized():
+        if ray is not None and ray.is_initialized() and not had_ray:
             ray.shutdown()
         print(f"pcd-ray: {e}", file=console.terminal())
         if console.log_path:

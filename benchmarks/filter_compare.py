@@ -43,8 +43,12 @@ sys.path.insert(0, str(REPO))
 from pcd_ray.generate.filter import FILTERS, REASONS  # noqa: E402
 
 MODES = ("strict", "paper")
-GROUPS = ("kept by both, texts differ", "strict drops, paper keeps", "paper drops, strict keeps",
-          "both drop, reasons differ")
+GROUPS = (
+    "kept by both, texts differ",
+    "strict drops, paper keeps",
+    "paper drops, strict keeps",
+    "both drop, reasons differ",
+)
 """The kinds of disagreement; the first three by reason, the last by the pair of reasons."""
 
 _SUBJECTS = ["dog", "cat", "man", "woman", "bus", "pizza", "train", "kite", "giraffe", "surfer", "clock", "bench"]
@@ -116,8 +120,13 @@ def _inject(rng: random.Random, name: str, text: str) -> str:
     if name == "unit_loop":
         return text + " " + pick(["lamalamalama", "t,t,t,", "thththth", "abababab", "nononono"])
     if name == "url":
-        return text + pick([" (see https://example.com/img/1.jpg)", " http://images.cocodataset.org",
-                            " www.sciencedirect.com/science/article"])
+        return text + pick(
+            [
+                " (see https://example.com/img/1.jpg)",
+                " http://images.cocodataset.org",
+                " www.sciencedirect.com/science/article",
+            ]
+        )
     if name == "meta":
         return pick(["Description: ", "Description of the image: "]) + text
     if name == "bad_phrase":
@@ -190,18 +199,34 @@ def tiny_llm_outputs(n: int, max_tokens: int, seed: int) -> list[str]:
     rng = random.Random(seed)
     with tempfile.TemporaryDirectory() as d:
         model = str(mod.write_tiny_llm(Path(d) / "tiny", seed=seed))
-        cfg = GenerateConfig.model_validate({
-            "engine": "transformers", "llm": {"model": model}, "batch_size": 32, "seed": seed,
-            "sampling": {"temperature": 1.0, "top_p": 1.0, "max_tokens": max_tokens}})
+        cfg = GenerateConfig.model_validate(
+            {
+                "engine": "transformers",
+                "llm": {"model": model},
+                "batch_size": 32,
+                "seed": seed,
+                "sampling": {"temperature": 1.0, "top_p": 1.0, "max_tokens": max_tokens},
+            }
+        )
         actor = GenerateActor(cfg)
         col = lambda v: np.array(v, dtype=object)  # noqa: E731
         raws: list[str] = []
         for start in range(0, n, cfg.batch_size):
             k = min(cfg.batch_size, n - start)
-            caps = [(f"a {rng.choice(_ADJS)} {rng.choice(_SUBJECTS)} {rng.choice(_PLACES)}",
-                     f"a {rng.choice(_ADJS)} {rng.choice(_SUBJECTS)} {rng.choice(_PLACES)}") for _ in range(k)]
-            out = actor.run({"pair_id": col([f"p-{start + i}" for i in range(k)]),
-                             "caption_a": col([a for a, _ in caps]), "caption_b": col([b for _, b in caps])})
+            caps = [
+                (
+                    f"a {rng.choice(_ADJS)} {rng.choice(_SUBJECTS)} {rng.choice(_PLACES)}",
+                    f"a {rng.choice(_ADJS)} {rng.choice(_SUBJECTS)} {rng.choice(_PLACES)}",
+                )
+                for _ in range(k)
+            ]
+            out = actor.run(
+                {
+                    "pair_id": col([f"p-{start + i}" for i in range(k)]),
+                    "caption_a": col([a for a, _ in caps]),
+                    "caption_b": col([b for _, b in caps]),
+                }
+            )
             raws += out["raw"].to_pylist()
     return raws
 
@@ -213,9 +238,12 @@ def compare(raws: list[str], defects: list[list[str]] | None = None, examples: i
     out: dict = {"outputs": n, "modes": {}}
     for m in MODES:
         by = collections.Counter(r.reason for r in results[m] if not r.kept)
-        out["modes"][m] = {"kept": n - sum(by.values()), "rejected": sum(by.values()),
-                           "reject_rate": round(sum(by.values()) / n, 4) if n else None,
-                           "by_reason": {k: by[k] for k in REASONS if by[k]}}
+        out["modes"][m] = {
+            "kept": n - sum(by.values()),
+            "rejected": sum(by.values()),
+            "reject_rate": round(sum(by.values()) / n, 4) if n else None,
+            "by_reason": {k: by[k] for k in REASONS if by[k]},
+        }
     cells: dict[tuple[str, str], list[int]] = collections.defaultdict(list)
     for i, (s, p) in enumerate(zip(results["strict"], results["paper"])):
         if s.kept and p.kept:
@@ -226,23 +254,39 @@ def compare(raws: list[str], defects: list[list[str]] | None = None, examples: i
         elif s.reason != p.reason:
             cells[GROUPS[3], f"strict {s.reason}, paper {p.reason}"].append(i)
     out["disagreements"] = {
-        group: {detail or "all": {"n": len(idx), "examples": [
-            {"raw": raws[i], "strict": results["strict"][i].reason or results["strict"][i].text,
-             "paper": results["paper"][i].reason or results["paper"][i].text} for i in idx[:examples]]}
-            for (g, detail), idx in sorted(cells.items(), key=lambda kv: -len(kv[1])) if g == group}
-        for group in GROUPS}
+        group: {
+            detail or "all": {
+                "n": len(idx),
+                "examples": [
+                    {
+                        "raw": raws[i],
+                        "strict": results["strict"][i].reason or results["strict"][i].text,
+                        "paper": results["paper"][i].reason or results["paper"][i].text,
+                    }
+                    for i in idx[:examples]
+                ],
+            }
+            for (g, detail), idx in sorted(cells.items(), key=lambda kv: -len(kv[1]))
+            if g == group
+        }
+        for group in GROUPS
+    }
     if defects is not None:
         # Outputs with exactly one injected defect (or none): what each filter does with that defect alone.
         per: dict[str, dict[str, int]] = {}
         for i, names in enumerate(defects):
             if len(names) <= 1:
-                d = per.setdefault(names[0] if names else "none", {"n": 0, "strict_drops": 0, "paper_drops": 0,
-                                                                   "texts_differ": 0})
+                d = per.setdefault(
+                    names[0] if names else "none", {"n": 0, "strict_drops": 0, "paper_drops": 0, "texts_differ": 0}
+                )
                 d["n"] += 1
                 d["strict_drops"] += not results["strict"][i].kept
                 d["paper_drops"] += not results["paper"][i].kept
-                d["texts_differ"] += results["strict"][i].kept and results["paper"][i].kept and (
-                    results["strict"][i].text != results["paper"][i].text)
+                d["texts_differ"] += (
+                    results["strict"][i].kept
+                    and results["paper"][i].kept
+                    and (results["strict"][i].text != results["paper"][i].text)
+                )
         out["by_defect"] = per
     return out
 
@@ -262,11 +306,16 @@ def report(res: dict) -> str:
     lines.append(f"{'rejected':<18} {_pct(s['rejected'], n):>14} {_pct(p['rejected'], n):>14}")
     lines.append(f"{'kept':<18} {_pct(s['kept'], n):>14} {_pct(p['kept'], n):>14}")
     if "by_defect" in res:
-        lines += ["", "outputs with one injected defect (or none):",
-                  f"{'defect':<20} {'n':>6} {'strict drops':>13} {'paper drops':>12} {'kept, texts differ':>19}"]
+        lines += [
+            "",
+            "outputs with one injected defect (or none):",
+            f"{'defect':<20} {'n':>6} {'strict drops':>13} {'paper drops':>12} {'kept, texts differ':>19}",
+        ]
         for name, d in sorted(res["by_defect"].items(), key=lambda kv: -kv[1]["n"]):
-            lines.append(f"{name:<20} {d['n']:>6} {100 * d['strict_drops'] / d['n']:>12.1f}% "
-                         f"{100 * d['paper_drops'] / d['n']:>11.1f}% {100 * d['texts_differ'] / d['n']:>18.1f}%")
+            lines.append(
+                f"{name:<20} {d['n']:>6} {100 * d['strict_drops'] / d['n']:>12.1f}% "
+                f"{100 * d['paper_drops'] / d['n']:>11.1f}% {100 * d['texts_differ'] / d['n']:>18.1f}%"
+            )
     lines += ["", "disagreements:"]
     for group, cells in res["disagreements"].items():
         total = sum(d["n"] for d in cells.values())
@@ -297,12 +346,22 @@ def main(argv: list[str] | None = None) -> dict:
     if args.synthetic is not None:
         corpus = synthetic_corpus(args.synthetic, args.seed)
         raws, defects = [r for r, _ in corpus], [d for _, d in corpus]
-        source = {"kind": "synthetic", "n": args.synthetic, "seed": args.seed,
-                  "defects": [{"name": a, "p": p, "what": w} for a, p, w in DEFECTS]}
+        source = {
+            "kind": "synthetic",
+            "n": args.synthetic,
+            "seed": args.seed,
+            "defects": [{"name": a, "p": p, "what": w} for a, p, w in DEFECTS],
+        }
     elif args.tiny_llm is not None:
         raws = tiny_llm_outputs(args.tiny_llm, args.max_tokens, args.seed)
-        source = {"kind": "tiny-llm", "n": args.tiny_llm, "seed": args.seed, "max_tokens": args.max_tokens,
-                  "engine": "transformers", "model": "tests/generate/tiny_llm.py (random weights)"}
+        source = {
+            "kind": "tiny-llm",
+            "n": args.tiny_llm,
+            "seed": args.seed,
+            "max_tokens": args.max_tokens,
+            "engine": "transformers",
+            "model": "tests/generate/tiny_llm.py (random weights)",
+        }
     elif args.jsonl:
         raws, source = read_jsonl(args.jsonl), {"kind": "jsonl", "path": args.jsonl}
     else:

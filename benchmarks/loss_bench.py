@@ -50,8 +50,9 @@ def _make_loss(variant: str, rank: int, world: int, chunk: int):
         from pcd_ray.model.loss.fused import fused_contrastive
 
         def loss(i, t, d, u, scale):
-            local, _, _ = fused_contrastive([(i, t, scale, None), (d, u, 1.0, None)], rank=rank, world_size=world,
-                                            chunk_size=chunk)
+            local, _, _ = fused_contrastive(
+                [(i, t, scale, None), (d, u, 1.0, None)], rank=rank, world_size=world, chunk_size=chunk
+            )
             return local.sum()
     elif variant == "open_clip":
         from open_clip.loss import ClipLoss
@@ -64,8 +65,10 @@ def _make_loss(variant: str, rank: int, world: int, chunk: int):
         from pcd_ray.model.loss.reference import contrastive_loss
 
         def loss(i, t, d, u, scale):
-            return (contrastive_loss(i, t, scale, rank=rank, world_size=world)
-                    + contrastive_loss(d, u, 1.0, rank=rank, world_size=world))
+            return contrastive_loss(i, t, scale, rank=rank, world_size=world) + contrastive_loss(
+                d, u, 1.0, rank=rank, world_size=world
+            )
+
     return loss
 
 
@@ -74,8 +77,9 @@ def _inputs(batch: int, dim: int, rank: int, device):
     import torch.nn.functional as F
 
     g = torch.Generator(device=device).manual_seed(rank)
-    feats = [F.normalize(torch.randn(batch, dim, generator=g, device=device), dim=-1).requires_grad_()
-             for _ in range(4)]
+    feats = [
+        F.normalize(torch.randn(batch, dim, generator=g, device=device), dim=-1).requires_grad_() for _ in range(4)
+    ]
     return feats, torch.tensor(2.0, device=device, requires_grad=True)  # learned log-scale of the clip group
 
 
@@ -122,8 +126,9 @@ def _worker(rank: int, world: int, port: int, args: dict, out: str) -> None:
     if world > 1:
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
-        res = _measure(args["variant"], rank, world, args["batch"], args["dim"], args["iters"], args["chunk"],
-                       torch.device("cpu"))
+        res = _measure(
+            args["variant"], rank, world, args["batch"], args["dim"], args["iters"], args["chunk"], torch.device("cpu")
+        )
         Path(f"{out}.{rank}").write_text(json.dumps(res))
     finally:
         if world > 1:
@@ -140,17 +145,31 @@ def run_cpu_point(variant: str, world: int, batch: int, dim: int, iters: int, ch
     """One configuration in W fresh processes; returns the slowest rank's time and the largest rank's memory."""
     import torch.multiprocessing as mp
 
-    args = {"variant": variant, "batch": batch, "dim": dim, "iters": iters, "chunk": chunk,
-            "threads": 1}  # one core per rank: no oversubscription on a shared 2-core machine
+    args = {
+        "variant": variant,
+        "batch": batch,
+        "dim": dim,
+        "iters": iters,
+        "chunk": chunk,
+        "threads": 1,
+    }  # one core per rank: no oversubscription on a shared 2-core machine
     out = tmp / f"{variant}-{world}-{batch}-{dim}"
     # Fixed mmap threshold: glibc then returns every freed block over 64 KiB to the OS at once, so the resident
     # set follows live tensors instead of the allocator's cache.
     os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"
     mp.spawn(_worker, args=(world, _free_port(), args, str(out)), nprocs=world, join=True)
     ranks = [json.loads(Path(f"{out}.{r}").read_text()) for r in range(world)]
-    return {"device": "cpu", "variant": variant, "world": world, "batch": batch, "dim": dim, "chunk": chunk,
-            "threads_per_rank": args["threads"], "time_s": max(r["time_s"] for r in ranks),
-            "peak_mib": max(r["peak_bytes"] for r in ranks) / 2**20}
+    return {
+        "device": "cpu",
+        "variant": variant,
+        "world": world,
+        "batch": batch,
+        "dim": dim,
+        "chunk": chunk,
+        "threads_per_rank": args["threads"],
+        "time_s": max(r["time_s"] for r in ranks),
+        "peak_mib": max(r["peak_bytes"] for r in ranks) / 2**20,
+    }
 
 
 def _logit_bytes(world: int, batch: int) -> int:
@@ -181,8 +200,11 @@ def cpu_sweep(args) -> list[dict]:
                         rows.append(row)
                         sink.write(json.dumps(row) + "\n")
                         sink.flush()
-                        print(f"W={world} D={dim} n={batch:5d} {variant:9s} {row['time_s']:8.3f} s "
-                              f"{row['peak_mib']:9.1f} MiB", flush=True)
+                        print(
+                            f"W={world} D={dim} n={batch:5d} {variant:9s} {row['time_s']:8.3f} s "
+                            f"{row['peak_mib']:9.1f} MiB",
+                            flush=True,
+                        )
     return rows
 
 
@@ -195,12 +217,26 @@ def gpu_section(args) -> list[dict]:
     for dim in args.dim:
         for batch in args.batch:
             for variant in args.variants:
-                cmd = [sys.executable, __file__, "--gpu-point", variant, str(batch), str(dim), str(args.iters),
-                       str(args.chunk)]
+                cmd = [
+                    sys.executable,
+                    __file__,
+                    "--gpu-point",
+                    variant,
+                    str(batch),
+                    str(dim),
+                    str(args.iters),
+                    str(args.chunk),
+                ]
                 res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
                 if res.returncode:
-                    row = {"device": "cuda", "variant": variant, "world": 1, "batch": batch, "dim": dim,
-                           "error": res.stderr.strip().splitlines()[-1] if res.stderr.strip() else "failed"}
+                    row = {
+                        "device": "cuda",
+                        "variant": variant,
+                        "world": 1,
+                        "batch": batch,
+                        "dim": dim,
+                        "error": res.stderr.strip().splitlines()[-1] if res.stderr.strip() else "failed",
+                    }
                 else:
                     row = json.loads(res.stdout.strip().splitlines()[-1])
                 rows.append(row)
@@ -219,8 +255,19 @@ def _gpu_point(variant: str, batch: int, dim: int, iters: int, chunk: int) -> No
         row = {"time_s": res["time_s"], "peak_mib": res["peak_bytes"] / 2**20}
     except torch.OutOfMemoryError:
         row = {"error": "out of memory"}
-    print(json.dumps({"device": torch.cuda.get_device_name(), "variant": variant, "world": 1, "batch": batch,
-                      "dim": dim, "chunk": chunk} | row))
+    print(
+        json.dumps(
+            {
+                "device": torch.cuda.get_device_name(),
+                "variant": variant,
+                "world": 1,
+                "batch": batch,
+                "dim": dim,
+                "chunk": chunk,
+            }
+            | row
+        )
+    )
 
 
 def plot(rows: list[dict], path: Path) -> None:
@@ -234,8 +281,11 @@ def plot(rows: list[dict], path: Path) -> None:
     fig, axes = plt.subplots(2, len(keys), figsize=(4 * len(keys), 7), squeeze=False)
     for col, (world, dim) in enumerate(keys):
         for variant, style in zip(VARIANTS, ("o-", "s--", "^:")):
-            pts = sorted((r["batch"], r["time_s"], r["peak_mib"]) for r in rows
-                         if r["world"] == world and r["dim"] == dim and r["variant"] == variant)
+            pts = sorted(
+                (r["batch"], r["time_s"], r["peak_mib"])
+                for r in rows
+                if r["world"] == world and r["dim"] == dim and r["variant"] == variant
+            )
             if not pts:
                 continue
             b, t, m = zip(*pts)
@@ -269,10 +319,18 @@ def main() -> None:
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     p.add_argument("--iters", type=int, default=3, help="timed steps after one warm-up")
     p.add_argument("--chunk", type=int, default=1024, help="fused loss tile edge")
-    p.add_argument("--rounds", type=int, default=1,
-                   help="repeat every point this many times, variants interleaved; keep the fastest round")
-    p.add_argument("--mem-budget-gb", type=float, default=8.0,
-                   help="skip points whose baselines would need more host memory than this (all ranks)")
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="repeat every point this many times, variants interleaved; keep the fastest round",
+    )
+    p.add_argument(
+        "--mem-budget-gb",
+        type=float,
+        default=8.0,
+        help="skip points whose baselines would need more host memory than this (all ranks)",
+    )
     p.add_argument("--out", default=str(DEFAULT_OUT), help="JSON lines, appended")
     p.add_argument("--plot", default=None, help="PNG of the rows in --out (after the run)")
     p.add_argument("--plot-only", action="store_true", help="only redraw --plot from --out")
@@ -283,11 +341,9 @@ def main() -> None:
 
         if not torch.cuda.is_available():
             raise SystemExit("--gpu: no CUDA device here")
-        rows = gpu_section(args)
-    elif args.plot_only:
-        rows = []
-    else:
-        rows = cpu_sweep(args)
+        gpu_section(args)
+    elif not args.plot_only:
+        cpu_sweep(args)
     if args.plot:
         src = Path(args.out) if not args.gpu else Path(args.out).with_name("loss_bench_gpu.jsonl")
         plot([json.loads(line) for line in src.read_text().splitlines() if line.strip()], Path(args.plot))

@@ -41,6 +41,7 @@ async def closed_loop(url: str, clients: int, duration: float, warmup: float, ta
     start, end = t0 + warmup, t0 + warmup + duration
     limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
     async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as client:
+
         async def worker(w: int) -> None:
             nonlocal errors
             n = 0
@@ -59,9 +60,14 @@ async def closed_loop(url: str, clients: int, duration: float, warmup: float, ta
 
         await asyncio.gather(*(worker(w) for w in range(clients)))
     lat = np.asarray(latencies) * 1000
-    return {"clients": clients, "requests": len(lat), "errors": errors, "throughput_rps": len(lat) / duration,
-            "p50_ms": float(np.percentile(lat, 50)) if len(lat) else None,
-            "p99_ms": float(np.percentile(lat, 99)) if len(lat) else None}
+    return {
+        "clients": clients,
+        "requests": len(lat),
+        "errors": errors,
+        "throughput_rps": len(lat) / duration,
+        "p50_ms": float(np.percentile(lat, 50)) if len(lat) else None,
+        "p99_ms": float(np.percentile(lat, 99)) if len(lat) else None,
+    }
 
 
 def model_only(model: str, seconds: float = 3.0) -> dict:
@@ -118,18 +124,29 @@ def main(argv: list[str] | None = None) -> int:
     # address="local": always a fresh instance of our own, never another user's cluster on this machine.
     ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
     port = free_port()
-    results: dict = {"model": args.model, "max_batch_size": args.max_batch_size, "duration_s": args.duration,
-                     "cpus_per_replica": args.cpus_per_replica, "gpus_per_replica": args.gpus_per_replica,
-                     "cpu_count": os.cpu_count(), "model_only": results_model_only, "points": []}
+    results: dict = {
+        "model": args.model,
+        "max_batch_size": args.max_batch_size,
+        "duration_s": args.duration,
+        "cpus_per_replica": args.cpus_per_replica,
+        "gpus_per_replica": args.gpus_per_replica,
+        "cpu_count": os.cpu_count(),
+        "model_only": results_model_only,
+        "points": [],
+    }
     try:
         urls = {}
         for batching in (False, True):
-            cfg = ServeConfig(model=ModelSpec(name=args.model), port=port, batching=batching,
-                              max_batch_size=args.max_batch_size,
-                              cpus_per_replica=args.cpus_per_replica, gpus_per_replica=args.gpus_per_replica)
+            cfg = ServeConfig(
+                model=ModelSpec(name=args.model),
+                port=port,
+                batching=batching,
+                max_batch_size=args.max_batch_size,
+                cpus_per_replica=args.cpus_per_replica,
+                gpus_per_replica=args.gpus_per_replica,
+            )
             name = "batched" if batching else "unbatched"
-            urls[name] = run_serve(JobConfig(serve=cfg), Storage(), blocking=False, name=name,
-                                   route_prefix=f"/{name}")
+            urls[name] = run_serve(JobConfig(serve=cfg), Storage(), blocking=False, name=name, route_prefix=f"/{name}")
         for clients in args.concurrency:
             for name, url in urls.items():
                 point = asyncio.run(closed_loop(url, clients, args.duration, args.warmup, f"{name}{clients}"))
@@ -140,19 +157,25 @@ def main(argv: list[str] | None = None) -> int:
         serve.shutdown()
         ray.shutdown()
 
-    print(f"\nPOST /v1/embed, one unique text per request, model {args.model} (random init), one replica per mode "
-          f"({args.cpus_per_replica:g} CPU), max_batch_size {args.max_batch_size}, {args.duration:g} s per point\n")
+    print(
+        f"\nPOST /v1/embed, one unique text per request, model {args.model} (random init), one replica per mode "
+        f"({args.cpus_per_replica:g} CPU), max_batch_size {args.max_batch_size}, {args.duration:g} s per point\n"
+    )
     print("| clients | unbatched req/s | batched req/s | speed-up | unbatched p50 / p99 ms | batched p50 / p99 ms |")
     print("|---|---|---|---|---|---|")
     by = {(p["mode"], p["clients"]): p for p in results["points"]}
     for c in args.concurrency:
         u, b = by[("unbatched", c)], by[("batched", c)]
         speedup = b["throughput_rps"] / u["throughput_rps"] if u["throughput_rps"] else float("nan")
-        print(f"| {c} | {u['throughput_rps']:.1f} | {b['throughput_rps']:.1f} | {speedup:.2f}x | "
-              f"{_ms(u['p50_ms'])} / {_ms(u['p99_ms'])} | {_ms(b['p50_ms'])} / {_ms(b['p99_ms'])} |")
+        print(
+            f"| {c} | {u['throughput_rps']:.1f} | {b['throughput_rps']:.1f} | {speedup:.2f}x | "
+            f"{_ms(u['p50_ms'])} / {_ms(u['p99_ms'])} | {_ms(b['p50_ms'])} / {_ms(b['p99_ms'])} |"
+        )
     mo = results_model_only
-    print(f"\nModel only (in-process, 1 thread): {mo['ms_per_text_batch_1']:.2f} ms per text alone, "
-          f"{mo['ms_per_text_batch_32']:.2f} ms per text in a batch of 32")
+    print(
+        f"\nModel only (in-process, 1 thread): {mo['ms_per_text_batch_1']:.2f} ms per text alone, "
+        f"{mo['ms_per_text_batch_32']:.2f} ms per text in a batch of 32"
+    )
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)

@@ -65,10 +65,26 @@ REPO = Path(__file__).resolve().parents[1]
 CONFIGS = {
     # micro 32 per worker: half the paper's 64 per worker (batch 512 over 8 GPUs); a step is about 6 s on one core,
     # so 8 steps (2 of warm-up) per run keep the default invocation near 5 minutes.
-    "paper": {"model": "ViT-B-32", "trainable": "text_transformer", "precomputed": True,
-              "loss": {"diff_weight": 1.0, "clip_weight": 0.0}, "micro": 32, "steps": 8, "warmup": 2, "log_every": 2},
-    "tiny": {"model": "pcd-tiny", "trainable": "full", "precomputed": False,
-             "loss": {"diff_weight": 1.0, "clip_weight": 0.5}, "micro": 64, "steps": 16, "warmup": 4, "log_every": 4},
+    "paper": {
+        "model": "ViT-B-32",
+        "trainable": "text_transformer",
+        "precomputed": True,
+        "loss": {"diff_weight": 1.0, "clip_weight": 0.0},
+        "micro": 32,
+        "steps": 8,
+        "warmup": 2,
+        "log_every": 2,
+    },
+    "tiny": {
+        "model": "pcd-tiny",
+        "trainable": "full",
+        "precomputed": False,
+        "loss": {"diff_weight": 1.0, "clip_weight": 0.5},
+        "micro": 64,
+        "steps": 16,
+        "warmup": 4,
+        "log_every": 4,
+    },
 }
 RUN_KEYS = ("micro", "steps", "warmup", "log_every")  # per-config defaults that the command line may override
 WORLD = 2
@@ -117,16 +133,27 @@ def make_columns(setting: dict, rows: int, seed: int = 0) -> dict:
 def train_config(setting: dict, args, output: str, zero_stage: int = 1, overrides: dict | None = None) -> dict:
     from pcd_ray.config import TrainConfig
 
-    cfg = TrainConfig.model_validate({
-        "model": {"name": setting["model"]}, "trainable": setting["trainable"],
-        "image_features": "precomputed" if setting["precomputed"] else "online",
-        "output": output, "epochs": 1, "max_steps": args.steps, "batch_size": setting["micro"] * WORLD,
-        "loss": setting["loss"], "optimizer": {"name": "adam", "lr": LR},
-        "deepspeed": {"zero_stage": zero_stage, "precision": "fp32", "gradient_clipping": CLIP_NORM,
-                      **({"overrides": overrides} if overrides else {})},
-        "scaling": {"num_workers": WORLD, "cpus_per_worker": 1, "torch_threads": 1},
-        "log_every": args.log_every,
-    })
+    cfg = TrainConfig.model_validate(
+        {
+            "model": {"name": setting["model"]},
+            "trainable": setting["trainable"],
+            "image_features": "precomputed" if setting["precomputed"] else "online",
+            "output": output,
+            "epochs": 1,
+            "max_steps": args.steps,
+            "batch_size": setting["micro"] * WORLD,
+            "loss": setting["loss"],
+            "optimizer": {"name": "adam", "lr": LR},
+            "deepspeed": {
+                "zero_stage": zero_stage,
+                "precision": "fp32",
+                "gradient_clipping": CLIP_NORM,
+                **({"overrides": overrides} if overrides else {}),
+            },
+            "scaling": {"num_workers": WORLD, "cpus_per_worker": 1, "torch_threads": 1},
+            "log_every": args.log_every,
+        }
+    )
     return cfg.model_dump(mode="json")
 
 
@@ -139,8 +166,14 @@ def _ddp_step(ddp, params, opt, batch: dict, cfg, rank: int, world: int) -> None
     from pcd_ray.model.loss import compute_loss
 
     feats = ddp(batch)
-    out = compute_loss(feats, cfg.loss, logit_scale=feats["logit_scale"], rank=rank, world_size=world,
-                       diff_logit_scale=feats.get("diff_logit_scale"))
+    out = compute_loss(
+        feats,
+        cfg.loss,
+        logit_scale=feats["logit_scale"],
+        rank=rank,
+        world_size=world,
+        diff_logit_scale=feats.get("diff_logit_scale"),
+    )
     if out["skip_step"].item():  # the same check the real loop makes (identical on every rank)
         opt.zero_grad(set_to_none=True)
         return
@@ -193,13 +226,22 @@ def _ddp_worker(rank: int, world: int, port: int, cfg_dict: dict, setting: dict,
             dist.barrier()
             t_start, c_start, s_start, f_start = time.perf_counter(), time.process_time(), os.times().system, _faults()
         lo = (step * world + rank) * micro
-        _ddp_step(ddp, params, opt, {k: v[lo:lo + micro] for k, v in cols.items()}, cfg, rank, world)
+        _ddp_step(ddp, params, opt, {k: v[lo : lo + micro] for k, v in cols.items()}, cfg, rank, world)
     dist.barrier()
     elapsed, cpu, sys_s = time.perf_counter() - t_start, time.process_time() - c_start, os.times().system - s_start
     faults = _faults() - f_start
-    Path(f"{result_path}.{rank}").write_text(json.dumps({"samples_per_s": (steps - warmup) * micro * world / elapsed,
-                                                        "timed_s": elapsed, "cpu_s": cpu, "sys_s": sys_s,
-                                                        "faults": faults, "timed_steps": steps - warmup}))
+    Path(f"{result_path}.{rank}").write_text(
+        json.dumps(
+            {
+                "samples_per_s": (steps - warmup) * micro * world / elapsed,
+                "timed_s": elapsed,
+                "cpu_s": cpu,
+                "sys_s": sys_s,
+                "faults": faults,
+                "timed_steps": steps - warmup,
+            }
+        )
+    )
     dist.destroy_process_group()
 
 
@@ -219,13 +261,15 @@ def run_ddp(setting: dict, args, tmp: str) -> dict:
     result = Path(tmp) / f"ddp-{time.time_ns()}.json"
     # What Ray sets for a 1-CPU worker, and (unless --ddp-env plain) the train workers' own environment: the same
     # process set-up on both sides, as with niceness.
-    env = {"OMP_NUM_THREADS": "1"} | (worker_env_vars(TrainConfig.model_validate(cfg))
-                                      if args.ddp_env == "worker" else {})
+    env = {"OMP_NUM_THREADS": "1"} | (
+        worker_env_vars(TrainConfig.model_validate(cfg)) if args.ddp_env == "worker" else {}
+    )
     old = {k: os.environ.get(k) for k in env}
     os.environ.update(env)  # spawned processes start from it, and their allocator reads it at start
     try:
-        mp.spawn(_ddp_worker, args=(WORLD, _free_port(), cfg, setting, vars(args), str(result)), nprocs=WORLD,
-                 join=True)
+        mp.spawn(
+            _ddp_worker, args=(WORLD, _free_port(), cfg, setting, vars(args), str(result)), nprocs=WORLD, join=True
+        )
     finally:
         for k, v in old.items():
             if v is None:
@@ -233,8 +277,12 @@ def run_ddp(setting: dict, args, tmp: str) -> dict:
             else:
                 os.environ[k] = v
     ranks = [json.loads(Path(f"{result}.{r}").read_text()) for r in range(WORLD)]
-    return {"samples_per_s": ranks[0]["samples_per_s"], "data_wait_frac": 0.0, "timed_s": ranks[0]["timed_s"],
-            **cpu_ms_per_sample(ranks, setting["micro"] * WORLD)}
+    return {
+        "samples_per_s": ranks[0]["samples_per_s"],
+        "data_wait_frac": 0.0,
+        "timed_s": ranks[0]["timed_s"],
+        **cpu_ms_per_sample(ranks, setting["micro"] * WORLD),
+    }
 
 
 def _faults() -> int:
@@ -250,9 +298,11 @@ def cpu_ms_per_sample(ranks: list[dict], batch: int) -> dict:
     the timed steps: unlike samples/s, little moved by other jobs on a shared machine (it does not count waiting);
     and the kernel's part of it (page faults of fresh allocations, socket I/O of gloo)."""
     per = ranks[0]["timed_steps"] * batch
-    return {"cpu_ms_per_sample": round(1000 * sum(r["cpu_s"] for r in ranks) / per, 3),
-            "sys_ms_per_sample": round(1000 * sum(r["sys_s"] for r in ranks) / per, 3),
-            "page_faults_per_step": round(sum(r["faults"] for r in ranks) / ranks[0]["timed_steps"])}
+    return {
+        "cpu_ms_per_sample": round(1000 * sum(r["cpu_s"] for r in ranks) / per, 3),
+        "sys_ms_per_sample": round(1000 * sum(r["sys_s"] for r in ranks) / per, 3),
+        "page_faults_per_step": round(sum(r["faults"] for r in ranks) / ranks[0]["timed_steps"]),
+    }
 
 
 # ----------------------------------------------------------------------------------------------- (a) Ray Train sides
@@ -277,8 +327,11 @@ def _ray_ddp_loop(config: dict) -> None:
     micro = cfg.batch_size // world
     keys = config["keys"]
     shard = ray.train.get_dataset_shard("train")
-    it = iter(shard.iter_torch_batches(batch_size=micro, drop_last=True, local_shuffle_buffer_size=4 * micro,
-                                       local_shuffle_seed=cfg.seed * 1000))
+    it = iter(
+        shard.iter_torch_batches(
+            batch_size=micro, drop_last=True, local_shuffle_buffer_size=4 * micro, local_shuffle_seed=cfg.seed * 1000
+        )
+    )
     rows, t0 = [], time.perf_counter()
     window = {"t": time.perf_counter(), "wait": 0.0, "samples": 0}
     for step in range(1, cfg.max_steps + 1):
@@ -289,8 +342,11 @@ def _ray_ddp_loop(config: dict) -> None:
         window["samples"] += micro * world
         if step % cfg.log_every == 0 or step == cfg.max_steps:
             elapsed = time.perf_counter() - window["t"]
-            row = {"step": step, "samples_per_s": window["samples"] / elapsed,
-                   "data_wait_frac": window["wait"] / elapsed}
+            row = {
+                "step": step,
+                "samples_per_s": window["samples"] / elapsed,
+                "data_wait_frac": window["wait"] / elapsed,
+            }
             window = {"t": time.perf_counter(), "wait": 0.0, "samples": 0}
             rows.append(dict(row, wall_s=round(time.perf_counter() - t0, 2)))
             ray.train.report(row)
@@ -316,8 +372,15 @@ def _instrumented_loop(config: dict) -> None:
     marks, report = [], ray.train.report
 
     def timed_report(metrics, *a, **k):
-        marks.append({"step": metrics.get("step"), "t": time.perf_counter(), "cpu": time.process_time(),
-                      "sys": os.times().system, "faults": _faults()})
+        marks.append(
+            {
+                "step": metrics.get("step"),
+                "t": time.perf_counter(),
+                "cpu": time.process_time(),
+                "sys": os.times().system,
+                "faults": _faults(),
+            }
+        )
         return report(metrics, *a, **k)
 
     ray.train.report = timed_report
@@ -338,8 +401,14 @@ def steady_from_metrics(csv_path: Path, batch: int, warmup: int) -> dict:
     each window is its data_wait_frac times its duration (samples / samples_per_s)."""
     import csv
 
-    rows = [{k: float(v) for k, v in r.items() if v not in ("", None) and k in
-             ("step", "wall_s", "samples_per_s", "data_wait_frac")} for r in csv.DictReader(csv_path.open())]
+    rows = [
+        {
+            k: float(v)
+            for k, v in r.items()
+            if v not in ("", None) and k in ("step", "wall_s", "samples_per_s", "data_wait_frac")
+        }
+        for r in csv.DictReader(csv_path.open())
+    ]
     start = next(r for r in rows if r["step"] == warmup)
     after = [r for r in rows if r["step"] > warmup]
     prev, wait, window_s = warmup, 0.0, 0.0
@@ -350,8 +419,12 @@ def steady_from_metrics(csv_path: Path, batch: int, warmup: int) -> dict:
         prev = r["step"]
     last = after[-1]
     span = last["wall_s"] - start["wall_s"]
-    return {"samples_per_s": batch * (last["step"] - warmup) / span, "data_wait_frac": wait / window_s,
-            "timed_s": span, "window_samples_per_s": [round(r["samples_per_s"], 3) for r in after]}
+    return {
+        "samples_per_s": batch * (last["step"] - warmup) / span,
+        "data_wait_frac": wait / window_s,
+        "timed_s": span,
+        "window_samples_per_s": [round(r["samples_per_s"], 3) for r in after],
+    }
 
 
 def run_ray(setting: dict, args, tmp: str, dataset, variant: str) -> dict:
@@ -367,20 +440,31 @@ def run_ray(setting: dict, args, tmp: str, dataset, variant: str) -> dict:
     overrides = {"ray-ds-tuned": json.loads(args.tuned), "ray-ds-foreach": foreach}.get(variant)
     cfg = train_config(setting, args, output="train", zero_stage=zero, overrides=overrides)
     tcfg = TrainConfig.model_validate(cfg)
-    config = {"train": cfg, "storage": StorageConfig(root=str(root)).model_dump(mode="json"),
-              "rows": args.steps * setting["micro"] * WORLD, "precomputed": setting["precomputed"]}
+    config = {
+        "train": cfg,
+        "storage": StorageConfig(root=str(root)).model_dump(mode="json"),
+        "rows": args.steps * setting["micro"] * WORLD,
+        "precomputed": setting["precomputed"],
+    }
     config |= {"variant": variant, "marks_dir": str(root / "marks")}
     if variant == "ray-ddp":
         from pcd_ray.train.loop import batch_keys
 
-        config |= {"keys": batch_keys(tcfg, setting["precomputed"]), "metrics_dir": str(root / "train"),
-                   "ddp_adam": args.ddp_adam}
+        config |= {
+            "keys": batch_keys(tcfg, setting["precomputed"]),
+            "metrics_dir": str(root / "train"),
+            "ddp_adam": args.ddp_adam,
+        }
     trainer = TorchTrainer(
-        _instrumented_loop, train_loop_config=config,
+        _instrumented_loop,
+        train_loop_config=config,
         scaling_config=ray.train.ScalingConfig(num_workers=WORLD, use_gpu=False, resources_per_worker={"CPU": 1}),
         torch_config=TorchConfig(backend="gloo"),
-        run_config=ray.train.RunConfig(name="bench", storage_path=str(root / "ray"), worker_runtime_env={
-            "env_vars": {} if variant == "ray-ds-stock" else worker_env_vars(tcfg)}),
+        run_config=ray.train.RunConfig(
+            name="bench",
+            storage_path=str(root / "ray"),
+            worker_runtime_env={"env_vars": {} if variant == "ray-ds-stock" else worker_env_vars(tcfg)},
+        ),
         datasets={"train": dataset},
     )
     trainer.fit()
@@ -391,9 +475,14 @@ def run_ray(setting: dict, args, tmp: str, dataset, variant: str) -> dict:
         for m in json.loads((root / "marks" / str(r)).read_text()):
             marks.setdefault(m["step"], m)  # the row's report, not the final checkpoint's (same step, later)
         first, last = marks[args.warmup], marks[args.steps]
-        ranks.append({"cpu_s": last["cpu"] - first["cpu"], "sys_s": last["sys"] - first["sys"],
-                      "faults": last["faults"] - first["faults"],
-                      "timed_steps": args.steps - args.warmup})
+        ranks.append(
+            {
+                "cpu_s": last["cpu"] - first["cpu"],
+                "sys_s": last["sys"] - first["sys"],
+                "faults": last["faults"] - first["faults"],
+                "timed_steps": args.steps - args.warmup,
+            }
+        )
     return out | cpu_ms_per_sample(ranks, setting["micro"] * WORLD)
 
 
@@ -414,30 +503,53 @@ def _load() -> list[float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--configs", default="paper", help=f"comma-separated, of {sorted(CONFIGS)}")
-    parser.add_argument("--variants", default="ddp,ray-ds",
-                        help="comma-separated: ddp, ray-ds (the headline pair), ray-ds0, ray-ddp, ray-ds-tuned, "
-                             "ray-ds-stock, ray-ds-foreach")
+    parser.add_argument(
+        "--variants",
+        default="ddp,ray-ds",
+        help="comma-separated: ddp, ray-ds (the headline pair), ray-ds0, ray-ddp, ray-ds-tuned, "
+        "ray-ds-stock, ray-ds-foreach",
+    )
     parser.add_argument("--micro", type=int, default=None, help="micro batch per worker (default: per config)")
-    parser.add_argument("--steps", type=int, default=None,
-                        help="optimizer steps per run, warm-up included (default: per config)")
-    parser.add_argument("--warmup", type=int, default=None,
-                        help="first steps not timed, a multiple of --log-every (default: per config)")
-    parser.add_argument("--log-every", type=int, default=None,
-                        help="the Ray loop's metrics/report interval (default: per config)")
+    parser.add_argument(
+        "--steps", type=int, default=None, help="optimizer steps per run, warm-up included (default: per config)"
+    )
+    parser.add_argument(
+        "--warmup",
+        type=int,
+        default=None,
+        help="first steps not timed, a multiple of --log-every (default: per config)",
+    )
+    parser.add_argument(
+        "--log-every", type=int, default=None, help="the Ray loop's metrics/report interval (default: per config)"
+    )
     parser.add_argument("--rounds", type=int, default=2, help="alternating runs per variant; best and median kept")
-    parser.add_argument("--tuned", default='{"zero_optimization": {"overlap_comm": true}}',
-                        help="DeepSpeed overrides (JSON) of the ray-ds-tuned variant")
-    parser.add_argument("--ddp-nice", default="ray",
-                        help="niceness of the DDP processes: 'ray' (default) = that of Ray's worker processes "
-                             "(raylet's worker_niceness, 15 unless RAY_worker_niceness says otherwise), so that on a "
-                             "shared machine both sides compete for the cores alike; or a number")
-    parser.add_argument("--ddp-env", choices=("worker", "plain"), default="worker",
-                        help="environment of the DDP processes: 'worker' (default) = the variables engine.py gives "
-                             "Ray's CPU train workers (glibc malloc settings), so both sides allocate alike; "
-                             "'plain' = this shell's")
-    parser.add_argument("--ddp-adam", choices=("fused", "foreach"), default="fused",
-                        help="Adam of the ddp and ray-ddp variants: 'fused' (default) = the kernel the Ray loop's CPU "
-                             "workers run (engine.client_optimizer); 'foreach' = torch's default")
+    parser.add_argument(
+        "--tuned",
+        default='{"zero_optimization": {"overlap_comm": true}}',
+        help="DeepSpeed overrides (JSON) of the ray-ds-tuned variant",
+    )
+    parser.add_argument(
+        "--ddp-nice",
+        default="ray",
+        help="niceness of the DDP processes: 'ray' (default) = that of Ray's worker processes "
+        "(raylet's worker_niceness, 15 unless RAY_worker_niceness says otherwise), so that on a "
+        "shared machine both sides compete for the cores alike; or a number",
+    )
+    parser.add_argument(
+        "--ddp-env",
+        choices=("worker", "plain"),
+        default="worker",
+        help="environment of the DDP processes: 'worker' (default) = the variables engine.py gives "
+        "Ray's CPU train workers (glibc malloc settings), so both sides allocate alike; "
+        "'plain' = this shell's",
+    )
+    parser.add_argument(
+        "--ddp-adam",
+        choices=("fused", "foreach"),
+        default="fused",
+        help="Adam of the ddp and ray-ddp variants: 'fused' (default) = the kernel the Ray loop's CPU "
+        "workers run (engine.client_optimizer); 'foreach' = torch's default",
+    )
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "train_throughput.json"))
     args = parser.parse_args()
     runs_args = {}
@@ -473,8 +585,11 @@ def main() -> None:
         with tempfile.TemporaryDirectory(prefix="pcd-train-bench-") as tmp:
             for name, cargs in runs_args.items():
                 setting = dict(CONFIGS[name], **{k: getattr(cargs, k) for k in RUN_KEYS})
-                ds = ray_dataset(setting, cargs.steps * setting["micro"] * WORLD) if any(
-                    v.startswith("ray") for v in variants) else None
+                ds = (
+                    ray_dataset(setting, cargs.steps * setting["micro"] * WORLD)
+                    if any(v.startswith("ray") for v in variants)
+                    else None
+                )
                 runs: dict[str, list[dict]] = {v: [] for v in variants}
                 for rnd in range(args.rounds):
                     # Alternate (and reverse the order every round) so drift on a shared machine hits all alike.
@@ -485,20 +600,26 @@ def main() -> None:
                         r |= {"round": rnd, "load_before": before, "load_after": _load()}
                         loads += [before[0], r["load_after"][0]]
                         runs[v].append(r)
-                        print(f"[{name}] round {rnd} {v}: {r['samples_per_s']:.2f} samples/s, data wait "
-                              f"{100 * r['data_wait_frac']:.1f}%, {r['timed_s']:.1f} s timed, "
-                              f"{r['cpu_ms_per_sample']:.1f} CPU ms/sample ({r['sys_ms_per_sample']:.1f} system), "
-                              f"{r['page_faults_per_step']} page faults/step, "
-                              f"load {before[0]}", flush=True)
+                        print(
+                            f"[{name}] round {rnd} {v}: {r['samples_per_s']:.2f} samples/s, data wait "
+                            f"{100 * r['data_wait_frac']:.1f}%, {r['timed_s']:.1f} s timed, "
+                            f"{r['cpu_ms_per_sample']:.1f} CPU ms/sample ({r['sys_ms_per_sample']:.1f} system), "
+                            f"{r['page_faults_per_step']} page faults/step, "
+                            f"load {before[0]}",
+                            flush=True,
+                        )
                 row = {"config": name, **setting, "global_batch": setting["micro"] * WORLD}
                 for v, rs in runs.items():
                     sps = [r["samples_per_s"] for r in rs]
                     cpu = [r["cpu_ms_per_sample"] for r in rs]
-                    row[v] = {"best_samples_per_s": round(max(sps), 3),
-                              "median_samples_per_s": round(statistics.median(sps), 3),
-                              "data_wait_frac": round(max(rs, key=lambda r: r["samples_per_s"])["data_wait_frac"], 4),
-                              "best_cpu_ms_per_sample": min(cpu),
-                              "best_sys_ms_per_sample": min(r["sys_ms_per_sample"] for r in rs), "runs": rs}
+                    row[v] = {
+                        "best_samples_per_s": round(max(sps), 3),
+                        "median_samples_per_s": round(statistics.median(sps), 3),
+                        "data_wait_frac": round(max(rs, key=lambda r: r["samples_per_s"])["data_wait_frac"], 4),
+                        "best_cpu_ms_per_sample": min(cpu),
+                        "best_sys_ms_per_sample": min(r["sys_ms_per_sample"] for r in rs),
+                        "runs": rs,
+                    }
                 if "ddp" in runs:
                     base = row["ddp"]
                     for v in runs:
@@ -511,22 +632,31 @@ def main() -> None:
                 results.append(row)
     finally:
         ray.shutdown()
-    out = {"created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "cpu_count": os.cpu_count(),
-           "args": vars(args), "ray_worker_niceness": ray_nice,
-           "load_1min_during": [min(loads), max(loads)] if loads else None, "results": results}
+    out = {
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "cpu_count": os.cpu_count(),
+        "args": vars(args),
+        "ray_worker_niceness": ray_nice,
+        "load_1min_during": [min(loads), max(loads)] if loads else None,
+        "results": results,
+    }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
     print(f"\nload average (1 min) during the runs: {out['load_1min_during']}")
-    print("\n| config | variant | samples/s best (median) | ratio vs ddp best (median) | data wait | "
-          "CPU ms/sample (ratio ddp/this) | of which system |\n|---|---|---|---|---|---|---|")
+    print(
+        "\n| config | variant | samples/s best (median) | ratio vs ddp best (median) | data wait | "
+        "CPU ms/sample (ratio ddp/this) | of which system |\n|---|---|---|---|---|---|---|"
+    )
     for row in results:
         for v in variants:
             r = row[v]
             ratio = f"{r['ratio_best']:.3f} ({r['ratio_median']:.3f})" if "ratio_best" in r else "1"
             cpu_ratio = f" ({r['cpu_ratio']:.3f})" if "cpu_ratio" in r else ""
-            print(f"| {row['config']} | {v} | {r['best_samples_per_s']:.2f} ({r['median_samples_per_s']:.2f}) | "
-                  f"{ratio} | {100 * r['data_wait_frac']:.1f}% | {r['best_cpu_ms_per_sample']:.1f}{cpu_ratio} | "
-                  f"{r['best_sys_ms_per_sample']:.1f} |")
+            print(
+                f"| {row['config']} | {v} | {r['best_samples_per_s']:.2f} ({r['median_samples_per_s']:.2f}) | "
+                f"{ratio} | {100 * r['data_wait_frac']:.1f}% | {r['best_cpu_ms_per_sample']:.1f}{cpu_ratio} | "
+                f"{r['best_sys_ms_per_sample']:.1f} |"
+            )
 
 
 if __name__ == "__main__":

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from pcd_ray.storage import Storage, join
 
@@ -41,8 +42,10 @@ def manifest_uri(storage: Storage, uri: str) -> str:
 def read_manifest(storage: Storage, uri: str, kind: str | None = None) -> dict[str, Any]:
     path = manifest_uri(storage, uri)
     if not storage.exists(path):
-        raise ArtifactError(f"{storage.resolve(uri)}: no committed artifact here (missing {MANIFEST}); "
-                            f"run the stage that writes it first")
+        raise ArtifactError(
+            f"{storage.resolve(uri)}: no committed artifact here (missing {MANIFEST}); "
+            f"run the stage that writes it first"
+        )
     manifest = storage.read_json(path)
     if kind is not None and manifest.get("kind") != kind:
         raise ArtifactError(f"{storage.resolve(uri)}: expected a {kind!r} artifact, found {manifest.get('kind')!r}")
@@ -63,8 +66,9 @@ def _new_attempt() -> str:
     return time.strftime("%Y%m%d-%H%M%S") + "-" + uuid.uuid4().hex[:8]
 
 
-def _commit(storage: Storage, uri: str, kind: str, attempt: str, files: list[str], config: Any,
-            summary: dict | None) -> dict[str, Any]:
+def _commit(
+    storage: Storage, uri: str, kind: str, attempt: str, files: list[str], config: Any, summary: dict | None
+) -> dict[str, Any]:
     import pyarrow.parquet as pq
 
     base = storage.resolve(uri)
@@ -75,7 +79,7 @@ def _commit(storage: Storage, uri: str, kind: str, attempt: str, files: list[str
             meta = pq.ParquetFile(fh).metadata
             if columns is None:
                 columns = meta.schema.to_arrow_schema().names
-        entries.append({"path": f[len(base.rstrip("/")) + 1:], "rows": meta.num_rows})
+        entries.append({"path": f[len(base.rstrip("/")) + 1 :], "rows": meta.num_rows})
     columns = columns or []
     if files:
         _check_columns(kind, columns, base)
@@ -97,8 +101,16 @@ def _commit(storage: Storage, uri: str, kind: str, attempt: str, files: list[str
     return manifest
 
 
-def write_dataset(ds, storage: Storage, uri: str, kind: str, *, config: Any = None,
-                  summary: dict | None = None, rows_per_file: int | None = None) -> dict[str, Any]:
+def write_dataset(
+    ds,
+    storage: Storage,
+    uri: str,
+    kind: str,
+    *,
+    config: Any = None,
+    summary: dict | None = None,
+    rows_per_file: int | None = None,
+) -> dict[str, Any]:
     """Write a Ray Dataset as a committed artifact (replacing any previous one); returns the manifest."""
     attempt = _new_attempt()
     staging = join(storage.resolve(uri), "data", attempt)
@@ -109,8 +121,9 @@ def write_dataset(ds, storage: Storage, uri: str, kind: str, *, config: Any = No
     return _commit(storage, uri, kind, attempt, files, config, summary)
 
 
-def write_table(table, storage: Storage, uri: str, kind: str, *, config: Any = None,
-                summary: dict | None = None) -> dict[str, Any]:
+def write_table(
+    table, storage: Storage, uri: str, kind: str, *, config: Any = None, summary: dict | None = None
+) -> dict[str, Any]:
     """Write a pyarrow Table (driver-side, small artifacts) as a committed artifact."""
     import io
 
@@ -160,8 +173,17 @@ class Appender:
     matches, else it starts over with an empty manifest. ``complete`` marks the artifact finished.
     """
 
-    def __init__(self, storage: Storage, uri: str, kind: str, *, columns: list[str], config: Any,
-                 identity: Any, resume: bool = True):
+    def __init__(
+        self,
+        storage: Storage,
+        uri: str,
+        kind: str,
+        *,
+        columns: list[str],
+        config: Any,
+        identity: Any,
+        resume: bool = True,
+    ):
         self.storage, self.kind, self.columns, self.config = storage, kind, columns, config
         self.base = storage.resolve(uri)
         self.attempt = _new_attempt()
@@ -172,8 +194,16 @@ class Appender:
         else:
             # Start over: an empty, incomplete manifest first, so a reader (or a later resume) never mixes the old
             # artifact with this run's shards.
-            self.manifest = {"kind": kind, "identity": identity, "num_rows": 0, "columns": columns, "files": [],
-                             "config": config, "summary": {}, "complete": False}
+            self.manifest = {
+                "kind": kind,
+                "identity": identity,
+                "num_rows": 0,
+                "columns": columns,
+                "files": [],
+                "config": config,
+                "summary": {},
+                "complete": False,
+            }
             self._write(complete=False)
         self._drop_unlisted()
 
@@ -199,7 +229,7 @@ class Appender:
         """Queue a finished shard (written under ``staging``) for the next commit."""
         if not uri.startswith(self.base.rstrip("/") + "/"):
             raise ValueError(f"{uri} is not inside the artifact {self.base}")
-        self.pending.append({"path": uri[len(self.base.rstrip("/")) + 1:], "rows": int(rows)})
+        self.pending.append({"path": uri[len(self.base.rstrip("/")) + 1 :], "rows": int(rows)})
 
     def commit(self, summary: dict | None = None, *, complete: bool = False) -> dict[str, Any]:
         self.manifest["files"] = self.manifest["files"] + self.pending
@@ -234,7 +264,7 @@ class Appender:
             dropped += len(mask) - kept.num_rows
             if kept.num_rows:
                 uri = put_shard(self.storage, kept, self.staging)
-                files.append({"path": uri[len(self.base.rstrip("/")) + 1:], "rows": kept.num_rows})
+                files.append({"path": uri[len(self.base.rstrip("/")) + 1 :], "rows": kept.num_rows})
         if dropped:
             self.manifest["files"] = files
             self.manifest["num_rows"] = sum(e["rows"] for e in files)
@@ -242,8 +272,12 @@ class Appender:
         return dropped
 
     def _write(self, *, complete: bool) -> None:
-        self.manifest.update(attempt=self.attempt, complete=complete, columns=self.columns,
-                             created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+        self.manifest.update(
+            attempt=self.attempt,
+            complete=complete,
+            columns=self.columns,
+            created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        )
         self.storage.write_json(join(self.base, MANIFEST), self.manifest)
 
     def _drop_unlisted(self) -> None:

@@ -22,27 +22,28 @@ STAGES = {
     "pairs": "sample ordered image pairs",
     "generate": "write difference texts for the pairs (diffs + rejects)",
     "comparatives": "write how class i differs from class j for the evaluation datasets' class pairs (comparative "
-                    "prompting and geometry read them)",
+    "prompting and geometry read them)",
     "embed": "embed the images once with the frozen image tower (the embeddings artifact train.embeddings reads)",
     "train": "finetune with Ray Train + DeepSpeed (--section base_train for the base pretraining)",
     "eval": "difference accuracy, zero-shot, comparative prompting, geometry, retrieval; base vs finetuned "
-            "(JSON, Markdown, PNG); --compare puts several runs side by side",
+    "(JSON, Markdown, PNG); --compare puts several runs side by side",
     "serve": "host an export on Ray Serve (HTTP on 127.0.0.1 by default)",
     "pipeline": "every stage of the job in dependency order (up-to-date stages are skipped; --dry-run: the plan)",
     "status": "the job's stage graph: each output's state (up to date, stale and why, missing, incomplete), when "
-              "it was made, its rows; reads only manifests",
+    "it was made, its rows; reads only manifests",
     "demo": "the whole method on the embedded default, then the base-vs-finetuned table",
     "config": "`config show`: print the resolved job config",
     "fetch": "`fetch DATASET --to URI`: download a dataset of the paper (COCO, CIFAR-100, Flowers102, EuroSAT, "
-             "SUN397, AwA2, CUB) with resume and checksums, extracted to the layout its reader expects",
+    "SUN397, AwA2, CUB) with resume and checksums, extracted to the layout its reader expects",
     "doctor": "check the environment against what the job needs (packages, GPU stack, DeepSpeed ops, cluster "
-              "resources, storage); exits 1 on a failed check",
+    "resources, storage); exits 1 on a failed check",
 }
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="pcd-ray", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="pcd-ray", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = parser.add_subparsers(dest="stage", required=True, metavar="STAGE")
     for name, help_text in STAGES.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
@@ -53,17 +54,29 @@ def build_parser() -> argparse.ArgumentParser:
 
             add_arguments(p)
             continue
-        p.add_argument("-v", "--verbose", action="store_true",
-                       help="show Ray's, DeepSpeed's and other libraries' output here instead of in the run's log file")
-        p.add_argument("--config", "-c", default=DEFAULT_JOB,
-                       help=f"job file, or the name of a shipped job in jobs/ (default: {DEFAULT_JOB})")
+        p.add_argument(
+            "-v",
+            "--verbose",
+            action="store_true",
+            help="show Ray's, DeepSpeed's and other libraries' output here instead of in the run's log file",
+        )
+        p.add_argument(
+            "--config",
+            "-c",
+            default=DEFAULT_JOB,
+            help=f"job file, or the name of a shipped job in jobs/ (default: {DEFAULT_JOB})",
+        )
         p.add_argument("overrides", nargs="*", metavar="key.path=value", help="config overrides")
         if name == "train":
             p.add_argument("--section", default="train", choices=["train", "base_train"])
         if name in ("pipeline", "demo"):
             p.add_argument("--force", action="store_true", help="re-run stages that are up to date")
-            p.add_argument("--only", type=lambda v: v.split(","), metavar="STAGE[,STAGE]",
-                           help="run only these stages (comma-separated)")
+            p.add_argument(
+                "--only",
+                type=lambda v: v.split(","),
+                metavar="STAGE[,STAGE]",
+                help="run only these stages (comma-separated)",
+            )
         if name == "pipeline":
             p.add_argument("--dry-run", action="store_true", help="print the plan (pcd-ray status) and run nothing")
         if name == "serve":
@@ -71,9 +84,13 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "doctor":
             p.add_argument("--json", metavar="PATH", help="also write the rows as JSON to PATH")
         if name == "eval":
-            p.add_argument("--compare", nargs="+", metavar="RUN",
-                           help="write the reports of these runs (eval output dirs or run roots) side by side to "
-                                "eval.output instead of evaluating")
+            p.add_argument(
+                "--compare",
+                nargs="+",
+                metavar="RUN",
+                help="write the reports of these runs (eval output dirs or run roots) side by side to "
+                "eval.output instead of evaluating",
+            )
     return parser
 
 

@@ -48,7 +48,8 @@ class StorageConfig(_Strict):
 
 class RayConfig(_Strict):
     address: str | None = None
-    """Cluster to join ("auto", "ray://host:10001"); null joins RAY_ADDRESS if set (ray job submit) or starts a local Ray."""
+    """Cluster to join ("auto", "ray://host:10001"); null joins RAY_ADDRESS if set (ray job submit) or starts a local
+    Ray."""
     num_cpus: int | None = None
     """Logical CPUs of a local Ray (only when starting one). More than the cores lets data and train overlap."""
 
@@ -362,7 +363,7 @@ class LossConfig(_Strict):
     """Skip (and count) a step whose global loss is NaN/Inf, as the paper does; false = stop with an error."""
 
     @model_validator(mode="after")
-    def _some_loss(self) -> "LossConfig":
+    def _some_loss(self) -> LossConfig:
         if self.diff_weight == 0 and self.clip_weight == 0:
             raise ValueError("diff_weight and clip_weight are both 0: nothing to train")
         return self
@@ -407,7 +408,7 @@ class DeepSpeedConfig(_Strict):
     {zero_optimization: {reduce_bucket_size: 5.0e+8}}; see deepspeed.ai/docs/config-json."""
 
     @model_validator(mode="after")
-    def _offload_needs_zero(self) -> "DeepSpeedConfig":
+    def _offload_needs_zero(self) -> DeepSpeedConfig:
         if self.offload_optimizer and self.zero_stage == 0:
             raise ValueError("offload_optimizer needs zero_stage 1, 2 or 3")
         if self.offload_params and self.zero_stage != 3:
@@ -442,7 +443,7 @@ class MetricsConfig(_Strict):
     """The run's name in W&B and MLflow; null = the run directory's name."""
 
     @model_validator(mode="after")
-    def _sink_named(self) -> "MetricsConfig":
+    def _sink_named(self) -> MetricsConfig:
         if self.wandb_entity and not self.wandb_project:
             raise ValueError("metrics.wandb_entity is set but metrics.wandb_project is not (W&B logs to a project)")
         if self.mlflow_tracking_uri and not self.mlflow_experiment:
@@ -456,9 +457,11 @@ class TrainConfig(_Strict):
     """text_transformer = the paper (text blocks only); text = whole text tower; full = both towers."""
     image_features: Literal["auto", "online", "precomputed"] = "auto"
     """online: the image tower runs on pixels every step; precomputed: it embeds every image once before training
-    (only valid while it is frozen); auto: precomputed exactly when ``trainable`` freezes the image tower (the paper)."""
+    (only valid while it is frozen); auto: precomputed exactly when ``trainable`` freezes the image tower (the
+    paper)."""
     data: Literal["pairs", "captions"] = "pairs"
-    """pairs: pairs + diffs (+ image-caption rows from image A); captions: image-caption rows only (base pretraining)."""
+    """pairs: pairs + diffs (+ image-caption rows from image A); captions: image-caption rows only (base
+    pretraining)."""
     images: str = "images"
     pairs: str = "pairs"
     diffs: str = "diffs"
@@ -483,7 +486,8 @@ class TrainConfig(_Strict):
     keep_checkpoints: int = Field(2, ge=1)
     """Ray Train keeps this many latest checkpoints and deletes older ones."""
     max_failures: int = Field(0, ge=-1)
-    """Ray Train restarts the worker group this many times after a worker dies (-1: forever), from the last checkpoint."""
+    """Ray Train restarts the worker group this many times after a worker dies (-1: forever), from the last
+    checkpoint."""
     embeddings: str | None = None
     """URI of an ``embeddings`` artifact written by ``pcd-ray embed`` with this run's model; used when image
     features are precomputed. null = embed the images at the start of training instead."""
@@ -492,7 +496,7 @@ class TrainConfig(_Strict):
     (docs/METHOD.md, "Training recipe"); null = no averaged export."""
 
     @model_validator(mode="after")
-    def _batch_divides(self) -> "TrainConfig":
+    def _batch_divides(self) -> TrainConfig:
         if self.batch_size % self.scaling.num_workers:
             raise ValueError(
                 f"batch_size {self.batch_size} is not divisible by scaling.num_workers {self.scaling.num_workers}"
@@ -593,8 +597,7 @@ class EvalConfig(_Strict):
     """GPUs per embedding actor: 0 runs the image tower on CPU, 1 puts each actor on its own GPU (a cluster)."""
     datasets: dict[str, EvalDatasetConfig] = Field(default_factory=dict)
     """Labelled datasets evaluated besides the synthetic set, by display name."""
-    templates: list[Literal["paper", "ensemble"]] = Field(default_factory=lambda: ["paper", "ensemble"],
-                                                          min_length=1)
+    templates: list[Literal["paper", "ensemble"]] = Field(default_factory=lambda: ["paper", "ensemble"], min_length=1)
     """Zero-shot prompt sets: the paper's template and/or open_clip's (CLIP's) per-dataset template ensembles."""
     comparative: ComparativeConfig = Field(default_factory=ComparativeConfig)
     analogies_per_seed: int = Field(500, ge=1)
@@ -621,7 +624,7 @@ class ServeAutoscalingConfig(_Strict):
     """Requests in flight per replica that Serve aims for; batching needs several in flight to fill a batch."""
 
     @model_validator(mode="after")
-    def _ordered(self) -> "ServeAutoscalingConfig":
+    def _ordered(self) -> ServeAutoscalingConfig:
         if self.min_replicas > self.max_replicas:
             raise ValueError(f"min_replicas ({self.min_replicas}) > max_replicas ({self.max_replicas})")
         return self
@@ -661,12 +664,14 @@ class ServeConfig(_Strict):
     ``Authorization: Bearer <token>`` and a replica refuses to start without the variable."""
 
     @model_validator(mode="after")
-    def _one_replica_setting(self) -> "ServeConfig":
+    def _one_replica_setting(self) -> ServeConfig:
         if self.autoscaling is not None and self.num_replicas != 1:
             raise ValueError("set either num_replicas or autoscaling (min_replicas/max_replicas), not both")
         if self.max_batch_size > self.max_ongoing_requests:
-            raise ValueError(f"max_batch_size ({self.max_batch_size}) > max_ongoing_requests "
-                             f"({self.max_ongoing_requests}): batches of one-item requests could never fill")
+            raise ValueError(
+                f"max_batch_size ({self.max_batch_size}) > max_ongoing_requests "
+                f"({self.max_ongoing_requests}): batches of one-item requests could never fill"
+            )
         return self
 
 
@@ -743,8 +748,9 @@ def _known_keys(model: type[BaseModel], loc: tuple) -> list[str]:
         if field is None:
             return []
         ann = field.annotation
-        node = next((a for a in getattr(ann, "__args__", (ann,)) if isinstance(a, type) and issubclass(a, BaseModel)),
-                    ann)
+        node = next(
+            (a for a in getattr(ann, "__args__", (ann,)) if isinstance(a, type) and issubclass(a, BaseModel)), ann
+        )
     if isinstance(node, type) and issubclass(node, BaseModel):
         return list(node.model_fields)
     return []

@@ -21,8 +21,9 @@ import shutil
 import tempfile
 import time
 import uuid
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from pcd_ray.config import ConfigError, MetricsConfig
 from pcd_ray.storage import Storage, is_remote, join
@@ -31,14 +32,23 @@ log = logging.getLogger(__name__)
 SINKS_FILE = "metrics_sinks.json"  # the W&B / MLflow run ids of a run directory, so a resume logs to the same runs
 
 # sink -> (module imported, package to install, the setting that asks for it, how to do without)
-_PACKAGES = {"tensorboard": ("tensorboardX", "tensorboardX", "metrics.tensorboard", "set metrics.tensorboard: false"),
-             "wandb": ("wandb", "wandb", "metrics.wandb_project", "unset metrics.wandb_project"),
-             "mlflow": ("mlflow", "mlflow", "metrics.mlflow_experiment", "unset metrics.mlflow_experiment")}
+_PACKAGES = {
+    "tensorboard": ("tensorboardX", "tensorboardX", "metrics.tensorboard", "set metrics.tensorboard: false"),
+    "wandb": ("wandb", "wandb", "metrics.wandb_project", "unset metrics.wandb_project"),
+    "mlflow": ("mlflow", "mlflow", "metrics.mlflow_experiment", "unset metrics.mlflow_experiment"),
+}
 
 
 def enabled_sinks(cfg: MetricsConfig) -> list[str]:
-    return [name for name, on in (("tensorboard", cfg.tensorboard), ("wandb", cfg.wandb_project),
-                                  ("mlflow", cfg.mlflow_experiment)) if on]
+    return [
+        name
+        for name, on in (
+            ("tensorboard", cfg.tensorboard),
+            ("wandb", cfg.wandb_project),
+            ("mlflow", cfg.mlflow_experiment),
+        )
+        if on
+    ]
 
 
 def _import(sink: str):
@@ -46,8 +56,10 @@ def _import(sink: str):
     try:
         return importlib.import_module(module)
     except ImportError as e:
-        raise ConfigError(f"{setting} is set but the {module!r} package is not installed in this environment: "
-                          f"pip install {package} (on every node of a cluster), or {without}") from e
+        raise ConfigError(
+            f"{setting} is set but the {module!r} package is not installed in this environment: "
+            f"pip install {package} (on every node of a cluster), or {without}"
+        ) from e
 
 
 def require_sinks(cfg: MetricsConfig) -> None:
@@ -82,8 +94,16 @@ class MetricsWriter:
     run), hiding nothing. name: the run's name in W&B and MLflow unless cfg.run_name sets one (default: the logdir's
     name). params: a config to record with a W&B or MLflow run when the run is created."""
 
-    def __init__(self, logdir: str, cfg: MetricsConfig | None = None, storage: Storage | None = None, *,
-                 resume_step: int | None = None, name: str | None = None, params: Mapping[str, Any] | None = None):
+    def __init__(
+        self,
+        logdir: str,
+        cfg: MetricsConfig | None = None,
+        storage: Storage | None = None,
+        *,
+        resume_step: int | None = None,
+        name: str | None = None,
+        params: Mapping[str, Any] | None = None,
+    ):
         self.cfg = cfg or MetricsConfig()
         self.storage = storage or Storage()
         self.logdir = self.storage.resolve(logdir)
@@ -137,7 +157,7 @@ class MetricsWriter:
         for run in self._runs:
             run.close()
 
-    def __enter__(self) -> "MetricsWriter":
+    def __enter__(self) -> MetricsWriter:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -167,8 +187,9 @@ class _TensorBoard:
         if resume_step is not None:
             # TensorBoard reads a directory's event files in name (time) order; a session START at step s hides
             # every step >= s the earlier files hold: the steps an interrupted attempt logged after its checkpoint.
-            self.writer.write_event(Event(wall_time=time.time(), step=resume_step + 1,
-                                          session_log=SessionLog(status=SessionLog.START)))
+            self.writer.write_event(
+                Event(wall_time=time.time(), step=resume_step + 1, session_log=SessionLog(status=SessionLog.START))
+            )
         self.writer.flush()
 
     def write(self, step: int, values: dict[str, float]) -> None:
@@ -204,8 +225,9 @@ class _Wandb:
         old = ids.get(self.key)
         resume = bool(old) and {k: old.get(k) for k in where} == where
         run_id = old["id"] if resume else uuid.uuid4().hex[:16]
-        self.run = wandb.init(**where, name=name, id=run_id, resume="allow",
-                              config=None if resume else dict(params or {}))
+        self.run = wandb.init(
+            **where, name=name, id=run_id, resume="allow", config=None if resume else dict(params or {})
+        )
         self.ids = where | {"id": run_id}
 
     def log(self, step: int, values: dict[str, float]) -> None:
@@ -240,7 +262,7 @@ class _Mlflow:
             # (max_steps, ...).
             flat = [Param(k, str(v)) for k, v in _flatten(dict(params or {})).items()]
             for i in range(0, len(flat), 100):  # MLflow's limit of params per request
-                self.client.log_batch(self.run_id, params=flat[i:i + 100])
+                self.client.log_batch(self.run_id, params=flat[i : i + 100])
         self.ids = where | {"run_id": self.run_id}
 
     def log(self, step: int, values: dict[str, float]) -> None:

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from pcd_ray import provenance
-from pcd_ray.console import say
 from pcd_ray.config import JobConfig, dump
+from pcd_ray.console import say
 from pcd_ray.provenance import State
 from pcd_ray.stages import Stage, ordered, upstream
 from pcd_ray.storage import Storage
@@ -67,8 +67,16 @@ def plan(job: JobConfig, storage: Storage, *, force: bool = False, only: list[st
 def format_plan(steps: list[Step], *, verb: str = "would run") -> str:
     """The stage graph as a table: stage, state (and why), when made, rows, output; then what a pipeline run does."""
     head = ("stage", "state", "made", "rows", "output")
-    rows = [(s.stage, s.state.status + (f": {s.state.reason}" if s.state.reason else ""), s.state.made or "-",
-             "-" if s.state.rows is None else str(s.state.rows), ", ".join(s.outputs)) for s in steps]
+    rows = [
+        (
+            s.stage,
+            s.state.status + (f": {s.state.reason}" if s.state.reason else ""),
+            s.state.made or "-",
+            "-" if s.state.rows is None else str(s.state.rows),
+            ", ".join(s.outputs),
+        )
+        for s in steps
+    ]
     widths = [max(len(r[i]) for r in [head, *rows]) for i in range(4)]
     lines = ["  ".join(f"{c:<{w}}" for c, w in zip(r, widths)) + "  " + r[4] for r in [head, *rows]]
     runs = [s.stage for s in steps if s.runs]
@@ -76,8 +84,9 @@ def format_plan(steps: list[Step], *, verb: str = "would run") -> str:
     return "\n".join(lines)
 
 
-def run_pipeline(job: JobConfig, storage: Storage, *, force: bool = False,
-                 only: list[str] | None = None) -> dict[str, Any]:
+def run_pipeline(
+    job: JobConfig, storage: Storage, *, force: bool = False, only: list[str] | None = None
+) -> dict[str, Any]:
     """Run every stage of the job that is not up to date, in dependency order; returns {stage: result or
     "skipped"}. ``force`` runs them all; ``only`` limits the run to those stages."""
     from pcd_ray.runtime import init_ray

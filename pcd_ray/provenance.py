@@ -118,9 +118,18 @@ def commit_id(storage: Storage, ref: Ref) -> str | None:
 # ---------------------------------------------------------------------------------------------------- records
 def take(storage: Storage, stage: str, config: dict[str, Any], inputs: list[Ref]) -> dict[str, Any]:
     """The record of a stage about to run: its config and its inputs' current commit ids."""
-    return {"stage": stage, "config": config,
-            "inputs": {r.name: {"uri": storage.resolve(r.uri) if r.kind != "model" else r.uri, "kind": r.kind,
-                                "commit": commit_id(storage, r)} for r in inputs}}
+    return {
+        "stage": stage,
+        "config": config,
+        "inputs": {
+            r.name: {
+                "uri": storage.resolve(r.uri) if r.kind != "model" else r.uri,
+                "kind": r.kind,
+                "commit": commit_id(storage, r),
+            }
+            for r in inputs
+        },
+    }
 
 
 def stamp(storage: Storage, output: Ref, record: dict[str, Any]) -> None:
@@ -134,12 +143,16 @@ def stamp(storage: Storage, output: Ref, record: dict[str, Any]) -> None:
         meta = _export_meta(storage, output.uri)
         weights = join(storage.resolve(output.uri), EXPORT_WEIGHTS)
         # The id is hashed here once; readers trust it while the file keeps this fingerprint (weights_id).
-        meta.update(weights_id=sha256_of(storage, weights), weights_fingerprint=_fingerprint(storage, weights),
-                    provenance=record)
+        meta.update(
+            weights_id=sha256_of(storage, weights),
+            weights_fingerprint=_fingerprint(storage, weights),
+            provenance=record,
+        )
         storage.write_json(join(storage.resolve(output.uri), EXPORT_META), meta)
     else:
-        storage.write_json(join(storage.resolve(output.uri), RECORD_FILE),
-                           dict(record, output_commit=commit_id(storage, output)))
+        storage.write_json(
+            join(storage.resolve(output.uri), RECORD_FILE), dict(record, output_commit=commit_id(storage, output))
+        )
 
 
 def read(storage: Storage, output: Ref) -> dict[str, Any] | None:
@@ -165,8 +178,11 @@ def _details(storage: Storage, output: Ref) -> tuple[str | None, bool, int | Non
 def config_changes(old: Any, new: Any, prefix: str) -> list[str]:
     """Dotted keys whose values differ between two config dumps."""
     if isinstance(old, dict) and isinstance(new, dict):
-        return [k for key in sorted(old.keys() | new.keys())
-                for k in config_changes(old.get(key), new.get(key), f"{prefix}.{key}")]
+        return [
+            k
+            for key in sorted(old.keys() | new.keys())
+            for k in config_changes(old.get(key), new.get(key), f"{prefix}.{key}")
+        ]
     return [] if old == new else [prefix]
 
 
@@ -181,8 +197,11 @@ def state(storage: Storage, stage: str, config: dict[str, Any], inputs: list[Ref
             return State("incomplete", f"{output.name} has {n} rows committed; a re-run resumes it", rows=n)
         record = read(storage, output)
         if record is None:
-            return State("stale", f"{output.name} records no provenance (made outside the pipeline or by an older "
-                                  f"pcd-ray)", rows=n)
+            return State(
+                "stale",
+                f"{output.name} records no provenance (made outside the pipeline or by an older pcd-ray)",
+                rows=n,
+            )
         if output.kind == "report" and record.get("output_commit") != commit:
             return State("stale", f"{output.name} changed after it was made", record.get("made"), n)
         changed = config_changes(record.get("config"), config, stage)
@@ -193,8 +212,9 @@ def state(storage: Storage, stage: str, config: dict[str, Any], inputs: list[Ref
         for ref in inputs:
             now = commit_id(storage, ref)
             if now is None:
-                return State("stale", f"input {ref.name} is missing ({storage.resolve(ref.uri)})",
-                             record.get("made"), n)
+                return State(
+                    "stale", f"input {ref.name} is missing ({storage.resolve(ref.uri)})", record.get("made"), n
+                )
             if recorded.get(ref.name, {}).get("commit") != now:
                 what = "model" if ref.kind in ("export", "model") else "input"
                 return State("stale", f"{what} {ref.name} changed ({_where(storage, ref)})", record.get("made"), n)

@@ -39,8 +39,9 @@ import json
 import logging
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable, NamedTuple
+from typing import Any, NamedTuple
 
 from pcd_ray import artifacts, console
 from pcd_ray.storage import Storage
@@ -95,14 +96,16 @@ def write_block(table, storage: Storage, kept_dir: str, rejected_dir: str, split
     import pyarrow as pa
 
     kept, rejected = (_narrow(t) for t in split(table))
-    return pa.table({
-        "kept": [artifacts.put_shard(storage, kept, kept_dir) if kept.num_rows else ""],
-        "kept_rows": [kept.num_rows],
-        "rejected": [artifacts.put_shard(storage, rejected, rejected_dir) if rejected.num_rows else ""],
-        "rejected_rows": [rejected.num_rows],
-        "reasons": [json.dumps(Counter(rejected.column("reason").to_pylist()))],
-        "stats": [json.dumps(stats(table) if stats else {})],
-    })
+    return pa.table(
+        {
+            "kept": [artifacts.put_shard(storage, kept, kept_dir) if kept.num_rows else ""],
+            "kept_rows": [kept.num_rows],
+            "rejected": [artifacts.put_shard(storage, rejected, rejected_dir) if rejected.num_rows else ""],
+            "rejected_rows": [rejected.num_rows],
+            "reasons": [json.dumps(Counter(rejected.column("reason").to_pylist()))],
+            "stats": [json.dumps(stats(table) if stats else {})],
+        }
+    )
 
 
 @dataclass
@@ -159,8 +162,11 @@ class Tally:
 
     def common(self, resumable: bool) -> dict[str, Any]:
         """The summary fields every stage has; resumable ones also say what this run did."""
-        out = {"rejected": self.rejected, "rejected_by_reason": dict(sorted(self.by_reason.items())),
-               "wall_s": round(self.wall_s, 3)}
+        out = {
+            "rejected": self.rejected,
+            "rejected_by_reason": dict(sorted(self.by_reason.items())),
+            "wall_s": round(self.wall_s, 3),
+        }
         if resumable:
             out.update(skipped=self.skipped, processed=self.processed, resumed=self.resumed, complete=self.complete)
         return out
@@ -178,8 +184,9 @@ class Progress:
         if term.isatty():
             from tqdm import tqdm
 
-            self.bar = tqdm(total=tally.expected, initial=tally.skipped, unit=unit, desc=label, dynamic_ncols=True,
-                            file=term)
+            self.bar = tqdm(
+                total=tally.expected, initial=tally.skipped, unit=unit, desc=label, dynamic_ncols=True, file=term
+            )
 
     def update(self, n: int) -> None:
         t = self.tally
@@ -191,9 +198,18 @@ class Progress:
             self.last = time.time()
             done = t.skipped + t.processed
             of = f"/{t.expected} ({100 * done / max(t.expected, 1):.1f}%)" if t.expected is not None else ""
-            log.info("%s: %d%s %ss, %d kept, %d rejected, %.1f %ss/s%s", self.label, done, of, self.unit, t.kept,
-                     t.rejected, t.per_s(t.processed), self.unit,
-                     "".join(f", {v:.0f} {k}" for k, v in rates.items()))
+            log.info(
+                "%s: %d%s %ss, %d kept, %d rejected, %.1f %ss/s%s",
+                self.label,
+                done,
+                of,
+                self.unit,
+                t.kept,
+                t.rejected,
+                t.per_s(t.processed),
+                self.unit,
+                "".join(f", {v:.0f} {k}" for k, v in rates.items()),
+            )
 
     def close(self) -> None:
         if self.bar is not None:
@@ -216,17 +232,35 @@ class Sink:
         redo: reject reasons that a resumed run takes back and processes again (faults, not verdicts on the row).
     """
 
-    def __init__(self, storage: Storage, label: str, *, unit: str, kept: Output, rejected: Output, config: Any,
-                 identity: Any = None, resume: bool = False, key: str | None = None, commit_every_s: float = 30.0,
-                 redo: Callable[[str], bool] | None = None):
+    def __init__(
+        self,
+        storage: Storage,
+        label: str,
+        *,
+        unit: str,
+        kept: Output,
+        rejected: Output,
+        config: Any,
+        identity: Any = None,
+        resume: bool = False,
+        key: str | None = None,
+        commit_every_s: float = 30.0,
+        redo: Callable[[str], bool] | None = None,
+    ):
         self.storage, self.label, self.unit, self.key, self.commit_every_s = storage, label, unit, key, commit_every_s
         # Both or neither: the two artifacts describe one run, so one left by other settings means starting over.
-        resume = resume and key is not None and all(
-            artifacts.resumable(storage, o.uri, o.kind, identity) for o in (kept, rejected))
+        resume = (
+            resume
+            and key is not None
+            and all(artifacts.resumable(storage, o.uri, o.kind, identity) for o in (kept, rejected))
+        )
         self.outputs = (kept, rejected)
         self.kept, self.rejected = (
-            artifacts.Appender(storage, o.uri, o.kind, columns=o.columns, config=config, identity=identity,
-                               resume=resume) for o in self.outputs)
+            artifacts.Appender(
+                storage, o.uri, o.kind, columns=o.columns, config=config, identity=identity, resume=resume
+            )
+            for o in self.outputs
+        )
         self.redone = 0
         if resume and redo is not None and self.rejected.num_rows:
             # Rejects that were faults, not verdicts on their rows (written by an older version): their keys leave
@@ -238,13 +272,26 @@ class Sink:
         if self.rejected.num_rows:
             # From the committed rows, not a summary: a kill between the two manifests' commits leaves their
             # summaries one commit apart.
-            self.tally.by_reason.update(artifacts.read_table(storage, rejected.uri, rejected.kind, columns=["reason"])
-                                        .column("reason").to_pylist())
+            self.tally.by_reason.update(
+                artifacts.read_table(storage, rejected.uri, rejected.kind, columns=["reason"])
+                .column("reason")
+                .to_pylist()
+            )
 
-    def run(self, ds, transform: Callable, *, summary: Callable[[Tally], dict[str, Any]], expected: int | None = None,
-            split: Callable | None = None, stats: Callable | None = None, rates: tuple[str, ...] = (),
-            rows_per_shard: int | None = None, write_cpus: float | None = None,
-            manifest: Callable[[Tally], dict[str, Any]] | None = None) -> dict[str, Any]:
+    def run(
+        self,
+        ds,
+        transform: Callable,
+        *,
+        summary: Callable[[Tally], dict[str, Any]],
+        expected: int | None = None,
+        split: Callable | None = None,
+        stats: Callable | None = None,
+        rates: tuple[str, ...] = (),
+        rows_per_shard: int | None = None,
+        write_cpus: float | None = None,
+        manifest: Callable[[Tally], dict[str, Any]] | None = None,
+    ) -> dict[str, Any]:
         """Stream ``ds`` through ``transform`` into the two artifacts; returns the final summary.
 
         Args:
@@ -270,12 +317,16 @@ class Sink:
         self._fields, self._manifest = summary, manifest
         self._update_counts()
         if expected is None or t.skipped < expected:
-            split = split or functools.partial(split_by_reason, kept_columns=self.outputs[0].columns,
-                                               rejected_columns=self.outputs[1].columns)
+            split = split or functools.partial(
+                split_by_reason, kept_columns=self.outputs[0].columns, rejected_columns=self.outputs[1].columns
+            )
             out = transform(self._todo(ds)).map_batches(
-                write_block, fn_args=(self.storage, self.kept.staging, self.rejected.staging, split, stats),
-                batch_size=rows_per_shard, batch_format="pyarrow",
-                **({"num_cpus": write_cpus} if write_cpus is not None else {}))
+                write_block,
+                fn_args=(self.storage, self.kept.staging, self.rejected.staging, split, stats),
+                batch_size=rows_per_shard,
+                batch_format="pyarrow",
+                **({"num_cpus": write_cpus} if write_cpus is not None else {}),
+            )
             try:
                 self._drain(out.iter_rows(), Progress(self.label, self.unit, t, rates))
             except Exception:
@@ -285,13 +336,24 @@ class Sink:
         total = self.kept.total_rows + self.rejected.total_rows
         if expected is not None and total != expected:
             self._commit()  # keep what was made; a resumable stage's re-run resumes and the check runs again
-            raise RuntimeError(f"{self.label}: {self.kept.total_rows} {self.outputs[0].kind} + "
-                               f"{self.rejected.total_rows} {self.outputs[1].kind} rows != {expected} input rows")
+            raise RuntimeError(
+                f"{self.label}: {self.kept.total_rows} {self.outputs[0].kind} + "
+                f"{self.rejected.total_rows} {self.outputs[1].kind} rows != {expected} input rows"
+            )
         t.complete = True
         result = self._commit()
-        log.info("%s: %d kept -> %s, %d rejected %s -> %s; this run %d %ss in %.1f s", self.label, t.kept,
-                 self.kept.base, t.rejected, result["rejected_by_reason"], self.rejected.base, t.processed,
-                 self.unit, t.wall_s)
+        log.info(
+            "%s: %d kept -> %s, %d rejected %s -> %s; this run %d %ss in %.1f s",
+            self.label,
+            t.kept,
+            self.kept.base,
+            t.rejected,
+            result["rejected_by_reason"],
+            self.rejected.base,
+            t.processed,
+            self.unit,
+            t.wall_s,
+        )
         return result
 
     def _commit(self) -> dict[str, Any]:

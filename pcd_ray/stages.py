@@ -9,8 +9,9 @@ compares what an output's record says it was made from with what the stage would
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 from pcd_ray.config import EvalConfig, JobConfig, ModelSpec, TrainConfig
 from pcd_ray.provenance import Ref
@@ -38,8 +39,10 @@ def _pairs_io(job: JobConfig) -> tuple[list[Ref], list[Ref]]:
 
 def _generate_io(job: JobConfig) -> tuple[list[Ref], list[Ref]]:
     g = job.generate
-    return [Ref("pairs", g.input, "artifact")], [Ref("diffs", g.output, "artifact"),
-                                                 Ref("rejects", g.rejects, "artifact")]
+    return [Ref("pairs", g.input, "artifact")], [
+        Ref("diffs", g.output, "artifact"),
+        Ref("rejects", g.rejects, "artifact"),
+    ]
 
 
 def _comparatives_io(job: JobConfig) -> tuple[list[Ref], list[Ref]]:
@@ -85,9 +88,15 @@ def _eval_io(job: JobConfig) -> tuple[list[Ref], list[Ref]]:
     for name, ds in cfg.datasets.items():
         # The datasets' own files are named by the config; what pcd-ray made or users edit beside them is tracked.
         # A diffs artifact (CUB's differences) is an artifact input: its commit id, and its stage before eval.
-        inputs += [Ref(f"datasets.{name}.{key}", getattr(ds, key),
-                       "artifact" if key == "differences" and names_artifact(ds.differences) else "file")
-                   for key in ("differences", "comparatives") if getattr(ds, key)]
+        inputs += [
+            Ref(
+                f"datasets.{name}.{key}",
+                getattr(ds, key),
+                "artifact" if key == "differences" and names_artifact(ds.differences) else "file",
+            )
+            for key in ("differences", "comparatives")
+            if getattr(ds, key)
+        ]
     if job.comparatives is not None and cfg.comparatives is not None:
         # Eval reads the artifact whenever it is there; the job's own stage makes it an input to keep current.
         inputs.append(Ref("comparatives", cfg.comparatives, "artifact"))
@@ -95,25 +104,25 @@ def _eval_io(job: JobConfig) -> tuple[list[Ref], list[Ref]]:
 
 
 # ----------------------------------------------------------------------------------------------------- runners
-def _run_data(job: JobConfig, storage: Storage) -> Any:
+def _run_data(job: JobConfig, storage: Storage) -> dict[str, Any]:
     from pcd_ray.data.readers import make_images_artifact
 
     return make_images_artifact(job, storage)
 
 
-def _run_pairs(job: JobConfig, storage: Storage) -> Any:
+def _run_pairs(job: JobConfig, storage: Storage) -> dict[str, Any]:
     from pcd_ray.data.pairs import sample_pairs
 
     return sample_pairs(job, storage)
 
 
-def _run_generate(job: JobConfig, storage: Storage) -> Any:
+def _run_generate(job: JobConfig, storage: Storage) -> dict[str, Any]:
     from pcd_ray.generate.job import run_generate
 
     return run_generate(job, storage)
 
 
-def _run_comparatives(job: JobConfig, storage: Storage) -> Any:
+def _run_comparatives(job: JobConfig, storage: Storage) -> dict[str, Any]:
     from pcd_ray.generate.comparatives import run_comparatives
 
     return run_comparatives(job, storage)
@@ -125,14 +134,14 @@ def _comparatives_config(job: JobConfig) -> dict[str, Any]:
     return stage_config(job)
 
 
-def _run_embed(job: JobConfig, storage: Storage) -> Any:
+def _run_embed(job: JobConfig, storage: Storage) -> dict[str, Any]:
     from pcd_ray.embed.job import run_embed
 
     return run_embed(job, storage)
 
 
-def _run_train(section: str) -> Callable[[JobConfig, Storage], Any]:
-    def run(job: JobConfig, storage: Storage) -> Any:
+def _run_train(section: str) -> Callable[[JobConfig, Storage], dict[str, Any]]:
+    def run(job: JobConfig, storage: Storage) -> dict[str, Any]:
         from pcd_ray.provenance import commit_id
         from pcd_ray.train.trainer import run_train
 
@@ -143,7 +152,7 @@ def _run_train(section: str) -> Callable[[JobConfig, Storage], Any]:
     return run
 
 
-def _run_eval(job: JobConfig, storage: Storage) -> Any:
+def _run_eval(job: JobConfig, storage: Storage) -> dict[str, Any]:
     from pcd_ray.eval.job import run_eval
 
     return run_eval(job, storage)
@@ -153,7 +162,7 @@ def _run_eval(job: JobConfig, storage: Storage) -> Any:
 class Stage:
     name: str
     """Also the job-file section it reads."""
-    run: Callable[[JobConfig, Storage], Any]
+    run: Callable[[JobConfig, Storage], dict[str, Any]]
     io: Callable[[JobConfig], tuple[list[Ref], list[Ref]]]
     """(inputs, outputs) declared from the job; called only when the job has the section."""
     record: Callable[[JobConfig], dict[str, Any]] | None = None
@@ -199,8 +208,14 @@ def upstream(job: JobConfig, storage: Storage) -> dict[str, set[str]]:
     """{stage: the stages of this job whose outputs it reads}, matched by resolved URI."""
     stages = present(job)
     made_by = {storage.resolve(o.uri): s.name for s in stages for o in s.outputs(job)}
-    return {s.name: {made_by[u] for u in (storage.resolve(i.uri) for i in s.inputs(job) if i.kind != "model")
-                     if u in made_by and made_by[u] != s.name} for s in stages}
+    return {
+        s.name: {
+            made_by[u]
+            for u in (storage.resolve(i.uri) for i in s.inputs(job) if i.kind != "model")
+            if u in made_by and made_by[u] != s.name
+        }
+        for s in stages
+    }
 
 
 def ordered(job: JobConfig, storage: Storage) -> list[Stage]:

@@ -17,9 +17,10 @@ import posixpath
 import shutil
 import tempfile
 import uuid
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from pcd_ray.config import StorageConfig
 
@@ -60,13 +61,13 @@ class Storage:
     def root(self) -> str:
         root = self.cfg.root
         if root.startswith("file://"):
-            root = root[len("file://"):]
+            root = root[len("file://") :]
         return root if is_remote(root) else str(Path(root).expanduser().resolve())
 
     def resolve(self, uri: str) -> str:
         """Absolute URI: remote and absolute local paths pass through, relative ones land under storage.root."""
         if uri.startswith("file://"):
-            uri = uri[len("file://"):]
+            uri = uri[len("file://") :]
         if is_remote(uri) or os.path.isabs(uri) or uri.startswith(("./", "../", "~")):
             return uri if is_remote(uri) else str(Path(uri).expanduser().resolve())
         return join(self.root, uri)
@@ -80,8 +81,12 @@ class Storage:
         if endpoint:
             client_kwargs["endpoint_url"] = endpoint
         # Listing caches make a reader miss what another process just wrote; artifacts are few and large.
-        return {"anon": s3.anon, "client_kwargs": client_kwargs, "use_listings_cache": False,
-                "skip_instance_cache": True}
+        return {
+            "anon": s3.anon,
+            "client_kwargs": client_kwargs,
+            "use_listings_cache": False,
+            "skip_instance_cache": True,
+        }
 
     def fs(self, uri: str):
         """(fsspec filesystem, path within it) for a URI."""
@@ -167,7 +172,7 @@ class Storage:
         prefix = path.rstrip("/") + "/"
         out = []
         for p in fs.find(path):
-            rel = p[len(prefix):] if p.startswith(prefix) else posixpath.basename(p)
+            rel = p[len(prefix) :] if p.startswith(prefix) else posixpath.basename(p)
             out.append(join(base, *rel.split("/")))
         return sorted(out)
 
@@ -218,7 +223,7 @@ class Storage:
             raise FileNotFoundError(f"{target}: no such directory (or it is empty)")
         with tempfile.TemporaryDirectory(prefix="pcd-ray-") as tmp:
             for f in files:
-                dest = Path(tmp).joinpath(*f[len(target.rstrip("/")) + 1:].split("/"))
+                dest = Path(tmp).joinpath(*f[len(target.rstrip("/")) + 1 :].split("/"))
                 dest.parent.mkdir(parents=True, exist_ok=True)
                 dest.write_bytes(self.read_bytes(f))
             yield Path(tmp)

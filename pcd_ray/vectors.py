@@ -35,8 +35,9 @@ def normalise(x: np.ndarray, *, eps: float, dtype=None) -> np.ndarray:
     return _unit(np.asarray(x, dtype=dtype), eps)[0]
 
 
-def difference_direction(e_a: np.ndarray, e_b: np.ndarray, *, eps: float, normalised: bool = False,
-                         dtype=None) -> tuple[np.ndarray, np.ndarray]:
+def difference_direction(
+    e_a: np.ndarray, e_b: np.ndarray, *, eps: float, normalised: bool = False, dtype=None
+) -> tuple[np.ndarray, np.ndarray]:
     """The difference direction of e_a, e_b [..., D] -> (d [..., D], distance [...]) (module docstring).
 
     ``dtype`` converts the inputs before normalising them, or, with ``normalised=True``, the difference after the
@@ -57,8 +58,9 @@ def normalise_torch(x: torch.Tensor, *, eps: float) -> torch.Tensor:
     return F.normalize(x, dim=-1, eps=eps)
 
 
-def difference_direction_torch(e_a: torch.Tensor, e_b: torch.Tensor, *, eps: float,
-                               normalised: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def difference_direction_torch(
+    e_a: torch.Tensor, e_b: torch.Tensor, *, eps: float, normalised: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The difference direction of e_a, e_b [..., D] -> (d [..., D], distance [...]) (module docstring), in the
     inputs' dtype (convert them first for another). d carries gradient; the distance is detached: it decides which
     pairs count, and no gradient may flow through that decision."""

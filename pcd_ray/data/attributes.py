@@ -32,8 +32,12 @@ WHERE = {"left": "on the left", "center": "in the middle", "right": "on the righ
 MAX_CLAUSES = 2
 """A sentence names at most this many differences (LLMs name the salient few; CLIP reads 77 tokens at most)."""
 
-CAPTION_FRAMES = ["{head} {noun}{where}", "a photo of {head} {noun}{where}",
-                  "this is a photo of {head} {noun}{where}", "an image showing {head} {noun}{where}"]
+CAPTION_FRAMES = [
+    "{head} {noun}{where}",
+    "a photo of {head} {noun}{where}",
+    "this is a photo of {head} {noun}{where}",
+    "an image showing {head} {noun}{where}",
+]
 CAPTION_MENTION = 0.6
 
 # Ordered attributes: the ones a "more/less" difference sentence (and the difference-accuracy test) is about.
@@ -88,12 +92,18 @@ COMPARATIVES = {
 }
 
 TRAIN_CLAUSES = {
-    "size": ["the shapes in the first image are {w} than in the second image",
-             "the first image shows {w} shapes than the second one"],
-    "brightness": ["the shapes in the first image are {w} than in the second image",
-                   "the first image shows {w} shapes than the second one"],
-    "count": ["the first image contains {w} shapes than the second image",
-              "there are {w} objects in the first image than in the second one"],
+    "size": [
+        "the shapes in the first image are {w} than in the second image",
+        "the first image shows {w} shapes than the second one",
+    ],
+    "brightness": [
+        "the shapes in the first image are {w} than in the second image",
+        "the first image shows {w} shapes than the second one",
+    ],
+    "count": [
+        "the first image contains {w} shapes than the second image",
+        "there are {w} objects in the first image than in the second one",
+    ],
     "colour": ["the first image shows {a} shapes while the second shows {b} shapes"],
     "kind": ["the first image has {a}s whereas the second has {b}s"],
     "position": ["the shapes are {a} in the first image but {b} in the second"],
@@ -103,12 +113,18 @@ TRAIN_CLAUSES = {
 # of words the training text contains (a from-scratch tiny text tower has never seen words outside its captions and
 # training sentences, so unseen words would test the tokenizer, not the geometry).
 EVAL_TEMPLATES = {
-    "size": ["In the first image the shapes are {w} than the shapes in the second image.",
-             "The first one shows {w} objects than the second image."],
-    "brightness": ["In the first image the shapes are {w} than the shapes in the second image.",
-                   "The first one shows {w} objects than the second image."],
-    "count": ["In the first image there are {w} shapes than in the second one.",
-              "The first one contains {w} objects than the second image."],
+    "size": [
+        "In the first image the shapes are {w} than the shapes in the second image.",
+        "The first one shows {w} objects than the second image.",
+    ],
+    "brightness": [
+        "In the first image the shapes are {w} than the shapes in the second image.",
+        "The first one shows {w} objects than the second image.",
+    ],
+    "count": [
+        "In the first image there are {w} shapes than in the second one.",
+        "The first one contains {w} objects than the second image.",
+    ],
 }
 
 

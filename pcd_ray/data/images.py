@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import io
 import warnings
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 from pcd_ray.sink import RejectError
 
@@ -41,8 +41,9 @@ def decode_image(data: bytes, *, max_pixels: int | None = DEFAULT_MAX_PIXELS):
             img = Image.open(io.BytesIO(data))
             # Check the header's size before decoding pixels: a bomb is rejected without allocating it.
             if max_pixels is not None and img.width * img.height > max_pixels:
-                raise ImageDecodeError(f"image is {img.width}x{img.height}, over the limit of {max_pixels} pixels",
-                                       "image_too_large")
+                raise ImageDecodeError(
+                    f"image is {img.width}x{img.height}, over the limit of {max_pixels} pixels", "image_too_large"
+                )
             img.load()
     except ImageDecodeError:
         raise

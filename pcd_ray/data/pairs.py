@@ -21,9 +21,13 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from pcd_ray.config import JobConfig
+    from pcd_ray.storage import Storage
 
 log = logging.getLogger(__name__)
 
@@ -44,8 +48,10 @@ def pairs_per_anchor(n: int, num_pairs: int, cap: int | None, rng: np.random.Gen
     """
     possible = n * (n - 1)
     if num_pairs > possible:
-        raise ValueError(f"num_pairs={num_pairs} exceeds the {possible} ordered pairs of {n} images "
-                         f"({n} x {n - 1}); lower pairs.num_pairs or raise pairs.num_images")
+        raise ValueError(
+            f"num_pairs={num_pairs} exceeds the {possible} ordered pairs of {n} images "
+            f"({n} x {n - 1}); lower pairs.num_pairs or raise pairs.num_images"
+        )
     per_image = min(cap or n - 1, n - 1)
     total = min(num_pairs, n * per_image)
     counts = np.full(n, total // n, dtype=np.int64)
@@ -78,17 +84,24 @@ def _pairs_task(batch: dict[str, np.ndarray], images, counts: np.ndarray, anchor
     out = []
     for task in batch["id"].tolist():
         first = task * anchors_per_task
-        i, j = draw_partners(first, counts[first:first + anchors_per_task], n,
-                             np.random.default_rng([seed, task]))
+        i, j = draw_partners(first, counts[first : first + anchors_per_task], n, np.random.default_rng([seed, task]))
         ai, bj = pa.array(i), pa.array(j)
         id_a, id_b = ids.take(ai), ids.take(bj)
-        out.append(pa.table({
-            "pair_id": pa.array([pair_id(x, y) for x, y in zip(id_a.to_pylist(), id_b.to_pylist())], pa.string()),
-            "image_id_a": id_a, "image_id_b": id_b,
-            "caption_a": images.column("caption").take(ai), "caption_b": images.column("caption").take(bj),
-            "attributes_a": images.column("attributes").take(ai).cast(pa.string()),
-            "attributes_b": images.column("attributes").take(bj).cast(pa.string()),
-        }))
+        out.append(
+            pa.table(
+                {
+                    "pair_id": pa.array(
+                        [pair_id(x, y) for x, y in zip(id_a.to_pylist(), id_b.to_pylist())], pa.string()
+                    ),
+                    "image_id_a": id_a,
+                    "image_id_b": id_b,
+                    "caption_a": images.column("caption").take(ai),
+                    "caption_b": images.column("caption").take(bj),
+                    "attributes_a": images.column("attributes").take(ai).cast(pa.string()),
+                    "attributes_b": images.column("attributes").take(bj).cast(pa.string()),
+                }
+            )
+        )
     return pa.concat_tables(out)
 
 
@@ -100,12 +113,19 @@ def _read_split(job, storage):
     from pcd_ray import artifacts
 
     cfg = job.pairs
-    table = artifacts.read_table(storage, cfg.input, "images", columns=["image_id", "split", "caption", "attributes"],
-                                 filters=[("split", "==", cfg.split)])
+    table = artifacts.read_table(
+        storage,
+        cfg.input,
+        "images",
+        columns=["image_id", "split", "caption", "attributes"],
+        filters=[("split", "==", cfg.split)],
+    )
     if table.num_rows == 0:
         splits = artifacts.read_table(storage, cfg.input, "images", columns=["split"]).column("split").unique()
-        raise ValueError(f"{storage.resolve(cfg.input)}: no images of split {cfg.split!r} "
-                         f"(splits present: {sorted(s for s in splits.to_pylist() if s is not None)})")
+        raise ValueError(
+            f"{storage.resolve(cfg.input)}: no images of split {cfg.split!r} "
+            f"(splits present: {sorted(s for s in splits.to_pylist() if s is not None)})"
+        )
     table = table.sort_by("image_id")
     ids = table.column("image_id")
     if ids.null_count:
@@ -113,12 +133,13 @@ def _read_split(job, storage):
     if pc.count_distinct(ids).as_py() != table.num_rows:
         counts = pc.value_counts(ids)
         dups = [v["values"] for v in counts.to_pylist() if v["counts"] > 1][:5]
-        raise ValueError(f"{storage.resolve(cfg.input)}: duplicate image_id values, e.g. {dups}; "
-                         f"pair ids would not be unique")
+        raise ValueError(
+            f"{storage.resolve(cfg.input)}: duplicate image_id values, e.g. {dups}; pair ids would not be unique"
+        )
     return table.select(["image_id", "caption", "attributes"])
 
 
-def sample_pairs(job, storage) -> dict[str, Any]:
+def sample_pairs(job: JobConfig, storage: Storage) -> dict[str, Any]:
     """Sample ``job.pairs.num_pairs`` ordered pairs of ``job.pairs.split`` images; write the pairs artifact.
 
     Returns the artifact's manifest. Deterministic in (images artifact, pairs config). Raises ValueError when the
@@ -138,8 +159,10 @@ def sample_pairs(job, storage) -> dict[str, Any]:
     num_split = table.num_rows
     if cfg.num_images is not None:
         if cfg.num_images > num_split:
-            raise ValueError(f"pairs.num_images={cfg.num_images} exceeds the {num_split} images of split "
-                             f"{cfg.split!r} in {storage.resolve(cfg.input)}")
+            raise ValueError(
+                f"pairs.num_images={cfg.num_images} exceeds the {num_split} images of split "
+                f"{cfg.split!r} in {storage.resolve(cfg.input)}"
+            )
         chosen = np.sort(rng.choice(num_split, size=cfg.num_images, replace=False))
         table = table.take(pa.array(chosen))
     n = table.num_rows
@@ -149,8 +172,11 @@ def sample_pairs(job, storage) -> dict[str, Any]:
     init_ray(job.ray)
     num_tasks = -(-n // cfg.anchors_per_task)
     ds = ray.data.range(num_tasks, override_num_blocks=num_tasks).map_batches(
-        _pairs_task, batch_size=1, batch_format="numpy",
-        fn_kwargs={"images": table, "counts": counts, "anchors_per_task": cfg.anchors_per_task, "seed": cfg.seed})
+        _pairs_task,
+        batch_size=1,
+        batch_format="numpy",
+        fn_kwargs={"images": table, "counts": counts, "anchors_per_task": cfg.anchors_per_task, "seed": cfg.seed},
+    )
     summary = {
         "split": cfg.split,
         "images_in_split": num_split,
@@ -161,11 +187,18 @@ def sample_pairs(job, storage) -> dict[str, Any]:
         # The generate stage's exactly-once check relies on this (ids are sha1 of distinct ordered id pairs).
         "unique_pair_ids": True,
     }
-    manifest = artifacts.write_dataset(ds, storage, cfg.output, "pairs", config=cfg.model_dump(mode="json"),
-                                       summary=summary)
+    manifest = artifacts.write_dataset(
+        ds, storage, cfg.output, "pairs", config=cfg.model_dump(mode="json"), summary=summary
+    )
     if manifest["num_rows"] != summary["num_pairs"]:
         raise RuntimeError(f"pairs: wrote {manifest['num_rows']} rows, expected {summary['num_pairs']}")
     manifest = artifacts.update_summary(storage, cfg.output, wall_s=round(time.time() - start, 3))
-    log.info("pairs: %d ordered pairs among %d of %d %s images -> %s", manifest["num_rows"], n, num_split,
-             cfg.split, storage.resolve(cfg.output))
+    log.info(
+        "pairs: %d ordered pairs among %d of %d %s images -> %s",
+        manifest["num_rows"],
+        n,
+        num_split,
+        cfg.split,
+        storage.resolve(cfg.output),
+    )
     return manifest

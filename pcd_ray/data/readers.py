@@ -32,18 +32,33 @@ import logging
 import posixpath
 import re
 import tarfile
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from pcd_ray.sink import RejectError
 
+if TYPE_CHECKING:
+    from pcd_ray.config import JobConfig
+    from pcd_ray.storage import Storage
+
 log = logging.getLogger(__name__)
 
 IMAGE_COLUMNS = ["image_id", "split", "caption", "image", "attributes", "source"]
 REJECT_COLUMNS = ["image_id", "source", "reason", "detail"]
-REASONS = ("no_caption", "empty_caption", "caption_not_utf8", "caption_too_long", "missing_image", "image_too_large",
-           "image_too_small", "corrupt_image", "corrupt_shard", "unknown_image_id")
+REASONS = (
+    "no_caption",
+    "empty_caption",
+    "caption_not_utf8",
+    "caption_too_long",
+    "missing_image",
+    "image_too_large",
+    "image_too_small",
+    "corrupt_image",
+    "corrupt_shard",
+    "unknown_image_id",
+)
 # The columns every source produces before the checks; reason (a code of REASONS) and detail are set when reading
 # already failed.
 CANDIDATE_COLUMNS = ["image_id", "split", "caption", "image", "source", "reason", "detail"]
@@ -78,8 +93,9 @@ def _check_image(data: Any, cfg) -> None:
         raise RejectError("image_too_large", f"{len(data)} bytes, over the limit of {cfg.max_image_bytes}")
     width, height = decode_image(data, max_pixels=cfg.max_image_pixels).size  # ImageDecodeError is a RejectError
     if min(width, height) < cfg.min_image_side:
-        raise RejectError("image_too_small", f"image is {width}x{height}, under the minimum side of "
-                                             f"{cfg.min_image_side} pixels")
+        raise RejectError(
+            "image_too_small", f"image is {width}x{height}, under the minimum side of {cfg.min_image_side} pixels"
+        )
 
 
 def check_batch(batch, cfg):
@@ -104,24 +120,33 @@ def check_batch(batch, cfg):
         captions.append(caption)
         reasons.append(reason)
         details.append(detail or None)
-    return pa.table({
-        "image_id": pa.array(ids, pa.string()),
-        "split": pa.array([r["split"] for r in rows], pa.string()),
-        "caption": pa.array(captions, pa.string()),
-        "image": pa.array([None if r["image"] is None else bytes(r["image"]) for r in rows], pa.binary()),
-        "attributes": pa.nulls(len(rows), pa.string()),
-        "source": pa.array([r["source"] for r in rows], pa.string()),
-        "reason": pa.array(reasons, pa.string()),
-        "detail": pa.array(details, pa.string()),
-    })
+    return pa.table(
+        {
+            "image_id": pa.array(ids, pa.string()),
+            "split": pa.array([r["split"] for r in rows], pa.string()),
+            "caption": pa.array(captions, pa.string()),
+            "image": pa.array([None if r["image"] is None else bytes(r["image"]) for r in rows], pa.binary()),
+            "attributes": pa.nulls(len(rows), pa.string()),
+            "source": pa.array([r["source"] for r in rows], pa.string()),
+            "reason": pa.array(reasons, pa.string()),
+            "detail": pa.array(details, pa.string()),
+        }
+    )
 
 
 def _candidates(columns: dict[str, list]):
     import pyarrow as pa
 
     n = len(columns["source"])
-    types = {"image_id": pa.string(), "split": pa.string(), "caption": pa.binary(), "image": pa.binary(),
-             "source": pa.string(), "reason": pa.string(), "detail": pa.string()}
+    types = {
+        "image_id": pa.string(),
+        "split": pa.string(),
+        "caption": pa.binary(),
+        "image": pa.binary(),
+        "source": pa.string(),
+        "reason": pa.string(),
+        "detail": pa.string(),
+    }
     out = {}
     for c in CANDIDATE_COLUMNS:
         values = columns.get(c, [None] * n)
@@ -171,8 +196,9 @@ def read_coco(cfg, data_cfg, storage):
 
     meta = storage.read_json(cfg.annotations)
     if not isinstance(meta, dict) or "images" not in meta or "annotations" not in meta:
-        raise ValueError(f"{storage.resolve(cfg.annotations)}: not a COCO captions file (needs images[] and "
-                         f"annotations[])")
+        raise ValueError(
+            f"{storage.resolve(cfg.annotations)}: not a COCO captions file (needs images[] and annotations[])"
+        )
     by_image: dict[int, list[tuple[int, str]]] = {}
     for ann in meta["annotations"]:
         by_image.setdefault(ann["image_id"], []).append((ann.get("id", 0), ann.get("caption")))
@@ -195,12 +221,23 @@ def read_coco(cfg, data_cfg, storage):
     annotations = storage.resolve(cfg.annotations)
     for image_id, anns in by_image.items():  # what is left names no image of images[]
         for ann_id, caption in sorted(anns, key=lambda a: a[0]):
-            add(f"coco-{image_id}", caption, None, f"{annotations}#annotation-{ann_id}", "unknown_image_id",
-                f"annotation {ann_id} names image id {image_id}, which images[] does not list")
-    table = pa.table({"split": pa.array([cfg.split] * len(rows["uri"]), pa.string()),
-                      **{c: pa.array(v, pa.string()) for c, v in rows.items()}})
+            add(
+                f"coco-{image_id}",
+                caption,
+                None,
+                f"{annotations}#annotation-{ann_id}",
+                "unknown_image_id",
+                f"annotation {ann_id} names image id {image_id}, which images[] does not list",
+            )
+    table = pa.table(
+        {
+            "split": pa.array([cfg.split] * len(rows["uri"]), pa.string()),
+            **{c: pa.array(v, pa.string()) for c, v in rows.items()},
+        }
+    )
     return _blocks(table, data_cfg.rows_per_task).map_batches(
-        fetch_images, fn_args=(storage,), batch_format="pyarrow", batch_size=None)
+        fetch_images, fn_args=(storage,), batch_format="pyarrow", batch_size=None
+    )
 
 
 CUB_DIR = "CUB_200_2011"
@@ -254,11 +291,17 @@ def _cub_rows(batch, cfg, storage):
             except RejectError as e:
                 reasons[k], details[k] = e.reason, e.detail
         captions.append(caption)
-    return fetch_images(pa.table({
-        **{c: t.column(c) for c in ("image_id", "split", "uri", "source")},
-        "caption": pa.array([None if c is None else c.encode() for c in captions], pa.binary()),
-        "reason": pa.array(reasons, pa.string()), "detail": pa.array(details, pa.string()),
-    }), storage)
+    return fetch_images(
+        pa.table(
+            {
+                **{c: t.column(c) for c in ("image_id", "split", "uri", "source")},
+                "caption": pa.array([None if c is None else c.encode() for c in captions], pa.binary()),
+                "reason": pa.array(reasons, pa.string()),
+                "detail": pa.array(details, pa.string()),
+            }
+        ),
+        storage,
+    )
 
 
 def read_cub(cfg, data_cfg, storage):
@@ -282,17 +325,22 @@ def read_cub(cfg, data_cfg, storage):
     bad = [f"{n} {v}" for n, v in is_train.items() if v not in ("0", "1")]
     unsplit = [n for n in numbers if n not in is_train]
     if bad or unsplit:
-        raise ValueError(f"{split_uri}: " + (f"values must be 0 or 1, got e.g. {bad[:3]}" if bad else
-                                             f"{len(unsplit)} images of images.txt have no line, e.g. {unsplit[:3]}"))
-    stems = {f: posixpath.splitext(f[len(text) + 1:])[0] for f in storage.find(text) if f.endswith(".txt")}
+        raise ValueError(
+            f"{split_uri}: "
+            + (
+                f"values must be 0 or 1, got e.g. {bad[:3]}"
+                if bad
+                else f"{len(unsplit)} images of images.txt have no line, e.g. {unsplit[:3]}"
+            )
+        )
+    stems = {f: posixpath.splitext(f[len(text) + 1 :])[0] for f in storage.find(text) if f.endswith(".txt")}
     if not stems:
         raise FileNotFoundError(f"{text}: no caption files (<class>/<image>.txt, Reed et al.'s text_c10)")
     # Against every image, whatever the split: a caption file whose image is not in images.txt names no image of
     # the dataset at all.
     named = {posixpath.splitext(rel)[0] for _, rel in images}
     wanted = "1" if cfg.split == "train" else "0"
-    rows: dict[str, list] = {c: [] for c in ("image_id", "number", "uri", "caption_uri", "source", "reason",
-                                             "detail")}
+    rows: dict[str, list] = {c: [] for c in ("image_id", "number", "uri", "caption_uri", "source", "reason", "detail")}
 
     def add(*values):
         for c, v in zip(rows, values):
@@ -305,14 +353,31 @@ def read_cub(cfg, data_cfg, storage):
     in_split = len(rows["uri"])
     for f, stem in stems.items():
         if stem not in named:
-            add(stem, None, None, None, f, "unknown_image_id",
-                f"caption file names image {stem!r}, which {join(base, 'images.txt')} does not list")
-    log.info("cub: %d %s images of %d, %d caption files naming no image", in_split, cfg.split, len(images),
-             len(rows["uri"]) - in_split)
-    table = pa.table({"split": pa.array([cfg.split] * len(rows["uri"]), pa.string()),
-                      **{c: pa.array(v, pa.string()) for c, v in rows.items()}})
+            add(
+                stem,
+                None,
+                None,
+                None,
+                f,
+                "unknown_image_id",
+                f"caption file names image {stem!r}, which {join(base, 'images.txt')} does not list",
+            )
+    log.info(
+        "cub: %d %s images of %d, %d caption files naming no image",
+        in_split,
+        cfg.split,
+        len(images),
+        len(rows["uri"]) - in_split,
+    )
+    table = pa.table(
+        {
+            "split": pa.array([cfg.split] * len(rows["uri"]), pa.string()),
+            **{c: pa.array(v, pa.string()) for c, v in rows.items()},
+        }
+    )
     return _blocks(table, data_cfg.rows_per_task).map_batches(
-        _cub_rows, fn_args=(cfg, storage), batch_format="pyarrow", batch_size=None)
+        _cub_rows, fn_args=(cfg, storage), batch_format="pyarrow", batch_size=None
+    )
 
 
 def _expand_braces(pattern: str) -> list[str]:
@@ -322,7 +387,7 @@ def _expand_braces(pattern: str) -> list[str]:
         return [pattern]
     lo, hi = m.group(1), m.group(2)
     width = len(lo) if lo.startswith("0") else 0
-    head, tail = pattern[:m.start()], pattern[m.end():]
+    head, tail = pattern[: m.start()], pattern[m.end() :]
     return [x for k in range(int(lo), int(hi) + 1) for x in _expand_braces(f"{head}{k:0{width}d}{tail}")]
 
 
@@ -367,9 +432,15 @@ def _tar_samples(stream, shard: str, cfg) -> Iterator[dict[str, Any]]:
 
 def _sample(key: str, members: dict[str, bytes], shard: str, cfg) -> dict[str, Any]:
     image = next((members[e] for e in cfg.image_members if e in members), None)
-    return {"image_id": key, "split": cfg.split, "caption": members.get(cfg.caption_member), "image": image,
-            "source": f"{shard}#{key}", "reason": None if image is not None else "missing_image",
-            "detail": None if image is not None else "no image member"}
+    return {
+        "image_id": key,
+        "split": cfg.split,
+        "caption": members.get(cfg.caption_member),
+        "image": image,
+        "source": f"{shard}#{key}",
+        "reason": None if image is not None else "missing_image",
+        "detail": None if image is not None else "no image member",
+    }
 
 
 def read_webdataset_shards(batch, storage, cfg, rows_per_block: int):
@@ -387,8 +458,17 @@ def read_webdataset_shards(batch, storage, cfg, rows_per_block: int):
                         rows = []
         except (tarfile.TarError, EOFError, OSError) as e:
             log.warning("webdataset: %s is damaged after %d samples: %s", shard, len(rows), e)
-            rows.append({"image_id": None, "split": cfg.split, "caption": None, "image": None,
-                         "source": shard, "reason": "corrupt_shard", "detail": f"{type(e).__name__}: {e}"})
+            rows.append(
+                {
+                    "image_id": None,
+                    "split": cfg.split,
+                    "caption": None,
+                    "image": None,
+                    "source": shard,
+                    "reason": "corrupt_shard",
+                    "detail": f"{type(e).__name__}: {e}",
+                }
+            )
         if rows:
             yield _candidates({c: [r[c] for r in rows] for c in CANDIDATE_COLUMNS})
 
@@ -399,8 +479,8 @@ def read_webdataset(cfg, data_cfg, storage):
     shards = list_shards(cfg.shards, storage)
     log.info("webdataset: %d shards", len(shards))
     return ray.data.from_items([{"shard": s} for s in shards], override_num_blocks=len(shards)).map_batches(
-        read_webdataset_shards, fn_args=(storage, cfg, data_cfg.rows_per_task), batch_size=1,
-        batch_format="numpy")
+        read_webdataset_shards, fn_args=(storage, cfg, data_cfg.rows_per_task), batch_size=1, batch_format="numpy"
+    )
 
 
 def _parquet_rows(batch, cfg, storage):
@@ -420,14 +500,22 @@ def _parquet_rows(batch, cfg, storage):
         # Hugging Face datasets store an image as {"bytes": ..., "path": ...}.
         images = [r.get("bytes") if isinstance(r, dict) else r for r in raw]
         sources = [f"{cfg.image_column}[{k}]" for k in range(n)]
-        return _candidates({"image_id": ids, "split": split, "caption": caption, "image": images,
-                            "source": sources})
-    uris = [None if u is None else (storage.resolve(join(cfg.uri_root, u)) if cfg.uri_root and "://" not in u
-                                    else storage.resolve(u)) for u in t.column(cfg.uri_column).to_pylist()]
+        return _candidates({"image_id": ids, "split": split, "caption": caption, "image": images, "source": sources})
+    uris = [
+        None
+        if u is None
+        else (storage.resolve(join(cfg.uri_root, u)) if cfg.uri_root and "://" not in u else storage.resolve(u))
+        for u in t.column(cfg.uri_column).to_pylist()
+    ]
     ids = [i if i is not None or u is None else u for i, u in zip(ids, uris)]
-    table = pa.table({"image_id": pa.array(ids, pa.string()), "split": pa.array(split, pa.string()),
-                      "caption": pa.array([c.encode() if isinstance(c, str) else c for c in caption], pa.binary()),
-                      "uri": pa.array(uris, pa.string())})
+    table = pa.table(
+        {
+            "image_id": pa.array(ids, pa.string()),
+            "split": pa.array(split, pa.string()),
+            "caption": pa.array([c.encode() if isinstance(c, str) else c for c in caption], pa.binary()),
+            "uri": pa.array(uris, pa.string()),
+        }
+    )
     return fetch_images(table, storage)
 
 
@@ -437,11 +525,11 @@ def read_parquet_source(cfg, data_cfg, storage):
     paths = [cfg.paths] if isinstance(cfg.paths, str) else list(cfg.paths)
     resolved = [storage.resolve(p) for p in paths]
     fs, _ = storage.arrow_fs(resolved[0])
-    columns = [c for c in (cfg.caption_column, cfg.image_column, cfg.uri_column, cfg.id_column, cfg.split_column)
-               if c]
+    columns = [c for c in (cfg.caption_column, cfg.image_column, cfg.uri_column, cfg.id_column, cfg.split_column) if c]
     ds = ray.data.read_parquet([storage.fs(p)[1] for p in resolved], filesystem=fs, columns=columns)
-    return ds.map_batches(_parquet_rows, fn_args=(cfg, storage), batch_format="pyarrow",
-                          batch_size=data_cfg.rows_per_task)
+    return ds.map_batches(
+        _parquet_rows, fn_args=(cfg, storage), batch_format="pyarrow", batch_size=data_cfg.rows_per_task
+    )
 
 
 def _folder_rows(batch, cfg, storage):
@@ -454,13 +542,16 @@ def _folder_rows(batch, cfg, storage):
     root = storage.resolve(cfg.root)
     files = [None if f is None else str(f) for f in t.column(cfg.file_column).to_pylist()]
     split = t.column(cfg.split_column).to_pylist() if cfg.split_column else [cfg.split] * n
-    table = pa.table({
-        "image_id": pa.array(files, pa.string()),
-        "split": pa.array(split, pa.string()),
-        "caption": pa.array([c.encode() if isinstance(c, str) else c
-                             for c in t.column(cfg.caption_column).to_pylist()], pa.binary()),
-        "uri": pa.array([None if f is None else join(root, *f.split("/")) for f in files], pa.string()),
-    })
+    table = pa.table(
+        {
+            "image_id": pa.array(files, pa.string()),
+            "split": pa.array(split, pa.string()),
+            "caption": pa.array(
+                [c.encode() if isinstance(c, str) else c for c in t.column(cfg.caption_column).to_pylist()], pa.binary()
+            ),
+            "uri": pa.array([None if f is None else join(root, *f.split("/")) for f in files], pa.string()),
+        }
+    )
     return fetch_images(table, storage)
 
 
@@ -475,19 +566,28 @@ def read_folder(cfg, data_cfg, storage):
         ds = ray.data.read_json(path, filesystem=fs)  # newline-delimited (pyarrow's JSON reader)
     elif uri.endswith((".csv", ".tsv")):
         ds = ray.data.read_csv(
-            path, filesystem=fs,
+            path,
+            filesystem=fs,
             parse_options=pacsv.ParseOptions(delimiter="\t" if uri.endswith(".tsv") else ","),
             # Binary, not string: a caption that is not UTF-8 becomes a reject row instead of failing the file.
-            convert_options=pacsv.ConvertOptions(column_types={cfg.caption_column: pa.binary(),
-                                                               cfg.file_column: pa.string()}))
+            convert_options=pacsv.ConvertOptions(
+                column_types={cfg.caption_column: pa.binary(), cfg.file_column: pa.string()}
+            ),
+        )
     else:
         raise ValueError(f"{uri}: captions file must be .csv, .tsv or .jsonl")
-    return ds.map_batches(_folder_rows, fn_args=(cfg, storage), batch_format="pyarrow",
-                          batch_size=data_cfg.rows_per_task)
+    return ds.map_batches(
+        _folder_rows, fn_args=(cfg, storage), batch_format="pyarrow", batch_size=data_cfg.rows_per_task
+    )
 
 
-SOURCES = {"coco": read_coco, "cub": read_cub, "webdataset": read_webdataset, "parquet": read_parquet_source,
-           "folder": read_folder}
+SOURCES = {
+    "coco": read_coco,
+    "cub": read_cub,
+    "webdataset": read_webdataset,
+    "parquet": read_parquet_source,
+    "folder": read_folder,
+}
 
 
 # ------------------------------------------------------------------------------------------------- the job
@@ -504,15 +604,28 @@ def read_images(job, storage) -> dict[str, Any]:
     init_ray(job.ray)
     # The source first: a missing dataset fails before either artifact is touched.
     ds = SOURCES[data.source](getattr(data, data.source), data, storage)
-    sink = Sink(storage, "data", unit="image", kept=Output(data.output, "images", IMAGE_COLUMNS),
-                rejected=Output(data.rejects, "image_rejects", REJECT_COLUMNS), config=data.model_dump(mode="json"))
-    sink.run(ds, lambda rows: rows.map_batches(check_batch, fn_args=(data,), batch_format="pyarrow", batch_size=None),
-             summary=lambda t: {"source": data.source, "rows_in": t.kept + t.rejected, "images": t.kept,
-                                "images_per_s": round(t.per_s(t.kept), 1)})
+    sink = Sink(
+        storage,
+        "data",
+        unit="image",
+        kept=Output(data.output, "images", IMAGE_COLUMNS),
+        rejected=Output(data.rejects, "image_rejects", REJECT_COLUMNS),
+        config=data.model_dump(mode="json"),
+    )
+    sink.run(
+        ds,
+        lambda rows: rows.map_batches(check_batch, fn_args=(data,), batch_format="pyarrow", batch_size=None),
+        summary=lambda t: {
+            "source": data.source,
+            "rows_in": t.kept + t.rejected,
+            "images": t.kept,
+            "images_per_s": round(t.per_s(t.kept), 1),
+        },
+    )
     return sink.kept.manifest
 
 
-def make_images_artifact(job, storage) -> dict[str, Any]:
+def make_images_artifact(job: JobConfig, storage: Storage) -> dict[str, Any]:
     """The data stage: the synthetic set, or a real dataset through the readers above."""
     if job.data.source == "synthetic":
         from pcd_ray.data.synthetic import make_images

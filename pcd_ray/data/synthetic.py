@@ -20,12 +20,16 @@ import json
 import logging
 import math
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from pcd_ray.data import attributes as A
 from pcd_ray.data.images import encode_png
+
+if TYPE_CHECKING:
+    from pcd_ray.config import JobConfig
+    from pcd_ray.storage import Storage
 
 log = logging.getLogger(__name__)
 
@@ -152,8 +156,16 @@ def _schema():
     import pyarrow as pa
 
     # Explicit types: a column of PNGs must be binary in every shard, never inferred as an object tensor.
-    return pa.schema([("image_id", pa.string()), ("split", pa.string()), ("caption", pa.string()),
-                      ("image", pa.binary()), ("attributes", pa.string()), ("label", pa.string())])
+    return pa.schema(
+        [
+            ("image_id", pa.string()),
+            ("split", pa.string()),
+            ("caption", pa.string()),
+            ("image", pa.binary()),
+            ("attributes", pa.string()),
+            ("label", pa.string()),
+        ]
+    )
 
 
 def _render_batch(batch: dict[str, np.ndarray], *, seed: int, num_train: int, size: int):
@@ -167,7 +179,7 @@ def _render_batch(batch: dict[str, np.ndarray], *, seed: int, num_train: int, si
     return pa.Table.from_pylist(rows, schema=_schema())
 
 
-def make_images(job, storage) -> dict[str, Any]:
+def make_images(job: JobConfig, storage: Storage) -> dict[str, Any]:
     """Generate the synthetic images artifact at ``job.data.output``; returns its manifest.
 
     A Ray Data job: one block per ``rows_per_shard`` images, rendered in parallel tasks, written as Parquet.
@@ -188,20 +200,37 @@ def make_images(job, storage) -> dict[str, Any]:
         batch_size=cfg.rows_per_shard,
         udf_modifying_row_count=False,
     )
-    summary = {"num_train": cfg.num_train, "num_test": cfg.num_test, "num_images": total,
-               "image_size": cfg.image_size}
-    manifest = artifacts.write_dataset(ds, storage, job.data.output, "images",
-                                       config=job.data.model_dump(mode="json"), summary=summary,
-                                       rows_per_file=cfg.rows_per_shard)
+    summary = {"num_train": cfg.num_train, "num_test": cfg.num_test, "num_images": total, "image_size": cfg.image_size}
+    manifest = artifacts.write_dataset(
+        ds,
+        storage,
+        job.data.output,
+        "images",
+        config=job.data.model_dump(mode="json"),
+        summary=summary,
+        rows_per_file=cfg.rows_per_shard,
+    )
     # Drawn images are never bad, but the data stage always leaves both of its outputs, so what reads (and
     # records) image_rejects finds an empty artifact rather than none.
     import pyarrow as pa
 
-    artifacts.write_table(pa.table({c: pa.array([], pa.string()) for c in ("image_id", "source", "reason", "detail")}),
-                          storage, job.data.rejects, "image_rejects", config=job.data.model_dump(mode="json"))
+    artifacts.write_table(
+        pa.table({c: pa.array([], pa.string()) for c in ("image_id", "source", "reason", "detail")}),
+        storage,
+        job.data.rejects,
+        "image_rejects",
+        config=job.data.model_dump(mode="json"),
+    )
     wall = time.time() - start
-    manifest = artifacts.update_summary(storage, job.data.output, wall_s=round(wall, 3),
-                                        images_per_s=round(total / max(wall, 1e-9), 1))
-    log.info("synthetic: %d images (%d train, %d test) in %.1f s -> %s", total, cfg.num_train, cfg.num_test, wall,
-             storage.resolve(job.data.output))
+    manifest = artifacts.update_summary(
+        storage, job.data.output, wall_s=round(wall, 3), images_per_s=round(total / max(wall, 1e-9), 1)
+    )
+    log.info(
+        "synthetic: %d images (%d train, %d test) in %.1f s -> %s",
+        total,
+        cfg.num_train,
+        cfg.num_test,
+        wall,
+        storage.resolve(job.data.output),
+    )
     return manifest

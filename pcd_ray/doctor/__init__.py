@@ -14,8 +14,8 @@ Checks, one module each: ``packages`` (Python, pins, vLLM), ``gpu`` (driver vs t
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from pcd_ray.config import JobConfig
 from pcd_ray.doctor import gpu, ops, packages, resources, storage

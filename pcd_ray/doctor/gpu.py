@@ -52,12 +52,21 @@ def gpu_row(facts: GpuFacts, needed: bool, why: str) -> Row:
     if not facts.present:
         return Row("gpu", SKIP, NO_GPU)
     if facts.torch_cuda is None:
-        row = Row("gpu", FAIL, f"torch {facts.torch_version} is a CPU build, but this machine has a GPU"
-                               f"{f' (driver {facts.driver})' if facts.driver else ''}", GPU_INSTALL)
+        row = Row(
+            "gpu",
+            FAIL,
+            f"torch {facts.torch_version} is a CPU build, but this machine has a GPU"
+            f"{f' (driver {facts.driver})' if facts.driver else ''}",
+            GPU_INSTALL,
+        )
         return relevant(row, needed, why)
     if facts.driver is None:
-        row = Row("gpu", FAIL, f"a GPU is present but its driver version is unreadable: {facts.driver_error}",
-                  "run `nvidia-smi` on this node and fix what it reports")
+        row = Row(
+            "gpu",
+            FAIL,
+            f"a GPU is present but its driver version is unreadable: {facts.driver_error}",
+            "run `nvidia-smi` on this node and fix what it reports",
+        )
         return relevant(row, needed, why)
     major = int(facts.torch_cuda.split(".")[0])
     minimum = MIN_DRIVER.get(major)
@@ -65,16 +74,23 @@ def gpu_row(facts: GpuFacts, needed: bool, why: str) -> Row:
     if minimum is None:
         return Row("gpu", WARN, f"driver {facts.driver}; no known minimum driver for CUDA {major} ({built})")
     if version_tuple(facts.driver) < version_tuple(minimum):
-        row = Row("gpu", FAIL, f"driver {facts.driver} is older than {minimum}, the minimum for CUDA {major} ({built})",
-                  f"upgrade the NVIDIA driver on this node to >= {minimum} (docs/CLUSTER.md)")
+        row = Row(
+            "gpu",
+            FAIL,
+            f"driver {facts.driver} is older than {minimum}, the minimum for CUDA {major} ({built})",
+            f"upgrade the NVIDIA driver on this node to >= {minimum} (docs/CLUSTER.md)",
+        )
         return relevant(row, needed, why)
     if not facts.cuda_available:
         said = f": {facts.cuda_warning}" if facts.cuda_warning else ""
-        row = Row("gpu", FAIL, f"driver {facts.driver} is new enough for CUDA {major}, but torch sees no GPU{said}",
-                  "check CUDA_VISIBLE_DEVICES and that this process can open /dev/nvidia*")
+        row = Row(
+            "gpu",
+            FAIL,
+            f"driver {facts.driver} is new enough for CUDA {major}, but torch sees no GPU{said}",
+            "check CUDA_VISIBLE_DEVICES and that this process can open /dev/nvidia*",
+        )
         return relevant(row, needed, why)
-    return Row("gpu", OK, f"{facts.device_count} GPU(s), driver {facts.driver} >= {minimum} for CUDA {major} "
-                          f"({built})")
+    return Row("gpu", OK, f"{facts.device_count} GPU(s), driver {facts.driver} >= {minimum} for CUDA {major} ({built})")
 
 
 def nccl_row(facts: GpuFacts, needed: bool, why: str) -> Row:
@@ -90,8 +106,12 @@ def read_driver(nvidia_smi: str | None) -> tuple[str | None, str | None]:
     """(driver version, error) from nvidia-smi, else NVML when pynvml is installed; (None, None) with neither."""
     if nvidia_smi:
         try:
-            out = subprocess.run([nvidia_smi, "--query-gpu=driver_version", "--format=csv,noheader"],
-                                 capture_output=True, text=True, timeout=30)
+            out = subprocess.run(
+                [nvidia_smi, "--query-gpu=driver_version", "--format=csv,noheader"],
+                capture_output=True,
+                text=True,
+                timeout=30,
+            )
         except (OSError, subprocess.SubprocessError) as e:
             return None, one_line(e)
         versions = [line.strip() for line in out.stdout.splitlines() if line.strip()]
@@ -130,7 +150,15 @@ def gather() -> GpuFacts:
             nccl = ".".join(str(p) for p in torch.cuda.nccl.version())
         except Exception as e:  # a torch built without NCCL raises here
             nccl_error = one_line(e)
-    return GpuFacts(torch_version=torch.__version__, torch_cuda=torch.version.cuda, cuda_available=available,
-                    device_count=torch.cuda.device_count() if available else 0, nvidia_smi=smi, driver=driver,
-                    driver_error=driver_error, nccl=nccl, nccl_error=nccl_error,
-                    cuda_warning=one_line(str(caught[-1].message)) if caught else None)
+    return GpuFacts(
+        torch_version=torch.__version__,
+        torch_cuda=torch.version.cuda,
+        cuda_available=available,
+        device_count=torch.cuda.device_count() if available else 0,
+        nvidia_smi=smi,
+        driver=driver,
+        driver_error=driver_error,
+        nccl=nccl,
+        nccl_error=nccl_error,
+        cuda_warning=one_line(str(caught[-1].message)) if caught else None,
+    )

@@ -95,21 +95,42 @@ def needed_ops(section: str, ds: dict, use_gpu: bool) -> tuple[list[OpNeed], str
         torch_adam = kind in ("adam", "adamw") and (optimizer.get("params") or {}).get("torch_adam")
         entry = None if torch_adam else OPTIMIZER_OPS.get(kind, (None, None))[1 if offloaded else 0]
         if entry is not None:
-            needs.append(OpNeed(entry[0], entry[1], device,
-                                f"deepspeed.overrides.optimizer type {optimizer.get('type')}"
-                                f"{', offloaded' if offloaded else ''}",
-                                avoid=f"drop `optimizer` from {section}.deepspeed.overrides (pcd-ray then hands "
-                                      f"DeepSpeed torch's fused Adam)"))
+            needs.append(
+                OpNeed(
+                    entry[0],
+                    entry[1],
+                    device,
+                    f"deepspeed.overrides.optimizer type {optimizer.get('type')}{', offloaded' if offloaded else ''}",
+                    avoid=f"drop `optimizer` from {section}.deepspeed.overrides (pcd-ray then hands "
+                    f"DeepSpeed torch's fused Adam)",
+                )
+            )
     elif offloaded and ds.get("zero_force_ds_cpu_optimizer", True):
-        refusal = (f"{section}: DeepSpeed refuses a client optimizer under ZeRO-Offload while "
-                   f"zero_force_ds_cpu_optimizer is true")
+        refusal = (
+            f"{section}: DeepSpeed refuses a client optimizer under ZeRO-Offload while "
+            f"zero_force_ds_cpu_optimizer is true"
+        )
     for key, where in offload.items():
         if where == "nvme":
-            needs.append(OpNeed("async_io", "AsyncIOBuilder", device, f"{key} to nvme",
-                                avoid=f"offload to cpu: {section}.deepspeed.overrides.zero_optimization.{key}"))
+            needs.append(
+                OpNeed(
+                    "async_io",
+                    "AsyncIOBuilder",
+                    device,
+                    f"{key} to nvme",
+                    avoid=f"offload to cpu: {section}.deepspeed.overrides.zero_optimization.{key}",
+                )
+            )
     if not use_gpu:
-        needs.append(OpNeed("deepspeed_shm_comm", "ShareMemCommBuilder", "cpu",
-                            "CPU workers: DeepSpeed's shared-memory collectives", optional=True))
+        needs.append(
+            OpNeed(
+                "deepspeed_shm_comm",
+                "ShareMemCommBuilder",
+                "cpu",
+                "CPU workers: DeepSpeed's shared-memory collectives",
+                optional=True,
+            )
+        )
     return needs, refusal
 
 
@@ -128,20 +149,26 @@ def op_row(need: OpNeed, sections: list[str], facts: OpFacts, tools: Toolchain, 
     need's own (several sections join theirs)."""
     avoid = avoid or need.avoid
     head = f"{need.op} for {', '.join(sections)} ({need.reason})"
-    prebuild = (f"prebuild it: {facts.build_var}=1 pip install --no-cache-dir --force-reinstall "
-                f"deepspeed=={tools.deepspeed}") if facts.build_var else None
+    prebuild = (
+        (f"prebuild it: {facts.build_var}=1 pip install --no-cache-dir --force-reinstall deepspeed=={tools.deepspeed}")
+        if facts.build_var
+        else None
+    )
     fix = "; or ".join(f for f in (avoid, prebuild) if f)
     if not facts.implemented:
-        return Row(CHECK, FAIL, f"{head}: DeepSpeed has no {need.device} implementation of it",
-                   avoid or "use a DeepSpeed optimizer with a CPU implementation")
+        return Row(
+            CHECK,
+            FAIL,
+            f"{head}: DeepSpeed has no {need.device} implementation of it",
+            avoid or "use a DeepSpeed optimizer with a CPU implementation",
+        )
     if facts.prebuilt:
         return Row(CHECK, OK, f"{head}: prebuilt")
     if not facts.compatible:
         if need.optional:
             return Row(CHECK, OK, f"{head}: not buildable here, so DeepSpeed uses torch.distributed instead")
         said = f": {facts.error}" if facts.error else ""
-        return Row(CHECK, FAIL, f"{head}: not prebuilt, and DeepSpeed's {need.builder} cannot build it here{said}",
-                   fix)
+        return Row(CHECK, FAIL, f"{head}: not prebuilt, and DeepSpeed's {need.builder} cannot build it here{said}", fix)
     missing = []
     if tools.cxx is None:
         missing.append(f"no C++ compiler ({os.environ.get('CXX', 'c++')})")
@@ -151,8 +178,12 @@ def op_row(need: OpNeed, sections: list[str], facts: OpFacts, tools: Toolchain, 
     if nvcc:
         missing.append(nvcc)
     if missing:
-        return Row(CHECK, FAIL, f"{head}: not prebuilt and not JIT-buildable: {'; '.join(missing)}",
-                   fix or "install a C++ compiler and ninja (apt-get install g++ ninja-build)")
+        return Row(
+            CHECK,
+            FAIL,
+            f"{head}: not prebuilt and not JIT-buildable: {'; '.join(missing)}",
+            fix or "install a C++ compiler and ninja (apt-get install g++ ninja-build)",
+        )
     with_nvcc = f" and nvcc {tools.nvcc}" if facts.cuda else ""
     return Row(CHECK, OK, f"{head}: JIT-built on first use with {tools.cxx}{with_nvcc}")
 
@@ -180,27 +211,42 @@ def _probe(needs: list[OpNeed]) -> tuple[dict[tuple[str, str], OpFacts], Toolcha
             except Exception as e:  # a probe that fails means DeepSpeed cannot build the op either
                 compatible, error = False, one_line(e)
             facts[need.op, need.device] = OpFacts(
-                implemented=True, compatible=compatible, error=error, cuda=isinstance(builder, CUDAOpBuilder),
+                implemented=True,
+                compatible=compatible,
+                error=error,
+                cuda=isinstance(builder, CUDAOpBuilder),
                 build_var=getattr(builder, "BUILD_VAR", None),
                 # A prebuilt op loads only under the accelerator it was built for.
-                prebuilt=bool(installed_ops.get(need.op)) and accelerator_name == need.device)
+                prebuilt=bool(installed_ops.get(need.op)) and accelerator_name == need.device,
+            )
         nvcc = nvcc_error = None
         if any(f.cuda and not f.prebuilt for f in facts.values()):
             try:
-                nvcc = "%d.%d" % installed_cuda_version()
+                nvcc = "{}.{}".format(*installed_cuda_version())
             except Exception as e:  # MissingCUDAException and friends: no toolkit to compile with
                 nvcc_error = one_line(e)
-        tools = Toolchain(deepspeed=deepspeed.__version__, cxx=shutil.which(os.environ.get("CXX", "c++")),
-                          ninja=cpp.is_ninja_available(), nvcc=nvcc, nvcc_error=nvcc_error,
-                          torch_cuda=torch.version.cuda)
+        tools = Toolchain(
+            deepspeed=deepspeed.__version__,
+            cxx=shutil.which(os.environ.get("CXX", "c++")),
+            ninja=cpp.is_ninja_available(),
+            nvcc=nvcc,
+            nvcc_error=nvcc_error,
+            torch_cuda=torch.version.cuda,
+        )
     return facts, tools
 
 
-def rows_for(needs_by_section: list[tuple[str, bool, list[OpNeed], str | None]],
-             facts: dict[tuple[str, str], OpFacts], tools: Toolchain | None) -> list[Row]:
+def rows_for(
+    needs_by_section: list[tuple[str, bool, list[OpNeed], str | None]],
+    facts: dict[tuple[str, str], OpFacts],
+    tools: Toolchain | None,
+) -> list[Row]:
     """Rows from (section, use_gpu, its needs, its refusal): one per distinct op, or one saying none is needed."""
-    rows = [Row(CHECK, FAIL, refusal, f"drop zero_force_ds_cpu_optimizer from {section}.deepspeed.overrides")
-            for section, _, _, refusal in needs_by_section if refusal]
+    rows = [
+        Row(CHECK, FAIL, refusal, f"drop zero_force_ds_cpu_optimizer from {section}.deepspeed.overrides")
+        for section, _, _, refusal in needs_by_section
+        if refusal
+    ]
     by_op: dict[tuple[str, str], list[tuple[str, OpNeed]]] = {}
     for section, _, needs, _ in needs_by_section:
         for need in needs:

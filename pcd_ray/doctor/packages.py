@@ -12,7 +12,7 @@ from __future__ import annotations
 import importlib
 import importlib.metadata as md
 import platform
-from typing import Callable
+from collections.abc import Callable
 
 from pcd_ray.config import JobConfig
 from pcd_ray.doctor.rows import FAIL, OK, SKIP, WARN, Row, one_line, quiet
@@ -37,8 +37,12 @@ def python_row(python_version: str, requires_python: str | None) -> Row:
         return Row("python", OK, f"{python_version} ({DIST} declares no Requires-Python)")
     if SpecifierSet(requires_python).contains(python_version, prereleases=True):
         return Row("python", OK, f"{python_version} (pcd-ray requires {requires_python})")
-    return Row("python", FAIL, f"{python_version}, but pcd-ray requires {requires_python}",
-               f"use a Python {requires_python} interpreter (docs/ENV.md), then {BASE_INSTALL}")
+    return Row(
+        "python",
+        FAIL,
+        f"{python_version}, but pcd-ray requires {requires_python}",
+        f"use a Python {requires_python} interpreter (docs/ENV.md), then {BASE_INSTALL}",
+    )
 
 
 def _needed(req, extras: tuple[str, ...]) -> bool:
@@ -48,8 +52,9 @@ def _needed(req, extras: tuple[str, ...]) -> bool:
     return any(req.marker.evaluate({"extra": extra}) for extra in ("", *extras))
 
 
-def package_problems(requirements: list[str], extras: tuple[str, ...],
-                     version_of: Callable[[str], str | None]) -> tuple[int, list[tuple[str, bool]]]:
+def package_problems(
+    requirements: list[str], extras: tuple[str, ...], version_of: Callable[[str], str | None]
+) -> tuple[int, list[tuple[str, bool]]]:
     """(requirements checked, [(problem, whether only an extra needs it)]) for the given requirement strings."""
     from packaging.requirements import Requirement
     from packaging.version import InvalidVersion, Version
@@ -75,11 +80,11 @@ def package_problems(requirements: list[str], extras: tuple[str, ...],
     return checked, problems
 
 
-def packages_row(dist_version: str | None, requirements: list[str], extras: tuple[str, ...],
-                 version_of: Callable[[str], str | None]) -> Row:
+def packages_row(
+    dist_version: str | None, requirements: list[str], extras: tuple[str, ...], version_of: Callable[[str], str | None]
+) -> Row:
     if dist_version is None:
-        return Row("packages", WARN, f"{DIST} is not installed as a package, so its pins cannot be read",
-                   BASE_INSTALL)
+        return Row("packages", WARN, f"{DIST} is not installed as a package, so its pins cannot be read", BASE_INSTALL)
     checked, problems = package_problems(requirements, extras, version_of)
     with_extras = "".join(f" + [{e}]" for e in extras)
     if not problems:
@@ -100,8 +105,9 @@ def torch_pin(requires: list[str]):
     return None
 
 
-def vllm_row(engine: str, vllm_version: str | None, vllm_requires: list[str], torch_version: str | None,
-             import_error: str | None) -> Row:
+def vllm_row(
+    engine: str, vllm_version: str | None, vllm_requires: list[str], torch_version: str | None, import_error: str | None
+) -> Row:
     from packaging.version import Version
 
     if engine != "vllm":
@@ -111,12 +117,17 @@ def vllm_row(engine: str, vllm_version: str | None, vllm_requires: list[str], to
     pin = torch_pin(vllm_requires)
     if pin is not None:
         if torch_version is None:
-            return Row("vllm", FAIL, f"vllm {vllm_version} needs torch{pin.specifier}; torch is not installed",
-                       GPU_INSTALL)
+            return Row(
+                "vllm", FAIL, f"vllm {vllm_version} needs torch{pin.specifier}; torch is not installed", GPU_INSTALL
+            )
         # A local build label (+cu130) names the CUDA flavour, not another release.
         if not pin.specifier.contains(Version(torch_version).public, prereleases=True):
-            return Row("vllm", FAIL, f"vllm {vllm_version} pins torch{pin.specifier}, installed torch is "
-                                     f"{torch_version}", f"install vLLM and torch together: {GPU_INSTALL}")
+            return Row(
+                "vllm",
+                FAIL,
+                f"vllm {vllm_version} pins torch{pin.specifier}, installed torch is {torch_version}",
+                f"install vLLM and torch together: {GPU_INSTALL}",
+            )
     if import_error:
         return Row("vllm", FAIL, f"vllm {vllm_version} does not import: {import_error}", GPU_INSTALL)
     pinned = f"torch{pin.specifier} matches torch {torch_version}" if pin is not None else "no torch pin"
@@ -137,8 +148,10 @@ def check(job: JobConfig, version_of: Callable[[str], str | None] = installed_ve
     extras = ("gpu",) if engine == "vllm" else ()
     dist_version = version_of(DIST)
     meta = md.metadata(DIST) if dist_version else None
-    rows = [python_row(platform.python_version(), meta.get("Requires-Python") if meta else None),
-            packages_row(dist_version, (md.requires(DIST) or []) if dist_version else [], extras, version_of)]
+    rows = [
+        python_row(platform.python_version(), meta.get("Requires-Python") if meta else None),
+        packages_row(dist_version, (md.requires(DIST) or []) if dist_version else [], extras, version_of),
+    ]
 
     vllm_version = version_of("vllm")
     vllm_requires = (md.requires("vllm") or []) if vllm_version else []

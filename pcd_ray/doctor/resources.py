@@ -98,31 +98,80 @@ def stage_requests(job: JobConfig) -> list[Request]:
     g = job.generate
     res = actor_resources(g)
     llm_gpus = g.engine == "vllm" and g.num_gpus_per_actor is None
-    cpu_generate = ("generate.engine=transformers" + (" generate.num_gpus_per_actor=0" if g.num_gpus_per_actor else "")
-                    if g.engine == "vllm" else "generate.num_gpus_per_actor=0")
-    out = [Request("generate", g.num_actors, "actor", _bundle(res["num_gpus"], res["num_cpus"]),
-                   "generate.num_actors", "generate.llm.tensor_parallel_size" if llm_gpus else
-                   "generate.num_gpus_per_actor", "generate.num_cpus_per_actor", cpu_generate)]
+    cpu_generate = (
+        "generate.engine=transformers" + (" generate.num_gpus_per_actor=0" if g.num_gpus_per_actor else "")
+        if g.engine == "vllm"
+        else "generate.num_gpus_per_actor=0"
+    )
+    out = [
+        Request(
+            "generate",
+            g.num_actors,
+            "actor",
+            _bundle(res["num_gpus"], res["num_cpus"]),
+            "generate.num_actors",
+            "generate.llm.tensor_parallel_size" if llm_gpus else "generate.num_gpus_per_actor",
+            "generate.num_cpus_per_actor",
+            cpu_generate,
+        )
+    ]
     if job.embed is not None:
         e = job.embed
-        out.append(Request("embed", e.num_actors, "actor", _bundle(e.num_gpus_per_actor, e.num_cpus_per_actor),
-                           "embed.num_actors", "embed.num_gpus_per_actor", "embed.num_cpus_per_actor",
-                           "embed.num_gpus_per_actor=0"))
+        out.append(
+            Request(
+                "embed",
+                e.num_actors,
+                "actor",
+                _bundle(e.num_gpus_per_actor, e.num_cpus_per_actor),
+                "embed.num_actors",
+                "embed.num_gpus_per_actor",
+                "embed.num_cpus_per_actor",
+                "embed.num_gpus_per_actor=0",
+            )
+        )
     for name, cfg in (("base_train", job.base_train), ("train", job.train)):
         if cfg is None:
             continue
         s = cfg.scaling
-        out.append(Request(name, s.num_workers, "worker", _bundle(1 if s.use_gpu else 0, s.cpus_per_worker),
-                           f"{name}.scaling.num_workers", f"{name}.scaling.use_gpu", f"{name}.scaling.cpus_per_worker",
-                           f"{name}.scaling.use_gpu=false"))
+        out.append(
+            Request(
+                name,
+                s.num_workers,
+                "worker",
+                _bundle(1 if s.use_gpu else 0, s.cpus_per_worker),
+                f"{name}.scaling.num_workers",
+                f"{name}.scaling.use_gpu",
+                f"{name}.scaling.cpus_per_worker",
+                f"{name}.scaling.use_gpu=false",
+            )
+        )
     # Eval's embedding actors reserve Ray's default CPU for an actor (embed_images gets no num_cpus).
-    out.append(Request("eval", job.eval.num_actors, "actor", _bundle(job.eval.num_gpus, 1), "eval.num_actors",
-                       "eval.num_gpus", None, "eval.num_gpus=0"))
+    out.append(
+        Request(
+            "eval",
+            job.eval.num_actors,
+            "actor",
+            _bundle(job.eval.num_gpus, 1),
+            "eval.num_actors",
+            "eval.num_gpus",
+            None,
+            "eval.num_gpus=0",
+        )
+    )
     sv = job.serve
     replicas = sv.autoscaling.min_replicas if sv.autoscaling is not None else sv.num_replicas
-    out.append(Request("serve", replicas, "replica", _bundle(sv.gpus_per_replica, sv.cpus_per_replica),
-                       "serve.autoscaling.min_replicas" if sv.autoscaling is not None else "serve.num_replicas",
-                       "serve.gpus_per_replica", "serve.cpus_per_replica", "serve.gpus_per_replica=0"))
+    out.append(
+        Request(
+            "serve",
+            replicas,
+            "replica",
+            _bundle(sv.gpus_per_replica, sv.cpus_per_replica),
+            "serve.autoscaling.min_replicas" if sv.autoscaling is not None else "serve.num_replicas",
+            "serve.gpus_per_replica",
+            "serve.cpus_per_replica",
+            "serve.gpus_per_replica=0",
+        )
+    )
     return out
 
 
@@ -144,32 +193,52 @@ def stage_row(req: Request, cluster: Cluster) -> Row:
         total = cluster.total("GPU")
         largest = max((n.get("GPU", 0) for n in shapes), default=0)
         if total == 0:
-            return Row(check, FAIL, f"{desc}; the cluster has 0 GPUs ({cluster.where})",
-                       f"{GPU_CLUSTER} or set {req.cpu_instead}")
+            return Row(
+                check,
+                FAIL,
+                f"{desc}; the cluster has 0 GPUs ({cluster.where})",
+                f"{GPU_CLUSTER} or set {req.cpu_instead}",
+            )
         if largest < gpus:
-            return Row(check, FAIL, f"{desc}; no node has {gpus:g} GPUs, the largest has {largest:g} "
-                                    f"({cluster.where})", f"lower {req.gpu_key} to {largest:g}, or add nodes with "
-                                                          f"{gpus:g} GPUs (docs/CLUSTER.md)")
+            return Row(
+                check,
+                FAIL,
+                f"{desc}; no node has {gpus:g} GPUs, the largest has {largest:g} ({cluster.where})",
+                f"lower {req.gpu_key} to {largest:g}, or add nodes with {gpus:g} GPUs (docs/CLUSTER.md)",
+            )
         if total < gpus * req.count:
-            return Row(check, FAIL, f"{desc} = {gpus * req.count:g} GPUs at once; the cluster has {total:g} GPUs "
-                                    f"({cluster.where})", f"lower {req.count_key} to {int(total // gpus)}, or add "
-                                                          f"GPU nodes (docs/CLUSTER.md)")
+            return Row(
+                check,
+                FAIL,
+                f"{desc} = {gpus * req.count:g} GPUs at once; the cluster has {total:g} GPUs ({cluster.where})",
+                f"lower {req.count_key} to {int(total // gpus)}, or add GPU nodes (docs/CLUSTER.md)",
+            )
     if not any(_fits(req.bundle, n) for n in shapes):
         room = max((n.get("CPU", 0) for n in shapes if n.get("GPU", 0) >= gpus), default=0)
         beside = f" with {gpus:g} GPUs" if gpus else ""
         lower = f"lower {req.cpu_key} to {room:g}" if req.cpu_key else "use nodes with more CPUs"
-        grow = (f"set ray.num_cpus to {req.bundle['CPU']:g}" if cluster.where == LOCAL
-                else "add such nodes (docs/CLUSTER.md)")
-        return Row(check, FAIL, f"{desc}; no node has {fmt(req.bundle)} (the most CPUs on a node{beside}: "
-                                f"{room:g}; {cluster.where})", f"{lower}, or {grow}")
+        grow = (
+            f"set ray.num_cpus to {req.bundle['CPU']:g}"
+            if cluster.where == LOCAL
+            else "add such nodes (docs/CLUSTER.md)"
+        )
+        return Row(
+            check,
+            FAIL,
+            f"{desc}; no node has {fmt(req.bundle)} (the most CPUs on a node{beside}: {room:g}; {cluster.where})",
+            f"{lower}, or {grow}",
+        )
     cpus = req.bundle["CPU"] * req.count
     total_cpus = cluster.total("CPU")
     if total_cpus < cpus:
         verdict = WARN if cluster.autoscaling else FAIL
         more = f"set ray.num_cpus to {cpus:g} (logical CPUs), " if cluster.where == LOCAL else ""
-        return Row(check, verdict, f"{desc} = {cpus:g} CPUs at once; the cluster has {total_cpus:g} "
-                                   f"({cluster.where})", f"{more}lower {req.count_key}"
-                                                         f"{f' or {req.cpu_key}' if req.cpu_key else ''}")
+        return Row(
+            check,
+            verdict,
+            f"{desc} = {cpus:g} CPUs at once; the cluster has {total_cpus:g} ({cluster.where})",
+            f"{more}lower {req.count_key}{f' or {req.cpu_key}' if req.cpu_key else ''}",
+        )
     return Row(check, OK, f"{desc}; fits ({cluster.where})")
 
 
@@ -177,14 +246,19 @@ def local_cluster(num_cpus: int | None, cpu_count: int, gpus: int) -> Cluster:
     """The one-node Ray a stage starts here: ray.num_cpus logical CPUs (else the cores), the GPUs torch sees."""
     cpus = num_cpus if num_cpus is not None else cpu_count
     source = "ray.num_cpus" if num_cpus is not None else "os.cpu_count()"
-    return Cluster(LOCAL, [{"CPU": float(cpus), "GPU": float(gpus)}],
-                   note=f"no ray.address or RAY_ADDRESS: a local Ray with {cpus} CPUs ({source}) and {gpus} GPUs")
+    return Cluster(
+        LOCAL,
+        [{"CPU": float(cpus), "GPU": float(gpus)}],
+        note=f"no ray.address or RAY_ADDRESS: a local Ray with {cpus} CPUs ({source}) and {gpus} GPUs",
+    )
 
 
 def node_types_from_config(config) -> tuple[list[NodeType], dict[str, float]]:
     """Node types and caps from the autoscaler's ClusterConfig (ray.core.generated.autoscaler_pb2) in the GCS."""
-    types = [NodeType(g.name, {k: float(v) for k, v in g.resources.items()}, g.min_count, g.max_count)
-             for g in config.node_group_configs]
+    types = [
+        NodeType(g.name, {k: float(v) for k, v in g.resources.items()}, g.min_count, g.max_count)
+        for g in config.node_group_configs
+    ]
     return types, {k: float(v) for k, v in config.max_resources.items()}
 
 
@@ -197,8 +271,9 @@ def node_types_from_launcher(config: dict) -> list[NodeType]:
         if name == head:
             types.append(NodeType(name, resources, 1, 1))
         else:
-            types.append(NodeType(name, resources, t.get("min_workers", 0),
-                                  t.get("max_workers", config.get("max_workers", 0))))
+            types.append(
+                NodeType(name, resources, t.get("min_workers", 0), t.get("max_workers", config.get("max_workers", 0)))
+            )
     return types
 
 
@@ -229,11 +304,15 @@ def _autoscaler(bootstrap: Path) -> tuple[list[NodeType], dict[str, float], str]
 def describe(cluster: Cluster) -> str:
     if cluster.where == LOCAL:
         return cluster.note
-    live = (f"{len(cluster.nodes)} alive nodes, {sum(n.get('CPU', 0) for n in cluster.nodes):g} CPUs, "
-            f"{sum(n.get('GPU', 0) for n in cluster.nodes):g} GPUs")
-    types = "; ".join(f"{t.name} {t.min_count}-{'any' if t.max_count == -1 else t.max_count} x "
-                      f"{fmt({k: v for k, v in t.resources.items() if k in ('GPU', 'CPU')})}"
-                      for t in cluster.node_types)
+    live = (
+        f"{len(cluster.nodes)} alive nodes, {sum(n.get('CPU', 0) for n in cluster.nodes):g} CPUs, "
+        f"{sum(n.get('GPU', 0) for n in cluster.nodes):g} GPUs"
+    )
+    types = "; ".join(
+        f"{t.name} {t.min_count}-{'any' if t.max_count == -1 else t.max_count} x "
+        f"{fmt({k: v for k, v in t.resources.items() if k in ('GPU', 'CPU')})}"
+        for t in cluster.node_types
+    )
     return f"{cluster.where}: {live}; {cluster.note}" + (f": {types}" if types else "")
 
 
@@ -287,7 +366,12 @@ def check(job: JobConfig, requests: list[Request], local_gpus: int) -> list[Row]
             cluster = remote_cluster(job, address)
         except Exception as e:  # no cluster, no judgement of the stages
             source = "ray.address" if job.ray.address else "RAY_ADDRESS"
-            return [Row("cluster", FAIL, f"cannot join Ray at {address} ({source}): {one_line(e)}",
-                        f"start the cluster or fix {source} (docs/CLUSTER.md)")] + \
-                [Row(f"resources: {r.stage}", SKIP, "no cluster to judge against") for r in requests]
+            return [
+                Row(
+                    "cluster",
+                    FAIL,
+                    f"cannot join Ray at {address} ({source}): {one_line(e)}",
+                    f"start the cluster or fix {source} (docs/CLUSTER.md)",
+                )
+            ] + [Row(f"resources: {r.stage}", SKIP, "no cluster to judge against") for r in requests]
     return [Row("cluster", OK, describe(cluster))] + [stage_row(r, cluster) for r in requests]

@@ -9,9 +9,9 @@ import re
 import sys
 import tempfile
 import warnings
+from collections.abc import Iterator
 from contextlib import contextmanager, redirect_stderr, redirect_stdout
 from dataclasses import asdict, dataclass
-from typing import Iterator
 
 OK, WARN, FAIL, SKIP = "ok", "warn", "FAIL", "skip"
 
@@ -82,14 +82,19 @@ def quiet(fds: bool = False) -> Iterator[Captured]:
     previous_disable = logging.root.manager.disable
     logging.disable(logging.CRITICAL)
     try:
-        with _native_output_captured(fds, captured), redirect_stdout(captured.out), \
-                redirect_stderr(captured.err), warnings.catch_warnings():
+        with (
+            _native_output_captured(fds, captured),
+            redirect_stdout(captured.out),
+            redirect_stderr(captured.err),
+            warnings.catch_warnings(),
+        ):
             warnings.simplefilter("ignore")
             yield captured
     finally:
         logging.disable(previous_disable)
-        loggers = [logging.getLogger()] + [lg for lg in logging.Logger.manager.loggerDict.values()
-                                           if isinstance(lg, logging.Logger)]
+        loggers = [logging.getLogger()] + [
+            lg for lg in logging.Logger.manager.loggerDict.values() if isinstance(lg, logging.Logger)
+        ]
         for lg in loggers:
             for h in lg.handlers:
                 if isinstance(h, logging.StreamHandler) and id(h.stream) in real:
@@ -120,7 +125,10 @@ def _native_output_captured(enabled: bool, captured: Captured) -> Iterator[None]
 
 def one_line(error: BaseException | str) -> str:
     """An exception as one short line (botocore and Ray messages can span lines)."""
-    text = error if isinstance(error, str) else (f"{type(error).__name__}: {error}" if str(error)
-                                                 else type(error).__name__)
+    text = (
+        error
+        if isinstance(error, str)
+        else (f"{type(error).__name__}: {error}" if str(error) else type(error).__name__)
+    )
     text = " ".join(text.split())
     return text if len(text) <= 300 else text[:297] + "..."

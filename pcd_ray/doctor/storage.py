@@ -41,8 +41,12 @@ def local_row(storage: Storage) -> Row:
         storage.write_bytes(probe, PROBE)
         storage.rm(probe)
     except OSError as e:
-        return Row(CHECK, FAIL, f"{root}: not writable: {one_line(e)}",
-                   "set storage.root to a writable directory (or s3://bucket/prefix)")
+        return Row(
+            CHECK,
+            FAIL,
+            f"{root}: not writable: {one_line(e)}",
+            "set storage.root to a writable directory (or s3://bucket/prefix)",
+        )
     finally:
         for d in created:
             try:
@@ -59,8 +63,10 @@ def s3_row(storage: Storage) -> Row:
     path = root.partition("://")[2]
     bucket = path.split("/", 1)[0]
     options = storage.s3_options()
-    endpoint = options["client_kwargs"].get("endpoint_url") or \
-        f"AWS's default endpoint ({options['client_kwargs']['region_name']})"
+    endpoint = (
+        options["client_kwargs"].get("endpoint_url")
+        or f"AWS's default endpoint ({options['client_kwargs']['region_name']})"
+    )
     where = f"bucket {bucket!r} at {endpoint}"
     if not storage.cfg.s3.anon:
         import botocore.session
@@ -68,10 +74,13 @@ def s3_row(storage: Storage) -> Row:
         with quiet():
             credentials = botocore.session.get_session().get_credentials()
         if credentials is None:
-            return Row(CHECK, FAIL, f"{root}: no AWS credentials found (environment, AWS_PROFILE / ~/.aws, instance "
-                                    f"role) for {where}",
-                       "export AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE); storage.s3.anon=true "
-                       "for a public bucket")
+            return Row(
+                CHECK,
+                FAIL,
+                f"{root}: no AWS credentials found (environment, AWS_PROFILE / ~/.aws, instance role) for {where}",
+                "export AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE); storage.s3.anon=true "
+                "for a public bucket",
+            )
     fs = fsspec.filesystem("s3", **options, config_kwargs=S3_CLIENT)
     fs.retries = S3_ATTEMPTS
     key = f"{path.rstrip('/')}/{PROBE_DIR}/{uuid.uuid4().hex}"
@@ -82,9 +91,13 @@ def s3_row(storage: Storage) -> Row:
             step = "delete"
             fs.rm_file(key)
     except Exception as e:  # connection refused, NoSuchBucket, AccessDenied, ...: the finding itself
-        return Row(CHECK, FAIL, f"{root}: probe {step} failed, {where}: {one_line(e)}",
-                   "check storage.s3.endpoint_url (else AWS_ENDPOINT_URL), that the bucket exists, and that these "
-                   "credentials may write and delete under storage.root")
+        return Row(
+            CHECK,
+            FAIL,
+            f"{root}: probe {step} failed, {where}: {one_line(e)}",
+            "check storage.s3.endpoint_url (else AWS_ENDPOINT_URL), that the bucket exists, and that these "
+            "credentials may write and delete under storage.root",
+        )
     return Row(CHECK, OK, f"{root}: probe object written and deleted ({where})")
 
 

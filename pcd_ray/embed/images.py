@@ -46,8 +46,16 @@ class ImageEmbedder:
     model is a configuration error that should stop the job, unlike a bad image.
     """
 
-    def __init__(self, spec: ModelSpec, storage: Storage, batch_size: int = 64, device: str = "cpu",
-                 max_pixels: int | None = None, init_seed: int | None = None, reasons: bool = False):
+    def __init__(
+        self,
+        spec: ModelSpec,
+        storage: Storage,
+        batch_size: int = 64,
+        device: str = "cpu",
+        max_pixels: int | None = None,
+        init_seed: int | None = None,
+        reasons: bool = False,
+    ):
         import torch
 
         from pcd_ray.data.images import DEFAULT_MAX_PIXELS
@@ -106,7 +114,7 @@ class ImageEmbedder:
         chunks = []
         with torch.inference_mode():
             for start in range(0, len(tensors), self.batch_size):
-                x = torch.stack(tensors[start:start + self.batch_size]).to(self.device)
+                x = torch.stack(tensors[start : start + self.batch_size]).to(self.device)
                 chunks.append(self.model.encode_image(x).float().cpu().numpy())
         return np.concatenate(chunks).astype(np.float32, copy=False)
 
@@ -128,8 +136,12 @@ class ImageEmbedder:
             rows[i] = emb[k]
         embedding = pa.array(rows, type=pa.list_(pa.float32()))
         if len(good) < len(images):
-            log.warning("%d of %d images not embedded; first reason: %s", len(images) - len(good), len(images),
-                        next(e for e in errors if e))
+            log.warning(
+                "%d of %d images not embedded; first reason: %s",
+                len(images) - len(good),
+                len(images),
+                next(e for e in errors if e),
+            )
         columns = {
             "image_id": ids,
             "embedding": embedding,
@@ -141,9 +153,18 @@ class ImageEmbedder:
         return pa.table(columns)
 
 
-def embed_images(ds, spec: ModelSpec, storage: Storage, *, batch_size: int = 64, num_actors: int = 1,
-                 num_gpus: float = 0, num_cpus: float | None = None, init_seed: int | None = None,
-                 reasons: bool = False):
+def embed_images(
+    ds,
+    spec: ModelSpec,
+    storage: Storage,
+    *,
+    batch_size: int = 64,
+    num_actors: int = 1,
+    num_gpus: float = 0,
+    num_cpus: float | None = None,
+    init_seed: int | None = None,
+    reasons: bool = False,
+):
     """Embed every row of a Dataset with ``image_id`` + ``image`` columns; lazy, returns a Dataset.
 
     Args:
@@ -174,9 +195,14 @@ def embed_images(ds, spec: ModelSpec, storage: Storage, *, batch_size: int = 64,
         remote_args["num_cpus"] = num_cpus
     return ds.select_columns(INPUT_COLUMNS).map_batches(
         ImageEmbedder,
-        fn_constructor_kwargs={"spec": spec, "storage": storage, "batch_size": batch_size,
-                               "device": "cuda" if num_gpus else "cpu", "init_seed": init_seed,
-                               "reasons": reasons},
+        fn_constructor_kwargs={
+            "spec": spec,
+            "storage": storage,
+            "batch_size": batch_size,
+            "device": "cuda" if num_gpus else "cpu",
+            "init_seed": init_seed,
+            "reasons": reasons,
+        },
         batch_size=batch_size,
         batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(size=num_actors),

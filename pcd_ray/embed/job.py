@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from pcd_ray.config import ModelSpec
+from pcd_ray.config import JobConfig, ModelSpec
 from pcd_ray.storage import Storage
 
 log = logging.getLogger(__name__)
@@ -43,12 +43,14 @@ def split_rows(batch):
 
     ok = pc.is_null(batch.column("reason"))
     bad = batch.filter(pc.invert(ok))
-    rejects = pa.table({
-        "image_id": bad.column("image_id").cast(pa.string()),
-        "source": pa.array([REJECT_SOURCE] * bad.num_rows, pa.string()),
-        "reason": bad.column("reason"),
-        "detail": bad.column("error"),
-    })
+    rejects = pa.table(
+        {
+            "image_id": bad.column("image_id").cast(pa.string()),
+            "source": pa.array([REJECT_SOURCE] * bad.num_rows, pa.string()),
+            "reason": bad.column("reason"),
+            "detail": bad.column("error"),
+        }
+    )
     return batch.filter(ok).select(EMBEDDING_COLUMNS), rejects
 
 
@@ -60,8 +62,17 @@ def _rejected_part(batch):
     return split_rows(batch)[1]
 
 
-def embed_split(ds, spec: ModelSpec, storage: Storage, *, batch_size: int = 256, num_actors: int = 1,
-                num_gpus: float = 0, num_cpus: float | None = None, init_seed: int | None = None):
+def embed_split(
+    ds,
+    spec: ModelSpec,
+    storage: Storage,
+    *,
+    batch_size: int = 256,
+    num_actors: int = 1,
+    num_gpus: float = 0,
+    num_cpus: float | None = None,
+    init_seed: int | None = None,
+):
     """Embed every row of ``ds`` (image_id + image bytes) once; returns (embedded, rejected) Datasets.
 
     The image tower runs once (its output is materialised); both results are views of that one pass, split by
@@ -69,10 +80,21 @@ def embed_split(ds, spec: ModelSpec, storage: Storage, *, batch_size: int = 256,
     """
     from pcd_ray.embed.images import embed_images
 
-    out = embed_images(ds, spec, storage, batch_size=batch_size, num_actors=num_actors, num_gpus=num_gpus,
-                       num_cpus=num_cpus, init_seed=init_seed, reasons=True).materialize()
-    return (out.map_batches(_embedded_part, batch_format="pyarrow", batch_size=None),
-            out.map_batches(_rejected_part, batch_format="pyarrow", batch_size=None))
+    out = embed_images(
+        ds,
+        spec,
+        storage,
+        batch_size=batch_size,
+        num_actors=num_actors,
+        num_gpus=num_gpus,
+        num_cpus=num_cpus,
+        init_seed=init_seed,
+        reasons=True,
+    ).materialize()
+    return (
+        out.map_batches(_embedded_part, batch_format="pyarrow", batch_size=None),
+        out.map_batches(_rejected_part, batch_format="pyarrow", batch_size=None),
+    )
 
 
 def block_stats(batch, embed_dim: int) -> dict[str, Any]:
@@ -83,8 +105,9 @@ def block_stats(batch, embed_dim: int) -> dict[str, Any]:
     lengths = pc.list_value_length(batch.column("embedding"))
     wrong = {w for w in (pc.min(lengths).as_py(), pc.max(lengths).as_py()) if w is not None} - {embed_dim}
     if wrong:
-        raise RuntimeError(f"embed: the model wrote {min(wrong)}-wide embeddings, its config says "
-                           f"embed_dim={embed_dim}")
+        raise RuntimeError(
+            f"embed: the model wrote {min(wrong)}-wide embeddings, its config says embed_dim={embed_dim}"
+        )
     embedded = batch.filter(pc.is_valid(batch.column("embedding")))
     return {"model": embedded.column("model")[0].as_py() if embedded.num_rows else ""}
 
@@ -105,12 +128,13 @@ def _input(cfg, storage: Storage):
     rows = int(pc.sum(pc.equal(splits, cfg.split)).as_py() or 0)
     if rows == 0:
         present = sorted(s for s in splits.unique().to_pylist() if s is not None)
-        raise ValueError(f"{storage.resolve(cfg.input)}: no images of split {cfg.split!r} "
-                         f"(embed.split; splits present: {present})")
+        raise ValueError(
+            f"{storage.resolve(cfg.input)}: no images of split {cfg.split!r} (embed.split; splits present: {present})"
+        )
     return ds.filter(expr=col("split") == cfg.split), rows, manifest
 
 
-def run_embed(job, storage: Storage) -> dict[str, Any]:
+def run_embed(job: JobConfig, storage: Storage) -> dict[str, Any]:
     """Embed ``job.embed.input`` into ``job.embed.output`` (+ its rejects); returns the summary.
 
     The summary (also in both manifests): rows (input rows), embedded, rejected, rejected_by_reason, model (source
@@ -130,24 +154,58 @@ def run_embed(job, storage: Storage) -> dict[str, Any]:
     # Reads only the model's config: a wrong model fails here, before any actor starts.
     embed_dim = int(load_processors(cfg.model, storage)[2]["embed_dim"])
     ds, rows_in, images_manifest = _input(cfg, storage)
-    sink = Sink(storage, "embed", unit="image", kept=Output(cfg.output, "embeddings", EMBEDDING_COLUMNS),
-                rejected=Output(rejects_uri(cfg.output), "image_rejects", REJECT_COLUMNS),
-                config=cfg.model_dump(mode="json"))
-    log.info("embed: %d images of %s (split %s) with %s on %d actor(s) x %g GPU -> %s", rows_in,
-             storage.resolve(cfg.input), cfg.split or "all", cfg.model.checkpoint or cfg.model.name, cfg.num_actors,
-             cfg.num_gpus_per_actor, sink.kept.base)
+    sink = Sink(
+        storage,
+        "embed",
+        unit="image",
+        kept=Output(cfg.output, "embeddings", EMBEDDING_COLUMNS),
+        rejected=Output(rejects_uri(cfg.output), "image_rejects", REJECT_COLUMNS),
+        config=cfg.model_dump(mode="json"),
+    )
+    log.info(
+        "embed: %d images of %s (split %s) with %s on %d actor(s) x %g GPU -> %s",
+        rows_in,
+        storage.resolve(cfg.input),
+        cfg.split or "all",
+        cfg.model.checkpoint or cfg.model.name,
+        cfg.num_actors,
+        cfg.num_gpus_per_actor,
+        sink.kept.base,
+    )
 
     def model(t) -> str | None:
         return (t.stats.get("model") or [None])[0]
 
     return sink.run(
-        ds, lambda rows: embed_images(rows, cfg.model, storage, batch_size=cfg.batch_size, num_actors=cfg.num_actors,
-                                      num_gpus=cfg.num_gpus_per_actor, num_cpus=cfg.num_cpus_per_actor, reasons=True),
-        expected=rows_in, split=split_rows, stats=functools.partial(block_stats, embed_dim=embed_dim),
-        summary=lambda t: {"rows": rows_in, "embedded": t.kept, "split": cfg.split, "model": model(t),
-                           "embed_dim": embed_dim, "num_actors": cfg.num_actors,
-                           "num_gpus_per_actor": cfg.num_gpus_per_actor,
-                           "images_per_s": round(t.per_s(rows_in), 1)},
+        ds,
+        lambda rows: embed_images(
+            rows,
+            cfg.model,
+            storage,
+            batch_size=cfg.batch_size,
+            num_actors=cfg.num_actors,
+            num_gpus=cfg.num_gpus_per_actor,
+            num_cpus=cfg.num_cpus_per_actor,
+            reasons=True,
+        ),
+        expected=rows_in,
+        split=split_rows,
+        stats=functools.partial(block_stats, embed_dim=embed_dim),
+        summary=lambda t: {
+            "rows": rows_in,
+            "embedded": t.kept,
+            "split": cfg.split,
+            "model": model(t),
+            "embed_dim": embed_dim,
+            "num_actors": cfg.num_actors,
+            "num_gpus_per_actor": cfg.num_gpus_per_actor,
+            "images_per_s": round(t.per_s(rows_in), 1),
+        },
         # What training checks before it uses the artifact (train/data.py): which model, which commit of which images.
-        manifest=lambda t: {"model": model(t), "embed_dim": embed_dim, "input": storage.resolve(cfg.input),
-                            "input_attempt": images_manifest.get("attempt")})
+        manifest=lambda t: {
+            "model": model(t),
+            "embed_dim": embed_dim,
+            "input": storage.resolve(cfg.input),
+            "input_attempt": images_manifest.get("attempt"),
+        },
+    )

@@ -11,7 +11,7 @@ partial class list is an error, not a silently different selection). docs/EVAL.m
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -38,19 +38,25 @@ def class_indices(ds: LabelledSet, names: Sequence[str]) -> list[int]:
 
 def _by_position(what: str, have: Sequence[str], ids: Sequence[int], names: Sequence[str], root: str) -> list[int]:
     """``ids`` after checking that each holds its expected name in ``have``; DatasetError lists every mismatch."""
-    wrong = [f"{i} ({n!r}, found {have[i]!r})" if i < len(have) else f"{i} ({n!r}, out of range)"
-             for i, n in zip(ids, names) if i >= len(have) or _key(have[i]) != _key(n)]
+    wrong = [
+        f"{i} ({n!r}, found {have[i]!r})" if i < len(have) else f"{i} ({n!r}, out of range)"
+        for i, n in zip(ids, names)
+        if i >= len(have) or _key(have[i]) != _key(n)
+    ]
     if wrong:
-        raise DatasetError(f"{root}: the authors' {what} ids select by position in the standard order, which this "
-                           f"list of {len(have)} does not follow: {', '.join(wrong)}")
+        raise DatasetError(
+            f"{root}: the authors' {what} ids select by position in the standard order, which this "
+            f"list of {len(have)} does not follow: {', '.join(wrong)}"
+        )
     return list(ids)
 
 
 def group_classes(ds: LabelledSet, task: GroupTask) -> list[list[int]]:
     """Each group's class indices in ``ds``: by the authors' ids (``paper``) or by name."""
-    return [class_indices(ds, g.classes) if g.ids is None else _by_position("class", ds.classes, g.ids, g.classes,
-                                                                            ds.root)
-            for g in task.groups]
+    return [
+        class_indices(ds, g.classes) if g.ids is None else _by_position("class", ds.classes, g.ids, g.classes, ds.root)
+        for g in task.groups
+    ]
 
 
 def attribute_columns(ds: LabelledSet, task: AttributeTask) -> list[int]:
@@ -99,8 +105,9 @@ def _group_draw(ds: LabelledSet, task: GroupTask, protocol: Protocol, seed: int)
     return np.stack([first[keep], second[keep]], 1), [task.groups[g].sentence for g in g1[keep]]
 
 
-def _attribute_draw(ds: LabelledSet, task: AttributeTask, protocol: Protocol,
-                    seed: int) -> tuple[np.ndarray, list[str]]:
+def _attribute_draw(
+    ds: LabelledSet, task: AttributeTask, protocol: Protocol, seed: int
+) -> tuple[np.ndarray, list[str]]:
     if ds.class_attributes is None:
         raise DatasetError(f"{ds.root}: no class-attribute matrix (AwA2 layout expected)")
     rows, columns = attribute_rows(ds, task), attribute_columns(ds, task)
@@ -114,8 +121,9 @@ def _attribute_draw(ds: LabelledSet, task: AttributeTask, protocol: Protocol,
     return np.stack([first, second], 1), [texts[i, j] for i, j in zip(ds.labels[first], ds.labels[second])]
 
 
-def draw_pairs(ds: LabelledSet, task: str, protocol: Protocol, seed: int,
-               pair_rows: list[tuple[str, str, str]] | None = None) -> tuple[np.ndarray, list[str]]:
+def draw_pairs(
+    ds: LabelledSet, task: str, protocol: Protocol, seed: int, pair_rows: list[tuple[str, str, str]] | None = None
+) -> tuple[np.ndarray, list[str]]:
     """One seed's pairs of ``ds`` rows [m, 2] (first image, second image) and one sentence per pair."""
     if task in ("size", "colour"):
         return _group_draw(ds, getattr(protocol, task), protocol, seed)
@@ -126,8 +134,10 @@ def draw_pairs(ds: LabelledSet, task: str, protocol: Protocol, seed: int,
             return np.zeros((0, 2), dtype=np.int64), []
         row = {x: k for k, x in enumerate(ds.image_ids)}
         take = sample_images(len(pair_rows), protocol.llm_pairs_per_seed, seed)
-        return (np.asarray([(row[pair_rows[k][0]], row[pair_rows[k][1]]) for k in take], dtype=np.int64),
-                [pair_rows[k][2] for k in take])
+        return (
+            np.asarray([(row[pair_rows[k][0]], row[pair_rows[k][1]]) for k in take], dtype=np.int64),
+            [pair_rows[k][2] for k in take],
+        )
     raise ValueError(f"unknown difference task {task!r} (known: {sorted(TASKS.values()) + ['llm']})")
 
 
@@ -140,8 +150,10 @@ def selection(ds: LabelledSet, task: str, protocol: Protocol) -> dict:
     if task == "attributes" and ds.class_attributes is not None:
         t = protocol.attributes
         kept = set(attribute_columns(ds, t))
-        return {"dropped_predicates": [n for k, n in enumerate(ds.attribute_names) if k not in kept],
-                "attribute_rows": {ds.classes[c]: ds.classes[r] for c, r in attribute_rows(ds, t).items()}}
+        return {
+            "dropped_predicates": [n for k, n in enumerate(ds.attribute_names) if k not in kept],
+            "attribute_rows": {ds.classes[c]: ds.classes[r] for c, r in attribute_rows(ds, t).items()},
+        }
     return {}
 
 
@@ -160,8 +172,11 @@ def read_pair_texts(storage, uri: str, ds: LabelledSet) -> tuple[list[tuple[str,
     paths). Returns (rows whose images are in the split, rows skipped). DatasetError for a bad file."""
     table = read_rows(storage, uri, ["image_a", "image_b", "text"])
     known = set(ds.image_ids)
-    rows = [(r["image_a"], r["image_b"], r["text"]) for r in table
-            if r["image_a"] in known and r["image_b"] in known and r["image_a"] != r["image_b"] and r["text"]]
+    rows = [
+        (r["image_a"], r["image_b"], r["text"])
+        for r in table
+        if r["image_a"] in known and r["image_b"] in known and r["image_a"] != r["image_b"] and r["text"]
+    ]
     return rows, len(table) - len(rows)
 
 
@@ -193,9 +208,16 @@ def read_rows(storage, uri: str, columns: list[str]) -> list[dict]:
     return table.select(columns).to_pylist()
 
 
-def class_difference_accuracy(ds: LabelledSet, image_emb: np.ndarray, encode_texts: Callable[[list[str]], np.ndarray],
-                              task: str, *, seeds: Sequence[int], protocol: Protocol = FIXED,
-                              pair_rows: list[tuple[str, str, str]] | None = None) -> dict:
+def class_difference_accuracy(
+    ds: LabelledSet,
+    image_emb: np.ndarray,
+    encode_texts: Callable[[list[str]], np.ndarray],
+    task: str,
+    *,
+    seeds: Sequence[int],
+    protocol: Protocol = FIXED,
+    pair_rows: list[tuple[str, str, str]] | None = None,
+) -> dict:
     """The sign test over seeds on a labelled dataset.
 
     Args:
@@ -221,6 +243,14 @@ def class_difference_accuracy(ds: LabelledSet, image_emb: np.ndarray, encode_tex
         scores = pair_scores(np.asarray(image_emb, dtype=np.float64), pairs, emb[[row[t] for t in texts]])
         per_seed.append(float(100.0 * np.mean(scores > 0)))
     mean, stderr = seed_summary(per_seed, protocol.stderr_ddof)
-    return {"task": task, "protocol": protocol.name, "selection": selection(ds, task, protocol), "chance": 50.0,
-            "accuracy": mean, "stderr": stderr, "per_seed": per_seed,
-            "pairs_per_seed": [len(draws[s][0]) for s in seeds], "num_texts": len(distinct)}
+    return {
+        "task": task,
+        "protocol": protocol.name,
+        "selection": selection(ds, task, protocol),
+        "chance": 50.0,
+        "accuracy": mean,
+        "stderr": stderr,
+        "per_seed": per_seed,
+        "pairs_per_seed": [len(draws[s][0]) for s in seeds],
+        "num_texts": len(distinct),
+    }

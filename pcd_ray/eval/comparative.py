@@ -21,7 +21,7 @@ pair), before (alpha = 1) and after, plus a sweep over alpha.
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -100,21 +100,39 @@ def _protocol(images, labels, t, pairs, cm, select_idx, test_idx, comp_emb, alph
             out[col[yt], col.get(yp, k)] += 1
         return out.tolist()
 
-    return {"pairs": [[classes[a], classes[b], int(cm[a, b] + cm[b, a])] for a, b in pairs],
-            "num_comparatives": len(comps), "num_select": int(len(select_idx)), "num_test": int(len(test_idx)),
-            "num_confused_images": int(sub.sum()),
-            "zeroshot": {"full": before["full"], "confused": before["confused"]},
-            "comparative": {"full": after["full"], "confused": after["confused"]},
-            "sweep": {"alphas": list(alphas), "full": [s["full"] for s in sweep],
-                      "confused": [s["confused"] for s in sweep]},
-            "confusion_classes": [classes[c] for c in confused] + ["other"],
-            "confusion_before": sub_confusion(before["pred"]), "confusion_after": sub_confusion(after["pred"])}
+    return {
+        "pairs": [[classes[a], classes[b], int(cm[a, b] + cm[b, a])] for a, b in pairs],
+        "num_comparatives": len(comps),
+        "num_select": int(len(select_idx)),
+        "num_test": int(len(test_idx)),
+        "num_confused_images": int(sub.sum()),
+        "zeroshot": {"full": before["full"], "confused": before["confused"]},
+        "comparative": {"full": after["full"], "confused": after["confused"]},
+        "sweep": {
+            "alphas": list(alphas),
+            "full": [s["full"] for s in sweep],
+            "confused": [s["confused"] for s in sweep],
+        },
+        "confusion_classes": [classes[c] for c in confused] + ["other"],
+        "confusion_before": sub_confusion(before["pred"]),
+        "confusion_after": sub_confusion(after["pred"]),
+    }
 
 
-def comparative_prompting(image_emb: np.ndarray, labels: np.ndarray, class_emb: np.ndarray, classes: Sequence[str],
-                          comparative_text: Callable[[int, int], str | None],
-                          encode_texts: Callable[[list[str]], np.ndarray], *, alpha: float, n_pairs: int = 3,
-                          alphas: Sequence[float] = (), holdout_fraction: float = 0.5, seed: int = 0) -> dict:
+def comparative_prompting(
+    image_emb: np.ndarray,
+    labels: np.ndarray,
+    class_emb: np.ndarray,
+    classes: Sequence[str],
+    comparative_text: Callable[[int, int], str | None],
+    encode_texts: Callable[[list[str]], np.ndarray],
+    *,
+    alpha: float,
+    n_pairs: int = 3,
+    alphas: Sequence[float] = (),
+    holdout_fraction: float = 0.5,
+    seed: int = 0,
+) -> dict:
     """Both protocols (module docstring) for one classification task.
 
     Args:
@@ -140,6 +158,11 @@ def comparative_prompting(image_emb: np.ndarray, labels: np.ndarray, class_emb: 
     needed = sorted({p for pairs, _ in picks.values() for a, b in pairs for p in ((a, b), (b, a)) if p in texts})
     emb = np.asarray(encode_texts([texts[p] for p in needed]), dtype=np.float64) if needed else np.zeros((0, 1))
     comp_emb = {p: emb[n] for n, p in enumerate(needed)}
-    return {"alpha": alpha, "n_pairs": n_pairs,
-            "protocols": {name: _protocol(images, labels, t, *picks[name], sel, test, comp_emb, alpha, alphas, classes)
-                          for name, (sel, test) in splits.items()}}
+    return {
+        "alpha": alpha,
+        "n_pairs": n_pairs,
+        "protocols": {
+            name: _protocol(images, labels, t, *picks[name], sel, test, comp_emb, alpha, alphas, classes)
+            for name, (sel, test) in splits.items()
+        },
+    }

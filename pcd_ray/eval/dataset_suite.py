@@ -12,7 +12,7 @@ Prompts, sentences, selections, pair sampling and alpha follow ``eval.protocol``
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 
@@ -21,8 +21,9 @@ from pcd_ray.eval.datasets import DatasetError, LabelledSet
 from pcd_ray.storage import Storage
 
 
-def read_comparatives(storage: Storage, uri: str, ds: LabelledSet,
-                      rows: list[dict] | None = None) -> dict[tuple[int, int], str]:
+def read_comparatives(
+    storage: Storage, uri: str, ds: LabelledSet, rows: list[dict] | None = None
+) -> dict[tuple[int, int], str]:
     """How class i differs from class j, by ``ds``'s class indices: {(i, j): text} from (class_i, class_j, text)
     rows by class name, read from the file at ``uri``, or given as ``rows`` (the comparatives artifact's rows of this
     dataset; ``uri`` is the artifact's, for messages). Empty texts are left out; DatasetError names unknown
@@ -39,9 +40,15 @@ def read_comparatives(storage: Storage, uri: str, ds: LabelledSet,
     return {(index[r["class_i"]], index[r["class_j"]]): r["text"] for r in rows if r["text"]}
 
 
-def evaluate_dataset(ds: LabelledSet, image_emb: np.ndarray, encode: Callable[[list[str]], np.ndarray],
-                     dcfg: EvalDatasetConfig, cfg: EvalConfig, storage: Storage,
-                     inputs: dict | None = None) -> dict:
+def evaluate_dataset(
+    ds: LabelledSet,
+    image_emb: np.ndarray,
+    encode: Callable[[list[str]], np.ndarray],
+    dcfg: EvalDatasetConfig,
+    cfg: EvalConfig,
+    storage: Storage,
+    inputs: dict | None = None,
+) -> dict:
     """One model's entry for one dataset. ``inputs`` carries files already read (pair texts, comparatives)."""
     from pcd_ray.eval import protocol as P
     from pcd_ray.eval import templates as T
@@ -57,29 +64,42 @@ def evaluate_dataset(ds: LabelledSet, image_emb: np.ndarray, encode: Callable[[l
     if ds.kind == "coco":
         caps = [c for cs in ds.captions for c in cs]
         owner = np.repeat(np.arange(len(ds)), [len(cs) for cs in ds.captions])
-        out["retrieval"] = {"captions": caption_retrieval(image_emb, np.asarray(encode(caps)), owner,
-                                                          cfg.retrieval_k)}
+        out["retrieval"] = {"captions": caption_retrieval(image_emb, np.asarray(encode(caps)), owner, cfg.retrieval_k)}
         return out
-    out["zeroshot"] = {name: labelled_zeroshot(image_emb, ds.labels, class_embeddings(encode, ds.classes, tmpl),
-                                               ds.classes)
-                       for name, tmpl in T.template_sets(ds.kind, list(cfg.templates),
-                                                         protocol.zeroshot_template).items()}
+    out["zeroshot"] = {
+        name: labelled_zeroshot(image_emb, ds.labels, class_embeddings(encode, ds.classes, tmpl), ds.classes)
+        for name, tmpl in T.template_sets(ds.kind, list(cfg.templates), protocol.zeroshot_template).items()
+    }
     task = "llm" if dcfg.differences else TASKS.get(ds.kind)
     if task:
-        out["difference"] = class_difference_accuracy(ds, image_emb, encode, task, seeds=cfg.seeds,
-                                                      protocol=protocol, pair_rows=inputs.get("pair_rows"))
+        out["difference"] = class_difference_accuracy(
+            ds, image_emb, encode, task, seeds=cfg.seeds, protocol=protocol, pair_rows=inputs.get("pair_rows")
+        )
     comps = inputs.get("comparatives")
     if comps:
         class_emb = class_embeddings(encode, ds.classes, T.paper(protocol.zeroshot_template))
         cc = cfg.comparative
-        out["comparative"] = comparative_prompting(image_emb, ds.labels, class_emb, ds.classes,
-                                                   lambda i, j: comps.get((i, j)), encode,
-                                                   alpha=P.comparative_alpha(cc, protocol), n_pairs=cc.num_pairs,
-                                                   alphas=cc.alphas, holdout_fraction=cc.holdout_fraction,
-                                                   seed=cfg.seeds[0])
+        out["comparative"] = comparative_prompting(
+            image_emb,
+            ds.labels,
+            class_emb,
+            ds.classes,
+            lambda i, j: comps.get((i, j)),
+            encode,
+            alpha=P.comparative_alpha(cc, protocol),
+            n_pairs=cc.num_pairs,
+            alphas=cc.alphas,
+            holdout_fraction=cc.holdout_fraction,
+            seed=cfg.seeds[0],
+        )
         order = sorted(comps)
         prompts = np.asarray(encode([protocol.geometry_template.format(label=c) for c in ds.classes]))
-        out["geometry"] = {"template": protocol.geometry_template, "distances": difference_distances(
-            prompts, dict(zip(order, np.asarray(encode([comps[p] for p in order])))),
-            unit_prompts=protocol.geometry_unit_prompts)}
+        out["geometry"] = {
+            "template": protocol.geometry_template,
+            "distances": difference_distances(
+                prompts,
+                dict(zip(order, np.asarray(encode([comps[p] for p in order])))),
+                unit_prompts=protocol.geometry_unit_prompts,
+            ),
+        }
     return out

@@ -19,7 +19,8 @@ Accuracies are percentages; mean and standard error are over seeds.
 from __future__ import annotations
 
 import zlib
-from typing import Callable, Literal, Sequence
+from collections.abc import Callable, Sequence
+from typing import Literal
 
 import numpy as np
 
@@ -46,8 +47,11 @@ def _values(attrs: Sequence[dict], attribute: str) -> np.ndarray:
 
 def _cross_pairs(groups: list[np.ndarray]) -> np.ndarray:
     """Every unordered pair (i, j) with i and j from two different index groups, as an [m, 2] array."""
-    out = [np.stack(np.meshgrid(gu, gw, indexing="ij"), -1).reshape(-1, 2)
-           for u, gu in enumerate(groups) for gw in groups[u + 1:]]
+    out = [
+        np.stack(np.meshgrid(gu, gw, indexing="ij"), -1).reshape(-1, 2)
+        for u, gu in enumerate(groups)
+        for gw in groups[u + 1 :]
+    ]
     return np.concatenate(out) if out else np.zeros((0, 2), dtype=np.int64)
 
 
@@ -58,7 +62,7 @@ def _hard_candidates(values: np.ndarray, num_pairs: int, rng: np.random.Generato
     uniq, starts, counts = np.unique(values[order], return_index=True, return_counts=True)
     available = int((n * n - np.sum(counts.astype(np.int64) ** 2)) // 2)
     if available <= 2 * num_pairs:  # few enough to list: exact, and no rejection loop near exhaustion
-        return _cross_pairs([order[s:s + c] for s, c in zip(starts, counts)]), available
+        return _cross_pairs([order[s : s + c] for s, c in zip(starts, counts)]), available
     # i with weight (n - n_v(i)), then j uniform among the other values: uniform over ordered differing pairs.
     group = np.searchsorted(uniq, values)
     weight = (n - counts[group]).astype(np.float64)
@@ -91,8 +95,9 @@ def _easy_candidates(attrs: Sequence[dict], values: np.ndarray, attribute: str) 
     return np.concatenate(out) if out else np.zeros((0, 2), dtype=np.int64)
 
 
-def sample_pairs(attrs: Sequence[dict], attribute: str, num_pairs: int, rng: np.random.Generator,
-                 mode: Mode = "hard") -> tuple[np.ndarray, np.ndarray, int]:
+def sample_pairs(
+    attrs: Sequence[dict], attribute: str, num_pairs: int, rng: np.random.Generator, mode: Mode = "hard"
+) -> tuple[np.ndarray, np.ndarray, int]:
     """Ordered test pairs for one attribute.
 
     Returns (pairs [m, 2] int64 indices (a, b), directions [m] of +1 (a has more) / -1, available) where m =
@@ -138,10 +143,16 @@ def summarize(per_seed: Sequence[float | None]) -> tuple[float | None, float | N
     return float(vals.mean()), stderr
 
 
-def difference_accuracy(image_emb: np.ndarray, attrs: Sequence[dict],
-                        encode_texts: Callable[[list[str]], np.ndarray], *,
-                        attributes: Sequence[str] = DEFAULT_ATTRIBUTES, seeds: Sequence[int] = (0, 1, 2, 3, 4),
-                        pairs_per_attribute: int = 500, mode: Mode = "hard") -> dict:
+def difference_accuracy(
+    image_emb: np.ndarray,
+    attrs: Sequence[dict],
+    encode_texts: Callable[[list[str]], np.ndarray],
+    *,
+    attributes: Sequence[str] = DEFAULT_ATTRIBUTES,
+    seeds: Sequence[int] = (0, 1, 2, 3, 4),
+    pairs_per_attribute: int = 500,
+    mode: Mode = "hard",
+) -> dict:
     """The sign test over seeds and attributes.
 
     Args:
@@ -180,8 +191,13 @@ def difference_accuracy(image_emb: np.ndarray, attrs: Sequence[dict],
     row = {t: k for k, t in enumerate(distinct)}
 
     # Pass 2: score.
-    result: dict = {"mode": mode, "chance": 50.0, "seeds": list(seeds), "pairs_requested": pairs_per_attribute,
-                    "attributes": {}}
+    result: dict = {
+        "mode": mode,
+        "chance": 50.0,
+        "seeds": list(seeds),
+        "pairs_requested": pairs_per_attribute,
+        "attributes": {},
+    }
     for attribute in attributes:
         per_seed, counts = [], []
         for seed in seeds:
@@ -193,14 +209,24 @@ def difference_accuracy(image_emb: np.ndarray, attrs: Sequence[dict],
             scores = pair_scores(image_emb, pairs, text_emb[[row[t] for t in texts]])
             per_seed.append(float(100.0 * np.mean(scores > 0)))
         mean, stderr = summarize(per_seed)
-        result["attributes"][attribute] = {"accuracy": mean, "stderr": stderr, "per_seed": per_seed,
-                                           "pairs_per_seed": counts, "available_pairs": available[attribute]}
+        result["attributes"][attribute] = {
+            "accuracy": mean,
+            "stderr": stderr,
+            "per_seed": per_seed,
+            "pairs_per_seed": counts,
+            "available_pairs": available[attribute],
+        }
     overall_seed = []
     for k in range(len(seeds)):
         accs = [v["per_seed"][k] for v in result["attributes"].values() if v["per_seed"][k] is not None]
         overall_seed.append(float(np.mean(accs)) if accs else None)
     mean, stderr = summarize(overall_seed)
-    result["overall"] = {"accuracy": mean, "stderr": stderr, "per_seed": overall_seed,
-                         "pairs_per_seed": [sum(v["pairs_per_seed"][k] for v in result["attributes"].values())
-                                            for k in range(len(seeds))]}
+    result["overall"] = {
+        "accuracy": mean,
+        "stderr": stderr,
+        "per_seed": overall_seed,
+        "pairs_per_seed": [
+            sum(v["pairs_per_seed"][k] for v in result["attributes"].values()) for k in range(len(seeds))
+        ],
+    }
     return result

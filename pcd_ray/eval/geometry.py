@@ -16,7 +16,7 @@ texts point, and does image arithmetic land on the right class?
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -26,8 +26,9 @@ from pcd_ray.vectors import difference_direction, normalise
 EPS = 1e-12
 
 
-def difference_distances(class_emb: np.ndarray, comparatives: dict[tuple[int, int], np.ndarray], *,
-                         unit_prompts: bool = True) -> dict:
+def difference_distances(
+    class_emb: np.ndarray, comparatives: dict[tuple[int, int], np.ndarray], *, unit_prompts: bool = True
+) -> dict:
     """Mean forward / reverse distance over the comparative pairs, with standard errors over pairs.
 
     ``unit_prompts``: normalise the class embeddings before taking their difference (False: as given)."""
@@ -40,13 +41,19 @@ def difference_distances(class_emb: np.ndarray, comparatives: dict[tuple[int, in
     diff, _ = difference_direction(t[first], t[second], eps=EPS, normalised=True, dtype=np.float64)
     fwd = 1.0 - np.sum(diff * d, axis=1)
     rev = 1.0 + np.sum(diff * d, axis=1)
-    se = (lambda x: float(x.std(ddof=1) / np.sqrt(len(x))) if len(x) > 1 else None)  # noqa: E731
-    return {"forward": float(fwd.mean()), "reverse": float(rev.mean()), "forward_stderr": se(fwd),
-            "reverse_stderr": se(rev), "num_pairs": len(pairs)}
+    se = lambda x: float(x.std(ddof=1) / np.sqrt(len(x))) if len(x) > 1 else None  # noqa: E731
+    return {
+        "forward": float(fwd.mean()),
+        "reverse": float(rev.mean()),
+        "forward_stderr": se(fwd),
+        "reverse_stderr": se(rev),
+        "num_pairs": len(pairs),
+    }
 
 
-def analogy_accuracy(image_emb: np.ndarray, grid: np.ndarray, class_emb: np.ndarray, *, seeds: Sequence[int],
-                     per_seed: int) -> dict:
+def analogy_accuracy(
+    image_emb: np.ndarray, grid: np.ndarray, class_emb: np.ndarray, *, seeds: Sequence[int], per_seed: int
+) -> dict:
     """Analogy accuracy (%) over seeds.
 
     Args:

@@ -76,8 +76,9 @@ def load_split(cfg: EvalConfig, storage: Storage):
     """
     from ray.data.expressions import col
 
-    ds = artifacts.read_dataset(storage, cfg.images, "images",
-                                columns=["image_id", "split", "image", "attributes", "caption"])
+    ds = artifacts.read_dataset(
+        storage, cfg.images, "images", columns=["image_id", "split", "image", "attributes", "caption"]
+    )
     ds = ds.filter(expr=col("split") == cfg.split)
     meta = _collect(ds.select_columns(["image_id", "attributes", "caption"]))
     rows = meta.to_pylist() if meta is not None else []
@@ -85,13 +86,16 @@ def load_split(cfg: EvalConfig, storage: Storage):
     captions = {r["image_id"]: r["caption"] or "" for r in rows}
     ids = sorted(i for i, a in attrs.items() if a is not None)
     if not ids:
-        raise ValueError(f"{storage.resolve(cfg.images)}: no images of split {cfg.split!r} with attributes "
-                         f"({len(rows)} rows in the split); difference accuracy needs the synthetic set's attributes")
+        raise ValueError(
+            f"{storage.resolve(cfg.images)}: no images of split {cfg.split!r} with attributes "
+            f"({len(rows)} rows in the split); difference accuracy needs the synthetic set's attributes"
+        )
     return ds.select_columns(["image_id", "image"]), ids, attrs, captions, len(rows) - len(ids)
 
 
-def stored_embeddings(ds, ids: list, spec: ModelSpec, uri: str, cfg: EvalConfig,
-                      storage: Storage) -> tuple[np.ndarray, list[int], list[str]]:
+def stored_embeddings(
+    ds, ids: list, spec: ModelSpec, uri: str, cfg: EvalConfig, storage: Storage
+) -> tuple[np.ndarray, list[int], list[str]]:
     """Embed ``ds`` into the embeddings artifact at ``uri`` and read it back.
 
     Returns (embeddings [m, D] float32 in ``ids`` order, positions in ``ids`` that were embedded, error strings).
@@ -99,15 +103,18 @@ def stored_embeddings(ds, ids: list, spec: ModelSpec, uri: str, cfg: EvalConfig,
     from pcd_ray.embed.images import embed_images
 
     t0 = time.time()
-    embedded = embed_images(ds, spec, storage, batch_size=cfg.batch_size, num_actors=cfg.num_actors,
-                            num_gpus=cfg.num_gpus)
+    embedded = embed_images(
+        ds, spec, storage, batch_size=cfg.batch_size, num_actors=cfg.num_actors, num_gpus=cfg.num_gpus
+    )
     artifacts.write_dataset(embedded, storage, uri, "embeddings", config=spec.model_dump(mode="json"))
     table = artifacts.read_table(storage, uri, "embeddings", columns=["image_id", "embedding", "error"])
     artifacts.update_summary(storage, uri, rows=table.num_rows, elapsed_s=round(time.time() - t0, 2))
     # Column-wise (no per-float Python objects): a 100k x 768 table converts in about two seconds.
     ok = table.column("embedding").is_valid().to_numpy(zero_copy_only=False)
-    errors = [f"{i}: {e}" for i, e in zip(table.filter(~ok).column("image_id").to_pylist(),
-                                          table.filter(~ok).column("error").to_pylist())]
+    errors = [
+        f"{i}: {e}"
+        for i, e in zip(table.filter(~ok).column("image_id").to_pylist(), table.filter(~ok).column("error").to_pylist())
+    ]
     good = table.filter(ok)
     flat = good.column("embedding").combine_chunks().flatten().to_numpy() if good.num_rows else np.zeros(0)
     matrix = flat.reshape(good.num_rows, -1).astype(np.float32, copy=False)
@@ -124,23 +131,36 @@ def read_comparatives_artifact(cfg: EvalConfig, storage: Storage) -> tuple[dict[
         return {}, None
     uri = storage.resolve(cfg.comparatives)
     if not artifacts.exists(storage, uri):
-        log.warning("eval: no comparatives artifact at %s (pcd-ray comparatives writes it); comparative prompting and "
-                    "the difference distances run only for datasets with their own comparatives file", uri)
+        log.warning(
+            "eval: no comparatives artifact at %s (pcd-ray comparatives writes it); comparative prompting and "
+            "the difference distances run only for datasets with their own comparatives file",
+            uri,
+        )
         return {}, {"uri": uri, "commit": None, "rows": 0, "complete": None, "sets": {}}
     manifest = artifacts.read_manifest(storage, uri, COMPARATIVES_KIND)
     if not manifest.get("complete", True):
-        log.warning("eval: the comparatives artifact at %s is incomplete (a comparatives run was stopped); reading the "
-                    "%d rows it committed", uri, manifest["num_rows"])
+        log.warning(
+            "eval: the comparatives artifact at %s is incomplete (a comparatives run was stopped); reading the "
+            "%d rows it committed",
+            uri,
+            manifest["num_rows"],
+        )
     table = artifacts.read_table(storage, uri, COMPARATIVES_KIND, columns=["dataset", "class_i", "class_j", "text"])
     by_dataset: dict[str, list[dict]] = {}
     for row in table.to_pylist():
         by_dataset.setdefault(row["dataset"], []).append(row)
-    return by_dataset, {"uri": uri, "commit": manifest.get("attempt"), "rows": table.num_rows,
-                        "complete": manifest.get("complete", True), "sets": {}}
+    return by_dataset, {
+        "uri": uri,
+        "commit": manifest.get("attempt"),
+        "rows": table.num_rows,
+        "complete": manifest.get("complete", True),
+        "sets": {},
+    }
 
 
-def _read_inputs(name: str, dcfg, ds, storage: Storage, artifact_rows: list[dict] | None,
-                 artifact: dict | None) -> dict:
+def _read_inputs(
+    name: str, dcfg, ds, storage: Storage, artifact_rows: list[dict] | None, artifact: dict | None
+) -> dict:
     """Files a dataset's tasks need, read once for every model (pair texts, comparatives)."""
     from pcd_ray.eval.dataset_suite import read_comparatives
     from pcd_ray.eval.pair_texts import load_pair_texts
@@ -149,8 +169,14 @@ def _read_inputs(name: str, dcfg, ds, storage: Storage, artifact_rows: list[dict
     if dcfg.differences:
         texts = load_pair_texts(storage, dcfg.differences, ds)
         out["pair_rows"], out["differences_source"] = texts.rows, texts.source
-        log.info("eval %s: %d difference sentences from %s %s (%d rows not in the split skipped)", name,
-                 len(texts.rows), texts.source["kind"], texts.source["uri"], texts.skipped)
+        log.info(
+            "eval %s: %d difference sentences from %s %s (%d rows not in the split skipped)",
+            name,
+            len(texts.rows),
+            texts.source["kind"],
+            texts.source["uri"],
+            texts.skipped,
+        )
     if dcfg.comparatives:
         out["comparatives"] = read_comparatives(storage, dcfg.comparatives, ds)
         out["comparatives_source"] = storage.resolve(dcfg.comparatives)
@@ -190,21 +216,38 @@ def evaluate_model(name: str, spec: ModelSpec, sets: dict, cfg: EvalConfig, stor
         log.info("eval %s/%s: embedding %d images (%d actors)", name, set_name, len(s["ids"]), cfg.num_actors)
         emb, kept, errors = stored_embeddings(s["ray"], s["ids"], spec, uri, cfg, storage)
         if not kept:
-            raise RuntimeError(f"eval {name}/{set_name}: no image could be embedded (first errors: "
-                               f"{errors[:MAX_ERRORS_KEPT]})")
+            raise RuntimeError(
+                f"eval {name}/{set_name}: no image could be embedded (first errors: {errors[:MAX_ERRORS_KEPT]})"
+            )
         t_embed = time.time() - t0
         log.info("eval %s/%s: scoring", name, set_name)
         if set_name == SYNTHETIC:
             kept_ids = [s["ids"][k] for k in kept]
-            result = evaluate_synthetic(emb, [s["attrs"][i] for i in kept_ids], [s["captions"][i] for i in kept_ids],
-                                        encode, cfg, s["comparatives"])
-            entry.update(result, num_embedded=len(kept), embedding_errors=len(errors),
-                         errors=errors[:MAX_ERRORS_KEPT], embeddings=uri)
+            result = evaluate_synthetic(
+                emb,
+                [s["attrs"][i] for i in kept_ids],
+                [s["captions"][i] for i in kept_ids],
+                encode,
+                cfg,
+                s["comparatives"],
+            )
+            entry.update(
+                result,
+                num_embedded=len(kept),
+                embedding_errors=len(errors),
+                errors=errors[:MAX_ERRORS_KEPT],
+                embeddings=uri,
+            )
         else:
             ds = s["set"].subset(np.asarray(kept))
             result = evaluate_dataset(ds, emb, encode, s["cfg"], cfg, storage, s["inputs"])
-            entry["datasets"][set_name] = {**result, "num_embedded": len(kept), "embedding_errors": len(errors),
-                                           "errors": errors[:MAX_ERRORS_KEPT], "embeddings": uri}
+            entry["datasets"][set_name] = {
+                **result,
+                "num_embedded": len(kept),
+                "embedding_errors": len(errors),
+                "errors": errors[:MAX_ERRORS_KEPT],
+                "embeddings": uri,
+            }
         entry["timings_s"][set_name] = {"embed": round(t_embed, 2), "score": round(time.time() - t0 - t_embed, 2)}
     return entry
 
@@ -218,25 +261,45 @@ def read_sets(cfg: EvalConfig, storage: Storage) -> tuple[dict, dict]:
     data: dict = {"datasets": {}, "comparatives": artifact}
     if cfg.images is not None:
         ds, ids, attrs, captions, unlabelled = load_split(cfg, storage)
-        log.info("eval: %d %s images from %s (%d without attributes skipped)", len(ids), cfg.split,
-                 storage.resolve(cfg.images), unlabelled)
-        sets[SYNTHETIC] = {"ray": ds, "ids": ids, "attrs": attrs, "captions": captions,
-                           "comparatives": _synthetic_comparatives(by_dataset, artifact)}
-        data.update(images=storage.resolve(cfg.images), split=cfg.split, num_images=len(ids),
-                    skipped_without_attributes=unlabelled)
+        log.info(
+            "eval: %d %s images from %s (%d without attributes skipped)",
+            len(ids),
+            cfg.split,
+            storage.resolve(cfg.images),
+            unlabelled,
+        )
+        sets[SYNTHETIC] = {
+            "ray": ds,
+            "ids": ids,
+            "attrs": attrs,
+            "captions": captions,
+            "comparatives": _synthetic_comparatives(by_dataset, artifact),
+        }
+        data.update(
+            images=storage.resolve(cfg.images),
+            split=cfg.split,
+            num_images=len(ids),
+            skipped_without_attributes=unlabelled,
+        )
     for name, dcfg in cfg.datasets.items():
         ds = read_dataset(storage, dcfg.kind, dcfg.root, dcfg.split, seed=dcfg.seed, max_images=dcfg.max_images)
         log.info("eval: %s: %d %s images, %d classes from %s", name, len(ds), dcfg.split, len(ds.classes), ds.root)
         inputs = _read_inputs(name, dcfg, ds, storage, by_dataset.get(name), artifact)
         sets[name] = {"ray": ds.to_dataset(storage), "ids": ds.image_ids, "set": ds, "cfg": dcfg, "inputs": inputs}
-        data["datasets"][name] = {"kind": dcfg.kind, "root": ds.root, "split": dcfg.split, "seed": dcfg.seed,
-                                  "num_images": len(ds), "num_classes": len(ds.classes),
-                                  "comparatives": inputs.get("comparatives_source"),
-                                  "differences": inputs.get("differences_source")}
+        data["datasets"][name] = {
+            "kind": dcfg.kind,
+            "root": ds.root,
+            "split": dcfg.split,
+            "seed": dcfg.seed,
+            "num_images": len(ds),
+            "num_classes": len(ds.classes),
+            "comparatives": inputs.get("comparatives_source"),
+            "differences": inputs.get("differences_source"),
+        }
     return sets, data
 
 
-def run_eval(job: JobConfig, storage: Storage) -> dict:
+def run_eval(job: JobConfig, storage: Storage) -> dict[str, Any]:
     """Evaluate every model of ``job.eval.models`` on every set and write the report to ``job.eval.output``.
 
     Raises ArtifactError (no images artifact), DatasetError (a missing or malformed dataset, naming the path),
@@ -255,10 +318,14 @@ def run_eval(job: JobConfig, storage: Storage) -> dict:
     report = {
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "data": data,
-        "settings": {"seeds": list(cfg.seeds), "pairs_per_attribute": cfg.pairs_per_attribute,
-                     "protocol": get_protocol(cfg.protocol).summary(),
-                     "attributes": list(ORDERED), "zeroshot_template": ZEROSHOT_TEMPLATE,
-                     "config": cfg.model_dump(mode="json")},
+        "settings": {
+            "seeds": list(cfg.seeds),
+            "pairs_per_attribute": cfg.pairs_per_attribute,
+            "protocol": get_protocol(cfg.protocol).summary(),
+            "attributes": list(ORDERED),
+            "zeroshot_template": ZEROSHOT_TEMPLATE,
+            "config": cfg.model_dump(mode="json"),
+        },
         "baseline": next(iter(cfg.models)),
         "models": models,
         "output": storage.resolve(cfg.output),

@@ -57,8 +57,9 @@ def _pairs_input(manifest: dict[str, Any], diffs: str) -> tuple[str, str | None]
     identity = manifest.get("identity") or {}
     if identity.get("input"):
         return identity["input"], identity.get("input_attempt")
-    raise DatasetError(f"{diffs}: the diffs manifest names no pairs artifact (neither provenance nor identity); "
-                       f"re-run generate")
+    raise DatasetError(
+        f"{diffs}: the diffs manifest names no pairs artifact (neither provenance nor identity); re-run generate"
+    )
 
 
 def read_diffs_artifact(storage, uri: str, ds: LabelledSet) -> PairTexts:
@@ -75,16 +76,20 @@ def read_diffs_artifact(storage, uri: str, ds: LabelledSet) -> PairTexts:
     except artifacts.ArtifactError as e:
         raise DatasetError(str(e)) from None
     if manifest.get("complete") is False:
-        raise DatasetError(f"{diffs}: the diffs artifact is incomplete (its generate run stopped before the end); "
-                           f"re-run generate to finish it")
+        raise DatasetError(
+            f"{diffs}: the diffs artifact is incomplete (its generate run stopped before the end); "
+            f"re-run generate to finish it"
+        )
     pairs_uri, made_from = _pairs_input(manifest, diffs)
     try:
         pairs_now = artifacts.read_manifest(storage, pairs_uri, "pairs").get("attempt")
     except artifacts.ArtifactError as e:
         raise DatasetError(f"{diffs}: its pairs artifact is gone ({e})") from None
     if made_from is not None and pairs_now != made_from:
-        raise DatasetError(f"{diffs}: generated from {pairs_uri} commit {made_from}, which is now commit {pairs_now}; "
-                           f"the pairs were sampled again, so re-run generate")
+        raise DatasetError(
+            f"{diffs}: generated from {pairs_uri} commit {made_from}, which is now commit {pairs_now}; "
+            f"the pairs were sampled again, so re-run generate"
+        )
     try:
         texts = artifacts.read_table(storage, diffs, "diffs", columns=["pair_id", "text"])
         pairs = artifacts.read_table(storage, pairs_uri, "pairs", columns=["pair_id", "image_id_a", "image_id_b"])
@@ -93,14 +98,22 @@ def read_diffs_artifact(storage, uri: str, ds: LabelledSet) -> PairTexts:
     joined = texts.join(pairs, "pair_id", join_type="left outer").sort_by("pair_id")
     orphans = joined.filter(pc.is_null(joined.column("image_id_a")))
     if orphans.num_rows:
-        raise DatasetError(f"{diffs}: {orphans.num_rows} diffs rows name pairs that {pairs_uri} does not have, e.g. "
-                           f"{orphans.column('pair_id').to_pylist()[:3]}")
+        raise DatasetError(
+            f"{diffs}: {orphans.num_rows} diffs rows name pairs that {pairs_uri} does not have, e.g. "
+            f"{orphans.column('pair_id').to_pylist()[:3]}"
+        )
     rows, skipped = _keep(ds, list(zip(*(joined.column(c).to_pylist() for c in ("image_id_a", "image_id_b", "text")))))
     summary, config = manifest.get("summary") or {}, manifest.get("config") or {}
-    source = {"uri": diffs, "kind": "artifact", "commit": manifest.get("attempt"),
-              "pairs": {"uri": pairs_uri, "commit": pairs_now}, "rows": int(manifest["num_rows"]),
-              "engine": summary.get("engine", config.get("engine")), "model": summary.get("model"),
-              "prompt_version": summary.get("prompt_version", config.get("prompt_version"))}
+    source = {
+        "uri": diffs,
+        "kind": "artifact",
+        "commit": manifest.get("attempt"),
+        "pairs": {"uri": pairs_uri, "commit": pairs_now},
+        "rows": int(manifest["num_rows"]),
+        "engine": summary.get("engine", config.get("engine")),
+        "model": summary.get("model"),
+        "prompt_version": summary.get("prompt_version", config.get("prompt_version")),
+    }
     return PairTexts(rows, skipped, source)
 
 
@@ -118,5 +131,8 @@ def load_pair_texts(storage, uri: str, ds: LabelledSet) -> PairTexts:
     if names_artifact(uri):
         return read_diffs_artifact(storage, uri, ds)
     rows, skipped = read_pair_texts(storage, uri, ds)
-    return PairTexts(rows, skipped, {"uri": storage.resolve(uri), "kind": "file",
-                                     "commit": commit_id(storage, Ref("differences", uri, "file"))})
+    return PairTexts(
+        rows,
+        skipped,
+        {"uri": storage.resolve(uri), "kind": "file", "commit": commit_id(storage, Ref("differences", uri, "file"))},
+    )

@@ -25,17 +25,28 @@ def get_path(d: Any, *path: Any) -> Any:
 SOURCE = "Sam et al., Finetuning CLIP to Reason about Pairwise Differences (arXiv 2409.09721), as reported"
 
 # (dataset kind, row label) in the paper's order, per table.
-DIFFERENCE_ROWS = [("awa2", "AwA2 (attributes)"), ("cifar100", "CIFAR-100 (size)"),
-                   ("flowers102", "Flowers102 (colour)"), ("cub", "CUB (LLM differences)")]
-ZEROSHOT_ROWS = [("cifar100", "CIFAR-100"), ("cub", "CUB"), ("eurosat", "EuroSAT"), ("flowers102", "Flowers102"),
-                 ("sun397", "SUN397")]
+DIFFERENCE_ROWS = [
+    ("awa2", "AwA2 (attributes)"),
+    ("cifar100", "CIFAR-100 (size)"),
+    ("flowers102", "Flowers102 (colour)"),
+    ("cub", "CUB (LLM differences)"),
+]
+ZEROSHOT_ROWS = [
+    ("cifar100", "CIFAR-100"),
+    ("cub", "CUB"),
+    ("eurosat", "EuroSAT"),
+    ("flowers102", "Flowers102"),
+    ("sun397", "SUN397"),
+]
 
 # The paper's numbers: (CLIP, PC-CLIP); None where the paper gives no number for that cell.
 PAPER_DIFFERENCE: dict[str, tuple[float | None, float | None]] = {"cifar100": (54.9, 67.4), "cub": (53.3, 67.6)}
 PAPER_ZEROSHOT: dict[str, tuple[float | None, float | None]] = {"cub": (81.7, 80.1)}
 # Comparative prompting on the most-confused classes: points gained over zero-shot.
-PAPER_COMPARATIVE_GAIN: dict[str, tuple[float | None, float | None]] = {"eurosat": (-3.4, 7.0),
-                                                                       "flowers102": (None, 9.4)}
+PAPER_COMPARATIVE_GAIN: dict[str, tuple[float | None, float | None]] = {
+    "eurosat": (-3.4, 7.0),
+    "flowers102": (None, 9.4),
+}
 # Geometry on CIFAR-100: 1 - cos(class-prompt difference, comparative text).
 PAPER_GEOMETRY: dict[str, tuple[float | None, float | None]] = {"forward": (1.04, 0.92), "reverse": (0.96, 1.08)}
 
@@ -97,17 +108,21 @@ def paper_sections(report: dict) -> list[Section]:
             paper = PAPER_COMPARATIVE_GAIN.get(kind, (None, None))
             rows.append([label] + [_fmt(g, sign=True) for g in gains] + [_fmt(p, sign=True) for p in paper])
     if rows:
-        out.append(_table("Paper table: comparative prompting, gain over zero-shot on the confused classes (points)",
-                          rows, ours))
+        out.append(
+            _table(
+                "Paper table: comparative prompting, gain over zero-shot on the confused classes (points)", rows, ours
+            )
+        )
 
     rows = []
     for key, better in (("forward", "lower"), ("reverse", "higher")):
-        b, t = get_path(base, "cifar100", "geometry", "distances", key), get_path(tuned, "cifar100", "geometry", "distances",
-                                                                         key)
+        path = ("cifar100", "geometry", "distances", key)
+        b, t = get_path(base, *path), get_path(tuned, *path)
         if b is not None and t is not None:
             paper = PAPER_GEOMETRY[key]
-            rows.append([f"CIFAR-100 {key} ({better} is better)", _fmt(b, 2), _fmt(t, 2), _fmt(paper[0], 2),
-                         _fmt(paper[1], 2)])
+            rows.append(
+                [f"CIFAR-100 {key} ({better} is better)", _fmt(b, 2), _fmt(t, 2), _fmt(paper[0], 2), _fmt(paper[1], 2)]
+            )
     if rows:
         out.append(_table("Paper table: geometry, 1 - cos(class-prompt difference, comparative text)", rows, ours))
     return out

@@ -29,8 +29,15 @@ def _png(fig) -> bytes:
     return buf.getvalue()
 
 
-def _bars(ax, groups: list[str], series: list[tuple[str, list, list]], title: str, chance: list[float | None],
-          ylim: float | None = 105, ylabel: str = "accuracy (%)") -> None:
+def _bars(
+    ax,
+    groups: list[str],
+    series: list[tuple[str, list, list]],
+    title: str,
+    chance: list[float | None],
+    ylim: float | None = 105,
+    ylabel: str = "accuracy (%)",
+) -> None:
     """Grouped bars: one group per attribute/task, one bar (one colour) per model, error bars where known."""
     x = np.arange(len(groups))
     width = 0.8 / max(len(series), 1)
@@ -40,10 +47,16 @@ def _bars(ax, groups: list[str], series: list[tuple[str, list, list]], title: st
         ax.bar(x + (k - (len(series) - 1) / 2) * width, vals, width, yerr=yerr, capsize=3, label=name, color=f"C{k}")
     for g, c in enumerate(chance):  # chance per group (tasks differ in class count)
         if c is not None:
-            ax.hlines(c, g - 0.45, g + 0.45, colors="k", linestyles="dashed", linewidth=1,
-                      label="chance" if g == 0 else None)
-    ax.set_xticks(x, groups, rotation=(45 if len(groups) > 8 else 20) if max(map(len, groups), default=0) > 6 else 0,
-                  fontsize=8, ha="right" if len(groups) > 8 else "center")
+            ax.hlines(
+                c, g - 0.45, g + 0.45, colors="k", linestyles="dashed", linewidth=1, label="chance" if g == 0 else None
+            )
+    ax.set_xticks(
+        x,
+        groups,
+        rotation=(45 if len(groups) > 8 else 20) if max(map(len, groups), default=0) > 6 else 0,
+        fontsize=8,
+        ha="right" if len(groups) > 8 else "center",
+    )
     if ylim:
         ax.set_ylim(0, ylim)
     else:  # signed values (gains): mark zero
@@ -66,13 +79,20 @@ def _panels(report: dict) -> list:
                 r = m["difference"][mode]
                 es = [r["attributes"][g] if g != "overall" else r["overall"] for g in groups]
                 series.append((name, [e["accuracy"] for e in es], [e["stderr"] for e in es]))
-            panels.append((f"difference accuracy, {mode} pairs", groups, series, [50.0] * len(groups), 105,
-                           "accuracy (%)"))
+            panels.append(
+                (f"difference accuracy, {mode} pairs", groups, series, [50.0] * len(groups), 105, "accuracy (%)")
+            )
     for key, label in (("zeroshot", "zero-shot (paper template)"), ("zeroshot_ensemble", "zero-shot (ensemble)")):
         if all(m.get(key) for m in models):
             tasks = list(models[0][key]["tasks"])
-            series = [(n, [m[key]["tasks"][t]["accuracy"] for t in tasks] + [m[key]["mean_accuracy"]],
-                       [None] * (len(tasks) + 1)) for n, m in zip(names, models)]
+            series = [
+                (
+                    n,
+                    [m[key]["tasks"][t]["accuracy"] for t in tasks] + [m[key]["mean_accuracy"]],
+                    [None] * (len(tasks) + 1),
+                )
+                for n, m in zip(names, models)
+            ]
             chance = [models[0][key]["tasks"][t]["chance"] for t in tasks] + [models[0][key]["mean_chance"]]
             panels.append((label, tasks + ["mean"], series, chance, 105, "accuracy (%)"))
     if all(m.get("comparative") for m in models):
@@ -87,26 +107,54 @@ def _panels(report: dict) -> list:
                     b, a = e["zeroshot"]["confused"], e["comparative"]["confused"]
                     gains.append(None if a is None or b is None else a - b)
             series.append((n, gains, [None] * len(gains)))
-        panels.append(("comparative prompting: gain on confused classes", groups, series, [None] * len(groups),
-                       None, "accuracy change (points)"))
+        panels.append(
+            (
+                "comparative prompting: gain on confused classes",
+                groups,
+                series,
+                [None] * len(groups),
+                None,
+                "accuracy change (points)",
+            )
+        )
     if all(m.get("geometry") for m in models):
         tasks = list(models[0]["geometry"]["distances"])
         if tasks:  # no comparatives, no distances: the analogy panel still stands
-            series = [(n, [m["geometry"]["distances"][t]["forward"] for t in tasks],
-                       [m["geometry"]["distances"][t]["forward_stderr"] for t in tasks])
-                      for n, m in zip(names, models)]
-            panels.append(("geometry: forward distance (lower is better)", tasks, series, [1.0] * len(tasks), 2.0,
-                           "1 - cos"))
+            series = [
+                (
+                    n,
+                    [m["geometry"]["distances"][t]["forward"] for t in tasks],
+                    [m["geometry"]["distances"][t]["forward_stderr"] for t in tasks],
+                )
+                for n, m in zip(names, models)
+            ]
+            panels.append(
+                ("geometry: forward distance (lower is better)", tasks, series, [1.0] * len(tasks), 2.0, "1 - cos")
+            )
         an = [m["geometry"]["analogy"] for m in models]
-        series = [(n, [a["text"]["accuracy"], a["image"]["accuracy"]], [a["text"]["stderr"], a["image"]["stderr"]])
-                  for n, a in zip(names, an)]
-        panels.append((f"analogy accuracy ({an[0]['task']})", ["text", "image"], series,
-                       [an[0]["chance_text"], an[0]["chance_image"]], 105, "accuracy (%)"))
+        series = [
+            (n, [a["text"]["accuracy"], a["image"]["accuracy"]], [a["text"]["stderr"], a["image"]["stderr"]])
+            for n, a in zip(names, an)
+        ]
+        panels.append(
+            (
+                f"analogy accuracy ({an[0]['task']})",
+                ["text", "image"],
+                series,
+                [an[0]["chance_text"], an[0]["chance_image"]],
+                105,
+                "accuracy (%)",
+            )
+        )
     if all(m.get("retrieval") for m in models):
         r0 = models[0]["retrieval"]
         ks = list(r0["captions"]["text_to_image"])
-        groups = [f"t2i {k}" for k in ks] + [f"i2t {k}" for k in ks] + [f"A+more {k}" for k in ks] + \
-                 [f"A only {k}" for k in ks]
+        groups = (
+            [f"t2i {k}" for k in ks]
+            + [f"i2t {k}" for k in ks]
+            + [f"A+more {k}" for k in ks]
+            + [f"A only {k}" for k in ks]
+        )
         series = []
         for n, m in zip(names, models):
             r = m["retrieval"]
@@ -130,7 +178,7 @@ def render_overview(report: dict) -> bytes | None:
     axes = np.atleast_1d(fig.subplots(rows, cols)).ravel()
     for ax, (title, groups, series, chance, ylim, ylabel) in zip(axes, panels):
         _bars(ax, groups, series, title, chance, ylim, ylabel)
-    for ax in axes[len(panels):]:
+    for ax in axes[len(panels) :]:
         ax.axis("off")
     axes[0].legend(loc="lower left", fontsize=8)
     return _png(fig)
@@ -144,7 +192,7 @@ def _comparative_sets(report: dict) -> list[tuple[str, str, list[tuple[str, dict
     if all(m.get("comparative") for m in models):
         for task in models[0]["comparative"]:
             out.append(("synthetic", task, [(n, m["comparative"][task]) for n, m in zip(names, models)]))
-    for d in (models[0].get("datasets") or {}):
+    for d in models[0].get("datasets") or {}:
         if all((m.get("datasets") or {}).get(d, {}).get("comparative") for m in models):
             out.append((d, "classes", [(n, m["datasets"][d]["comparative"]) for n, m in zip(names, models)]))
     return out
@@ -161,8 +209,7 @@ def render_alpha(report: dict) -> bytes | None:
             for protocol, style in (("paper", "-"), ("heldout", "--")):
                 sw = comp["protocols"][protocol]["sweep"]
                 ys = [np.nan if v is None else v for v in sw["confused"]]
-                ax.plot(sw["alphas"], ys, style, color=f"C{k}", marker="o", markersize=3,
-                        label=f"{name} ({protocol})")
+                ax.plot(sw["alphas"], ys, style, color=f"C{k}", marker="o", markersize=3, label=f"{name} ({protocol})")
         ax.axvline(entries[0][1]["alpha"], color="grey", linewidth=0.8, linestyle=":")
         ax.set_xlabel("alpha (1 = plain zero-shot)")
         ax.set_ylabel("accuracy on confused classes (%)")
@@ -173,8 +220,7 @@ def render_alpha(report: dict) -> bytes | None:
 
 def render_confusion(report: dict) -> bytes | None:
     # Only tasks where the paper protocol picked pairs for every model (a set may have no confusions at all).
-    sets = [s for s in _comparative_sets(report)
-            if all(c["protocols"]["paper"]["pairs"] for _, c in s[2])]
+    sets = [s for s in _comparative_sets(report) if all(c["protocols"]["paper"]["pairs"] for _, c in s[2])]
     if not sets:
         return None
     # The task with the most classes shows most; one row per model: before | after (paper protocol).
@@ -189,8 +235,9 @@ def render_confusion(report: dict) -> bytes | None:
             cm = np.asarray(p[key])
             ax.imshow(cm, cmap="Blues")
             for (i, j), v in np.ndenumerate(cm):
-                ax.text(j, i, str(v), ha="center", va="center", fontsize=7,
-                        color="white" if v > cm.max() / 2 else "black")
+                ax.text(
+                    j, i, str(v), ha="center", va="center", fontsize=7, color="white" if v > cm.max() / 2 else "black"
+                )
             ax.set_xticks(range(len(labels)), labels, rotation=45, ha="right", fontsize=7)
             ax.set_yticks(range(len(labels) - 1), labels[:-1], fontsize=7)
             when = "zero-shot" if col == 0 else f"comparative, α={comp['alpha']}"
@@ -232,8 +279,12 @@ def render_plots(report: dict) -> dict[str, bytes]:
     """{plot name: PNG bytes}; ``report`` always (the synthetic set's panels, else the datasets' bars), the others
     when the report has their data."""
     out = {}
-    for name, fn in (("report", render_overview), ("comparative_alpha", render_alpha), ("confusion", render_confusion),
-                     ("datasets", render_datasets)):
+    for name, fn in (
+        ("report", render_overview),
+        ("comparative_alpha", render_alpha),
+        ("confusion", render_confusion),
+        ("datasets", render_datasets),
+    ):
         data = fn(report)
         if data is not None:
             out[name] = data

@@ -104,22 +104,62 @@ COLOUR_YELLOW_FIRST = "The first flower is yellow, while the second is blue."
 AWA2_TEMPLATE = "The first image has attributes of {a}, while the second image has attributes of {b}"
 AWA2_DROPPED_IDS = (34, 38, 40, 41, 51, 52, 53, 54, 56, 57, 58, 59, 60, 61, 62, 83)
 """The authors' filter list: the 1-based numbers of predicates.txt, applied to 0-based columns."""
-AWA2_DROPPED_INTENDED = ("smelly", "tunnels", "fast", "slow", "agility", "fish", "meat", "plankton", "insects",
-                         "forager", "grazer", "hunter", "scavenger", "skimmer", "stalker", "solitary")
+AWA2_DROPPED_INTENDED = (
+    "smelly",
+    "tunnels",
+    "fast",
+    "slow",
+    "agility",
+    "fish",
+    "meat",
+    "plankton",
+    "insects",
+    "forager",
+    "grazer",
+    "hunter",
+    "scavenger",
+    "skimmer",
+    "stalker",
+    "solitary",
+)
 """The predicates their filter list's comments name (those numbers, 1-based): behaviour and diet."""
-AWA2_DROPPED_ACTUAL = ("flys", "walks", "slow", "strong", "fish", "meat", "plankton", "vegetation", "forager",
-                       "grazer", "hunter", "scavenger", "skimmer", "stalker", "newworld", "nestspot")
+AWA2_DROPPED_ACTUAL = (
+    "flys",
+    "walks",
+    "slow",
+    "strong",
+    "fish",
+    "meat",
+    "plankton",
+    "vegetation",
+    "forager",
+    "grazer",
+    "hunter",
+    "scavenger",
+    "skimmer",
+    "stalker",
+    "newworld",
+    "nestspot",
+)
 """The predicates their filter list removes (those numbers as 0-based columns of the 85)."""
 
 PAPER = Protocol(
     name="paper",
-    size=GroupTask(Group("larger", CIFAR_LARGER, SIZE_LARGER_FIRST, ids=(15, 42, 43, 97)),
-                   Group("smaller", CIFAR_SMALLER, SIZE_SMALLER_FIRST, ids=(36, 65, 74, 80))),
+    size=GroupTask(
+        Group("larger", CIFAR_LARGER, SIZE_LARGER_FIRST, ids=(15, 42, 43, 97)),
+        Group("smaller", CIFAR_SMALLER, SIZE_SMALLER_FIRST, ids=(36, 65, 74, 80)),
+    ),
     # The ids' comments say bluebells, blue poppy / sunflowers, goldenrod, yellow iris, daffodil; in Flowers102's
     # label order (torchvision's, which their loader uses) the ids are these classes.
-    colour=GroupTask(Group("blue", ("canterbury bells", "bird of paradise"), COLOUR_BLUE_FIRST, ids=(2, 7)),
-                     Group("yellow", ("english marigold", "moon orchid", "snapdragon", "giant white arum lily"),
-                           COLOUR_YELLOW_FIRST, ids=(4, 6, 10, 19))),
+    colour=GroupTask(
+        Group("blue", ("canterbury bells", "bird of paradise"), COLOUR_BLUE_FIRST, ids=(2, 7)),
+        Group(
+            "yellow",
+            ("english marigold", "moon orchid", "snapdragon", "giant white arum lily"),
+            COLOUR_YELLOW_FIRST,
+            ids=(4, 6, 10, 19),
+        ),
+    ),
     attributes=AttributeTask(AWA2_TEMPLATE, AWA2_DROPPED_ACTUAL, AWA2_DROPPED_IDS, rows="sorted_position"),
     images_per_seed=100,
     llm_pairs_per_seed=5000,
@@ -134,14 +174,16 @@ FIXED = dataclasses.replace(
     PAPER,
     name="fixed",
     # By name; CIFAR-100's ids were right, so only the misspelt "whiel" changes.
-    size=GroupTask(Group("larger", CIFAR_LARGER, SIZE_LARGER_FIRST.replace("whiel", "while")),
-                   Group("smaller", CIFAR_SMALLER, SIZE_SMALLER_FIRST)),
+    size=GroupTask(
+        Group("larger", CIFAR_LARGER, SIZE_LARGER_FIRST.replace("whiel", "while")),
+        Group("smaller", CIFAR_SMALLER, SIZE_SMALLER_FIRST),
+    ),
     # Their comments' bluebells, blue poppy and goldenrod are not Flowers102 classes: clearly blue and clearly yellow
     # species by name instead.
-    colour=GroupTask(Group("blue", ("bolero deep blue", "grape hyacinth", "stemless gentian", "balloon flower"),
-                           COLOUR_BLUE_FIRST),
-                     Group("yellow", ("yellow iris", "buttercup", "common dandelion", "sunflower"),
-                           COLOUR_YELLOW_FIRST)),
+    colour=GroupTask(
+        Group("blue", ("bolero deep blue", "grape hyacinth", "stemless gentian", "balloon flower"), COLOUR_BLUE_FIRST),
+        Group("yellow", ("yellow iris", "buttercup", "common dandelion", "sunflower"), COLOUR_YELLOW_FIRST),
+    ),
     attributes=AttributeTask(AWA2_TEMPLATE, AWA2_DROPPED_INTENDED, None, rows="class"),
     geometry_unit_prompts=True,
     stderr_ddof=1,

@@ -27,7 +27,6 @@ from pcd_ray.eval.paper import get_path as _get
 from pcd_ray.storage import Storage, join
 
 
-
 def _cell(mean: float | None, stderr: float | None = None, digits: int = 1) -> str:
     if mean is None:
         return "n/a"
@@ -38,12 +37,11 @@ def _delta(value: float | None, base: float | None, digits: int = 1) -> str:
     return "n/a" if value is None or base is None else f"{value - base:+.{digits}f}"
 
 
-
-
 def _row(label: list[str], entries: list[tuple[float | None, float | None]], digits: int = 1) -> list[str]:
     """label cells + one cell per model + one delta per later model against the first."""
-    return (label + [_cell(m, s, digits) for m, s in entries]
-            + [_delta(m, entries[0][0], digits) for m, _ in entries[1:]])
+    return (
+        label + [_cell(m, s, digits) for m, s in entries] + [_delta(m, entries[0][0], digits) for m, _ in entries[1:]]
+    )
 
 
 def _difference_sections(models, names, seeds) -> list[Section]:
@@ -68,15 +66,20 @@ def _difference_sections(models, names, seeds) -> list[Section]:
 def _zeroshot_sections(models, names) -> list[Section]:
     out = []
     deltas = [f"Δ {n}" for n in names[1:]]
-    titles = {"zeroshot": lambda z: f"Zero-shot classification (synthetic set; %, prompt \"{z['template']}\")",
-              "zeroshot_ensemble": lambda z: f"Zero-shot classification, template ensemble (synthetic set; %, "
-                                             f"{z['templates']})"}
+    titles = {
+        "zeroshot": lambda z: f'Zero-shot classification (synthetic set; %, prompt "{z["template"]}")',
+        "zeroshot_ensemble": lambda z: (
+            f"Zero-shot classification, template ensemble (synthetic set; %, {z['templates']})"
+        ),
+    }
     for key, title in titles.items():
         zs = [m.get(key) for m in models]
         if not all(zs):
             continue
-        rows = [_row([task, f"{entry['chance']:.1f}"], [(z["tasks"][task]["accuracy"], None) for z in zs])
-                for task, entry in zs[0]["tasks"].items()]
+        rows = [
+            _row([task, f"{entry['chance']:.1f}"], [(z["tasks"][task]["accuracy"], None) for z in zs])
+            for task, entry in zs[0]["tasks"].items()
+        ]
         rows.append(_row(["mean", _cell(zs[0]["mean_chance"])], [(z["mean_accuracy"], None) for z in zs]))
         out.append((title(zs[0]), ["task", "chance"] + names + deltas, rows))
     return out
@@ -97,8 +100,10 @@ def _comparative_rows(comps: list[dict | None], task: str) -> list[list[str]]:
                 gain = None if before is None or after is None else after - before
                 gains.append(gain)
                 cells.append(f"{_cell(before)} → {_cell(after)} ({_delta(after, before)})")
-            rows.append([task, protocol, subset, pairs if subset == "full" else "", *cells]
-                        + [_delta(g, gains[0]) for g in gains[1:]])
+            rows.append(
+                [task, protocol, subset, pairs if subset == "full" else "", *cells]
+                + [_delta(g, gains[0]) for g in gains[1:]]
+            )
     return rows
 
 
@@ -106,8 +111,11 @@ def _comparative_section(title: str, per_task: dict[str, list], names) -> Sectio
     rows = [r for task, comps in per_task.items() if all(comps) for r in _comparative_rows(comps, task)]
     if not rows:
         return None
-    return (title, ["task", "protocol", "subset", "confused pairs (baseline's)"] + names
-            + [f"Δ gain {n}" for n in names[1:]], rows)
+    return (
+        title,
+        ["task", "protocol", "subset", "confused pairs (baseline's)"] + names + [f"Δ gain {n}" for n in names[1:]],
+        rows,
+    )
 
 
 def _geometry_rows(geos: list[dict], task: str) -> list[list[str]]:
@@ -124,38 +132,66 @@ def _synthetic_extra_sections(models, names) -> list[Section]:
     comps = [m.get("comparative") for m in models]
     if all(comps):
         alpha = next(iter(comps[0].values()))["alpha"]
-        sec = _comparative_section(f"Comparative prompting (synthetic set; %, alpha {alpha}; "
-                                   "zero-shot → comparative)",
-                                   {t: [c.get(t) for c in comps] for t in comps[0]}, names)
+        sec = _comparative_section(
+            f"Comparative prompting (synthetic set; %, alpha {alpha}; zero-shot → comparative)",
+            {t: [c.get(t) for c in comps] for t in comps[0]},
+            names,
+        )
         if sec:
             out.append(sec)
     geos = [m.get("geometry") for m in models]
     if all(geos):
-        rows = [r for task in geos[0].get("distances") or {}
-                for r in _geometry_rows([g["distances"][task] for g in geos], task)]
+        rows = [
+            r
+            for task in geos[0].get("distances") or {}
+            for r in _geometry_rows([g["distances"][task] for g in geos], task)
+        ]
         if rows:  # none without comparatives
-            out.append(("Geometry (synthetic set): 1 - cos(class-prompt difference, comparative text), mean ± s.e. "
-                        "over pairs", ["task", "distance", "pairs"] + names + deltas, rows))
+            out.append(
+                (
+                    "Geometry (synthetic set): 1 - cos(class-prompt difference, comparative text), mean ± s.e. "
+                    "over pairs",
+                    ["task", "distance", "pairs"] + names + deltas,
+                    rows,
+                )
+            )
         an = [g["analogy"] for g in geos]
-        rows = [_row([f"{an[0]['task']}: {kind}", _cell(an[0][f"chance_{kind}"])],
-                     [(a[kind]["accuracy"], a[kind]["stderr"]) for a in an]) for kind in ("text", "image")]
-        out.append(("Analogy accuracy (synthetic set; %): ĝ(a) - ĝ(b) + ĝ(c) nearest to the right class prompt "
-                    "/ image",
-                    ["analogy", "chance"] + names + deltas, rows))
+        rows = [
+            _row(
+                [f"{an[0]['task']}: {kind}", _cell(an[0][f"chance_{kind}"])],
+                [(a[kind]["accuracy"], a[kind]["stderr"]) for a in an],
+            )
+            for kind in ("text", "image")
+        ]
+        out.append(
+            (
+                "Analogy accuracy (synthetic set; %): ĝ(a) - ĝ(b) + ĝ(c) nearest to the right class prompt / image",
+                ["analogy", "chance"] + names + deltas,
+                rows,
+            )
+        )
     rets = [m.get("retrieval") for m in models]
     if all(rets):
         rows = []
         for direction in ("text_to_image", "image_to_text"):
             for k in rets[0]["captions"][direction]:
-                rows.append(_row([direction.replace("_", " "), k],
-                                 [(r["captions"][direction][k], None) for r in rets]))
+                rows.append(_row([direction.replace("_", " "), k], [(r["captions"][direction][k], None) for r in rets]))
         for mode in ("text", "image"):
             for k in rets[0]["conditioned"][mode]:
                 label = "like A but more/less" if mode == "text" else "image A only (reference)"
-                rows.append(_row([label, k], [(r["conditioned"][mode][k]["accuracy"],
-                                               r["conditioned"][mode][k]["stderr"]) for r in rets]))
-        out.append(("Retrieval (synthetic set; %): captions and difference-conditioned",
-                    ["query", "recall"] + names + deltas, rows))
+                rows.append(
+                    _row(
+                        [label, k],
+                        [(r["conditioned"][mode][k]["accuracy"], r["conditioned"][mode][k]["stderr"]) for r in rets],
+                    )
+                )
+        out.append(
+            (
+                "Retrieval (synthetic set; %): captions and difference-conditioned",
+                ["query", "recall"] + names + deltas,
+                rows,
+            )
+        )
     return out
 
 
@@ -169,32 +205,67 @@ def _dataset_sections(models, names) -> list[Section]:
     out: list[Section] = []
     rows = []
     for d in datasets:
-        for tmpl in (entries[d][0].get("zeroshot") or {}):
-            rows.append(_row([d, tmpl, _cell(entries[d][0]["zeroshot"][tmpl]["chance"])],
-                             [(e["zeroshot"][tmpl]["accuracy"], None) for e in entries[d]]))
+        for tmpl in entries[d][0].get("zeroshot") or {}:
+            rows.append(
+                _row(
+                    [d, tmpl, _cell(entries[d][0]["zeroshot"][tmpl]["chance"])],
+                    [(e["zeroshot"][tmpl]["accuracy"], None) for e in entries[d]],
+                )
+            )
     if rows:
-        out.append(("Zero-shot classification (labelled datasets; %)",
-                    ["dataset", "templates", "chance"] + names + deltas, rows))
-    rows = [_row([d, entries[d][0]["difference"]["task"], str(max(entries[d][0]["difference"]["pairs_per_seed"]))],
-                 [(e["difference"]["accuracy"], e["difference"]["stderr"]) for e in entries[d]])
-            for d in datasets if all(e.get("difference") for e in entries[d])]
+        out.append(
+            (
+                "Zero-shot classification (labelled datasets; %)",
+                ["dataset", "templates", "chance"] + names + deltas,
+                rows,
+            )
+        )
+    rows = [
+        _row(
+            [d, entries[d][0]["difference"]["task"], str(max(entries[d][0]["difference"]["pairs_per_seed"]))],
+            [(e["difference"]["accuracy"], e["difference"]["stderr"]) for e in entries[d]],
+        )
+        for d in datasets
+        if all(e.get("difference") for e in entries[d])
+    ]
     if rows:
-        out.append(("Difference accuracy (labelled datasets; %, chance 50; mean ± s.e. over seeds)",
-                    ["dataset", "task", "pairs/seed"] + names + deltas, rows))
-    sec = _comparative_section("Comparative prompting (labelled datasets; %; zero-shot → comparative)",
-                               {d: [e.get("comparative") for e in entries[d]] for d in datasets}, names)
+        out.append(
+            (
+                "Difference accuracy (labelled datasets; %, chance 50; mean ± s.e. over seeds)",
+                ["dataset", "task", "pairs/seed"] + names + deltas,
+                rows,
+            )
+        )
+    sec = _comparative_section(
+        "Comparative prompting (labelled datasets; %; zero-shot → comparative)",
+        {d: [e.get("comparative") for e in entries[d]] for d in datasets},
+        names,
+    )
     if sec:
         out.append(sec)
-    rows = [r for d in datasets if all(_get(e, "geometry", "distances") for e in entries[d])
-            for r in _geometry_rows([e["geometry"]["distances"] for e in entries[d]], d)]
+    rows = [
+        r
+        for d in datasets
+        if all(_get(e, "geometry", "distances") for e in entries[d])
+        for r in _geometry_rows([e["geometry"]["distances"] for e in entries[d]], d)
+    ]
     if rows:
-        out.append(("Geometry (labelled datasets): 1 - cos(class-prompt difference, comparative text)",
-                    ["dataset", "distance", "pairs"] + names + deltas, rows))
-    rows = [_row([d, direction.replace("_", " "), k], [(e["retrieval"]["captions"][direction][k], None)
-                                                       for e in entries[d]])
-            for d in datasets if all(e.get("retrieval") for e in entries[d])
-            for direction in ("text_to_image", "image_to_text")
-            for k in entries[d][0]["retrieval"]["captions"][direction]]
+        out.append(
+            (
+                "Geometry (labelled datasets): 1 - cos(class-prompt difference, comparative text)",
+                ["dataset", "distance", "pairs"] + names + deltas,
+                rows,
+            )
+        )
+    rows = [
+        _row(
+            [d, direction.replace("_", " "), k], [(e["retrieval"]["captions"][direction][k], None) for e in entries[d]]
+        )
+        for d in datasets
+        if all(e.get("retrieval") for e in entries[d])
+        for direction in ("text_to_image", "image_to_text")
+        for k in entries[d][0]["retrieval"]["captions"][direction]
+    ]
     if rows:
         out.append(("Caption retrieval (labelled datasets; %)", ["dataset", "query", "recall"] + names + deltas, rows))
     return out
@@ -204,8 +275,13 @@ def _sections(report: dict) -> list[Section]:
     """The rows every rendering shares."""
     names = list(report["models"])
     models = [report["models"][n] for n in names]
-    return (_difference_sections(models, names, report["settings"]["seeds"]) + _zeroshot_sections(models, names)
-            + _synthetic_extra_sections(models, names) + _dataset_sections(models, names) + paper_sections(report))
+    return (
+        _difference_sections(models, names, report["settings"]["seeds"])
+        + _zeroshot_sections(models, names)
+        + _synthetic_extra_sections(models, names)
+        + _dataset_sections(models, names)
+        + paper_sections(report)
+    )
 
 
 def comparatives_line(report: dict) -> str | None:
@@ -214,8 +290,10 @@ def comparatives_line(report: dict) -> str | None:
     if not c:
         return None
     if c.get("commit") is None:
-        return (f"Comparatives: none at `{c['uri']}` (`pcd-ray comparatives` writes them); comparative prompting and "
-                f"difference distances skipped where no dataset file gives them.")
+        return (
+            f"Comparatives: none at `{c['uri']}` (`pcd-ray comparatives` writes them); comparative prompting and "
+            f"difference distances skipped where no dataset file gives them."
+        )
     sets = ", ".join(f"{k} ({n} pairs)" for k, n in c.get("sets", {}).items()) or "none of the evaluated sets"
     incomplete = ", incomplete" if c.get("complete") is False else ""
     return f"Comparatives: `{c['uri']}` (commit `{c['commit']}`, {c['rows']} rows{incomplete}); used for {sets}."
@@ -254,8 +332,12 @@ def _text_table(header: list[str], rows: list[list[str]], width: int = WIDTH) ->
         for r in cells:
             for k in range(max(len(r[c]) for c in cols)):
                 parts = [(r[c][k] if k < len(r[c]) else "") for c in cols]
-                out.append("  " + "  ".join(p.ljust(widths[c]) if left[c] else p.rjust(widths[c])
-                                            for p, c in zip(parts, cols)).rstrip())
+                out.append(
+                    "  "
+                    + "  ".join(
+                        p.ljust(widths[c]) if left[c] else p.rjust(widths[c]) for p, c in zip(parts, cols)
+                    ).rstrip()
+                )
     return out
 
 
@@ -272,11 +354,13 @@ def format_table(report: dict) -> str:
     return "\n".join(out).rstrip() + "\n"
 
 
-NOTES = ("Hard pairs: random test images whose attribute differs (the headline). Easy pairs: images equal in every "
-         "other attribute (a sanity check that saturates; `of N` = how many such pairs exist). Difference sentences "
-         "use held-out wordings. Comparative prompting: `paper` picks the most-confused pairs from the model's own "
-         "confusion matrix on the evaluated images; `heldout` picks them on a seeded half and scores the other half. "
-         "Geometry: reverse = 2 - forward pair by pair. See docs/EVAL.md for what each task measures.")
+NOTES = (
+    "Hard pairs: random test images whose attribute differs (the headline). Easy pairs: images equal in every "
+    "other attribute (a sanity check that saturates; `of N` = how many such pairs exist). Difference sentences "
+    "use held-out wordings. Comparative prompting: `paper` picks the most-confused pairs from the model's own "
+    "confusion matrix on the evaluated images; `heldout` picks them on a seeded half and scores the other half. "
+    "Geometry: reverse = 2 - forward pair by pair. See docs/EVAL.md for what each task measures."
+)
 
 
 def to_markdown(report: dict, plots: dict[str, str] | None = None) -> str:
@@ -286,21 +370,29 @@ def to_markdown(report: dict, plots: dict[str, str] | None = None) -> str:
         lines.append(f"Synthetic set `{data['images']}`, split `{data['split']}` ({data['num_images']} images).")
     for name, d in (data.get("datasets") or {}).items():
         own = d.get("comparatives")
-        lines.append(f"Dataset `{name}`: {d['kind']} `{d['root']}`, split `{d['split']}` ({d['num_images']} "
-                     f"images, {d['num_classes']} classes)." + (f" Comparatives from `{own}`." if own else ""))
+        lines.append(
+            f"Dataset `{name}`: {d['kind']} `{d['root']}`, split `{d['split']}` ({d['num_images']} "
+            f"images, {d['num_classes']} classes)." + (f" Comparatives from `{own}`." if own else "")
+        )
     line = comparatives_line(report)
     if line:
         lines.append(line)
     protocol = (settings.get("protocol") or {}).get("name")
     if protocol and data.get("datasets"):
         lines.append(f'Labelled datasets under the `{protocol}` evaluation protocol (docs/EVAL.md, "Protocols").')
-    lines += ["", f"Seeds {settings['seeds']}; up to {settings['pairs_per_attribute']} pairs per attribute and seed "
-              "on the synthetic set. "
-              f"Baseline for deltas: `{report['baseline']}`. Created {report.get('created', 'n/a')}.", "",
-              "| model | source | images embedded | embedding errors |", "|---|---|---|---|"]
+    lines += [
+        "",
+        f"Seeds {settings['seeds']}; up to {settings['pairs_per_attribute']} pairs per attribute and seed "
+        "on the synthetic set. "
+        f"Baseline for deltas: `{report['baseline']}`. Created {report.get('created', 'n/a')}.",
+        "",
+        "| model | source | images embedded | embedding errors |",
+        "|---|---|---|---|",
+    ]
     for name, m in report["models"].items():
-        lines.append(f"| {name} | `{m['source']}` | {m.get('num_embedded', 'n/a')} | "
-                     f"{m.get('embedding_errors', 'n/a')} |")
+        lines.append(
+            f"| {name} | `{m['source']}` | {m.get('num_embedded', 'n/a')} | {m.get('embedding_errors', 'n/a')} |"
+        )
     for title, header, rows in _sections(report):
         lines += ["", f"## {title}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         lines += ["| " + " | ".join(r) + " |" for r in rows]
@@ -322,8 +414,12 @@ def write_report(report: dict, storage: Storage, uri: str) -> dict[str, Any]:
     pngs = render_plots(report)
     plot_uris = {name: join(base, f"{name}.png") for name in pngs}
     md = to_markdown(report, plot_uris)
-    paths = {"json": join(base, "report.json"), "md": join(base, "report.md"), "png": plot_uris["report"],
-             "plots": plot_uris}
+    paths = {
+        "json": join(base, "report.json"),
+        "md": join(base, "report.md"),
+        "png": plot_uris["report"],
+        "plots": plot_uris,
+    }
     storage.write_json(paths["json"], report)
     storage.write_text(paths["md"], md)
     for name, data in pngs.items():
@@ -345,6 +441,12 @@ def merge_reports(reports: dict[str, dict]) -> dict:
         raise ValueError("nothing to compare")
     first = next(iter(reports.values()))
     models = {f"{run}/{name}": m for run, r in reports.items() for name, m in r["models"].items()}
-    return {**first, "models": models, "baseline": next(iter(models)),
-            "runs": {run: {"data": r["data"], "settings": r["settings"], "created": r.get("created")}
-                     for run, r in reports.items()}}
+    return {
+        **first,
+        "models": models,
+        "baseline": next(iter(models)),
+        "runs": {
+            run: {"data": r["data"], "settings": r["settings"], "created": r.get("created")}
+            for run, r in reports.items()
+        },
+    }

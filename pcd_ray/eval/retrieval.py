@@ -15,7 +15,7 @@ which differences live); the answer set is every other image of A's kind and col
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -35,22 +35,26 @@ def _flat(lists: Sequence[np.ndarray], start: int, stop: int) -> tuple[np.ndarra
     return rows, (np.concatenate(part) if part else np.zeros(0, dtype=np.int64))
 
 
-def best_correct_rank(queries: np.ndarray, candidates: np.ndarray, correct: Sequence[np.ndarray],
-                      exclude: Sequence[np.ndarray] | None = None) -> np.ndarray:
+def best_correct_rank(
+    queries: np.ndarray,
+    candidates: np.ndarray,
+    correct: Sequence[np.ndarray],
+    exclude: Sequence[np.ndarray] | None = None,
+) -> np.ndarray:
     """Per query, how many candidates score strictly above its best correct candidate (0 = top); -1 when the
     query has no correct candidate. ``exclude`` removes candidates per query (the query image itself)."""
     q, c = normalise(queries, eps=EPS, dtype=np.float64), normalise(candidates, eps=EPS, dtype=np.float64)
     ranks = np.full(len(q), -1, dtype=np.int64)
     chunk = max(1, min(CHUNK, MAX_CELLS // max(len(c), 1)))  # bounds the [chunk, candidates] similarity block
     for s in range(0, len(q), chunk):
-        sims = q[s:s + chunk] @ c.T
+        sims = q[s : s + chunk] @ c.T
         if exclude is not None:
             sims[_flat(exclude, s, s + len(sims))] = -np.inf
         mask = np.zeros(sims.shape, dtype=bool)
         mask[_flat(correct, s, s + len(sims))] = True
         best = np.where(mask, sims, -np.inf).max(axis=1)
         has = mask.any(axis=1)
-        ranks[s:s + len(sims)] = np.where(has, np.sum(sims > best[:, None], axis=1), -1)
+        ranks[s : s + len(sims)] = np.where(has, np.sum(sims > best[:, None], axis=1), -1)
     return ranks
 
 
@@ -59,16 +63,21 @@ def recall_at_k(ranks: np.ndarray, ks: Sequence[int]) -> dict[str, float | None]
     return {f"R@{k}": (float(100.0 * np.mean(valid < k)) if len(valid) else None) for k in ks}
 
 
-def caption_retrieval(image_emb: np.ndarray, caption_emb: np.ndarray, caption_image: np.ndarray,
-                      ks: Sequence[int]) -> dict:
+def caption_retrieval(
+    image_emb: np.ndarray, caption_emb: np.ndarray, caption_image: np.ndarray, ks: Sequence[int]
+) -> dict:
     """Recall@k both ways; caption_emb [m, D] with caption_image [m] the index of the image each caption describes."""
     caption_image = np.asarray(caption_image, dtype=np.int64)
     t2i = best_correct_rank(caption_emb, image_emb, [np.asarray([i]) for i in caption_image])
     order = np.argsort(caption_image, kind="stable")  # group caption indices by image in O(m log m)
     by_image = np.split(order, np.searchsorted(caption_image[order], np.arange(1, len(image_emb))))
     i2t = best_correct_rank(image_emb, caption_emb, by_image)
-    return {"text_to_image": recall_at_k(t2i, ks), "image_to_text": recall_at_k(i2t, ks),
-            "num_images": int(len(image_emb)), "num_captions": int(len(caption_emb))}
+    return {
+        "text_to_image": recall_at_k(t2i, ks),
+        "image_to_text": recall_at_k(i2t, ks),
+        "num_images": int(len(image_emb)),
+        "num_captions": int(len(caption_emb)),
+    }
 
 
 def difference_scale(image_emb: np.ndarray, rng: np.random.Generator, samples: int = 2000) -> float:
@@ -79,11 +88,17 @@ def difference_scale(image_emb: np.ndarray, rng: np.random.Generator, samples: i
     return float(np.median(np.linalg.norm(g[i[keep]] - g[j[keep]], axis=1))) if keep.any() else 0.0
 
 
-def conditioned_retrieval(image_emb: np.ndarray, attrs: Sequence[dict],
-                          encode_texts: Callable[[list[str]], np.ndarray], *, ks: Sequence[int],
-                          seeds: Sequence[int], queries_per_seed: int,
-                          attributes: Sequence[str] = tuple(ORDERED)) -> dict:
-    """"Like A but more/less <attribute>" over seeds (module docstring). Hits in %; mean ± s.e. over seeds of the
+def conditioned_retrieval(
+    image_emb: np.ndarray,
+    attrs: Sequence[dict],
+    encode_texts: Callable[[list[str]], np.ndarray],
+    *,
+    ks: Sequence[int],
+    seeds: Sequence[int],
+    queries_per_seed: int,
+    attributes: Sequence[str] = tuple(ORDERED),
+) -> dict:
+    """ "Like A but more/less <attribute>" over seeds (module docstring). Hits in %; mean ± s.e. over seeds of the
     mean over attributes, per k, for the text-conditioned query and the image-only reference."""
     g = normalise(image_emb, eps=EPS, dtype=np.float64)
     rank = {a: np.asarray([ORDERED[a].index(x[a]) for x in attrs]) for a in attributes}
@@ -106,8 +121,9 @@ def conditioned_retrieval(image_emb: np.ndarray, attrs: Sequence[dict],
                 eligible = np.flatnonzero([len(t) > 0 for t in targets])
                 if not len(eligible):
                     continue
-                pick = rng.choice(eligible, size=min(queries_per_seed // (2 * len(attributes)) or 1,
-                                                     len(eligible)), replace=False)
+                pick = rng.choice(
+                    eligible, size=min(queries_per_seed // (2 * len(attributes)) or 1, len(eligible)), replace=False
+                )
                 n += len(pick)
                 for mode, q in (("text", g[pick] + m * text[a, d]), ("image", g[pick])):
                     r = best_correct_rank(q, g, [targets[i] for i in pick], exclude=[np.asarray([i]) for i in pick])

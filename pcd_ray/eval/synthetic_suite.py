@@ -11,7 +11,7 @@ comparatives skips comparative prompting and its difference distances.
 from __future__ import annotations
 
 import itertools
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 
@@ -21,8 +21,12 @@ from pcd_ray.eval import templates as T
 from pcd_ray.eval.protocol import comparative_alpha
 from pcd_ray.eval.protocol import get as get_protocol
 
-TASKS: dict[str, tuple[str, ...]] = {"kind": ("kind",), "colour": ("colour",), "size": ("size",),
-                                     "size+colour": ("size", "colour")}
+TASKS: dict[str, tuple[str, ...]] = {
+    "kind": ("kind",),
+    "colour": ("colour",),
+    "size": ("size",),
+    "size+colour": ("size", "colour"),
+}
 VALUES = {"kind": A.KINDS, "colour": list(A.COLOURS), "size": A.SIZES}
 COMPARATIVE_TASKS = ("kind", "size", "size+colour")
 ANALOGY_TASK = "size+colour"
@@ -58,8 +62,10 @@ def task_comparatives(task: str, rows: list[dict]) -> dict[Pair, str]:
     index = {class_label(task, c): k for k, c in enumerate(task_classes(task))}
     unknown = sorted({n for r in rows for n in (r["class_i"], r["class_j"]) if n not in index})
     if unknown:
-        raise ValueError(f"comparatives of {comparatives_name(task)}: {unknown} are not classes of the task "
-                         f"(classes: {sorted(index)})")
+        raise ValueError(
+            f"comparatives of {comparatives_name(task)}: {unknown} are not classes of the task "
+            f"(classes: {sorted(index)})"
+        )
     return {(index[r["class_i"]], index[r["class_j"]]): r["text"] for r in rows if r["text"]}
 
 
@@ -73,13 +79,22 @@ def _ensemble_zeroshot(image_emb, attrs, encode) -> dict:
         emb = class_embeddings(encode, [class_label(task, c) for c in classes], templates)
         tasks[task] = labelled_zeroshot(image_emb, task_labels(task, attrs), emb, ["/".join(c) for c in classes])
     accs = [t["accuracy"] for t in tasks.values()]
-    return {"templates": f"open_clip SIMPLE_IMAGENET_TEMPLATES ({len(templates)})", "tasks": tasks,
-            "mean_accuracy": float(np.mean(accs)), "mean_chance": float(np.mean([t["chance"] for t in tasks.values()]))}
+    return {
+        "templates": f"open_clip SIMPLE_IMAGENET_TEMPLATES ({len(templates)})",
+        "tasks": tasks,
+        "mean_accuracy": float(np.mean(accs)),
+        "mean_chance": float(np.mean([t["chance"] for t in tasks.values()])),
+    }
 
 
-def evaluate_synthetic(image_emb: np.ndarray, attrs: list[dict], captions: list[str],
-                       encode: Callable[[list[str]], np.ndarray], cfg: EvalConfig,
-                       comparatives: dict[str, dict[Pair, str]] | None = None) -> dict:
+def evaluate_synthetic(
+    image_emb: np.ndarray,
+    attrs: list[dict],
+    captions: list[str],
+    encode: Callable[[list[str]], np.ndarray],
+    cfg: EvalConfig,
+    comparatives: dict[str, dict[Pair, str]] | None = None,
+) -> dict:
     """{"difference", "zeroshot", "zeroshot_ensemble", "comparative", "geometry", "retrieval"} for one model.
 
     ``comparatives``: per task of ``COMPARATIVE_TASKS`` its {(i, j): text} (``task_comparatives``); a task without
@@ -91,9 +106,12 @@ def evaluate_synthetic(image_emb: np.ndarray, attrs: list[dict], captions: list[
     from pcd_ray.eval.zeroshot import class_embeddings, zeroshot_accuracy
 
     out: dict = {
-        "difference": {mode: difference_accuracy(image_emb, attrs, encode, seeds=cfg.seeds,
-                                                 pairs_per_attribute=cfg.pairs_per_attribute, mode=mode)
-                       for mode in ("hard", "easy")},
+        "difference": {
+            mode: difference_accuracy(
+                image_emb, attrs, encode, seeds=cfg.seeds, pairs_per_attribute=cfg.pairs_per_attribute, mode=mode
+            )
+            for mode in ("hard", "easy")
+        },
         "zeroshot": zeroshot_accuracy(image_emb, attrs, encode),
     }
     if "ensemble" in cfg.templates:
@@ -108,10 +126,19 @@ def evaluate_synthetic(image_emb: np.ndarray, attrs: list[dict], captions: list[
         names = [class_label(task, c) for c in task_classes(task)]
         class_emb = class_embeddings(encode, names, paper)
         cc = cfg.comparative
-        comparative[task] = comparative_prompting(image_emb, task_labels(task, attrs), class_emb, names,
-                                                  lambda i, j, c=comps: c.get((i, j)), encode, alpha=alpha,
-                                                  n_pairs=cc.num_pairs, alphas=cc.alphas,
-                                                  holdout_fraction=cc.holdout_fraction, seed=cfg.seeds[0])
+        comparative[task] = comparative_prompting(
+            image_emb,
+            task_labels(task, attrs),
+            class_emb,
+            names,
+            lambda i, j, c=comps: c.get((i, j)),
+            encode,
+            alpha=alpha,
+            n_pairs=cc.num_pairs,
+            alphas=cc.alphas,
+            holdout_fraction=cc.holdout_fraction,
+            seed=cfg.seeds[0],
+        )
         pairs = sorted(comps)
         text_emb = np.asarray(encode([comps[p] for p in pairs]))
         distances[task] = difference_distances(class_emb, dict(zip(pairs, text_emb)))
@@ -121,14 +148,24 @@ def evaluate_synthetic(image_emb: np.ndarray, attrs: list[dict], captions: list[
     grid_emb = class_embeddings(encode, [class_label(ANALOGY_TASK, c) for c in classes], paper)
     u, v = (len(VALUES[a]) for a in TASKS[ANALOGY_TASK])
     labels = task_labels(ANALOGY_TASK, attrs)
-    out["geometry"] = {"distances": distances,
-                       "analogy": {"task": ANALOGY_TASK,
-                                   **analogy_accuracy(image_emb, np.stack([labels // v, labels % v], 1),
-                                                      grid_emb.reshape(u, v, -1), seeds=cfg.seeds,
-                                                      per_seed=cfg.analogies_per_seed)}}
+    out["geometry"] = {
+        "distances": distances,
+        "analogy": {
+            "task": ANALOGY_TASK,
+            **analogy_accuracy(
+                image_emb,
+                np.stack([labels // v, labels % v], 1),
+                grid_emb.reshape(u, v, -1),
+                seeds=cfg.seeds,
+                per_seed=cfg.analogies_per_seed,
+            ),
+        },
+    }
     caption_emb = np.asarray(encode(list(captions)))
     out["retrieval"] = {
         "captions": caption_retrieval(image_emb, caption_emb, np.arange(len(captions)), cfg.retrieval_k),
-        "conditioned": conditioned_retrieval(image_emb, attrs, encode, ks=cfg.retrieval_k, seeds=cfg.seeds,
-                                             queries_per_seed=cfg.conditioned_queries)}
+        "conditioned": conditioned_retrieval(
+            image_emb, attrs, encode, ks=cfg.retrieval_k, seeds=cfg.seeds, queries_per_seed=cfg.conditioned_queries
+        ),
+    }
     return out

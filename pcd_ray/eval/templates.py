@@ -12,7 +12,7 @@ Two prompt sets per dataset:
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 TemplateSet = list[Callable[[str], str]]
 PAPER_TEMPLATE = "This is a photo of a {label}"
@@ -20,27 +20,50 @@ PAPER_TEMPLATE = "This is a photo of a {label}"
 GEOMETRY_TEMPLATE = "A photo of a {label}"
 """The authors' class prompt of the geometry test (their analysis script's ``test_comparative_prompts``)."""
 
-_CIFAR = ["a photo of a {c}.", "a blurry photo of a {c}.", "a black and white photo of a {c}.",
-          "a low contrast photo of a {c}.", "a high contrast photo of a {c}.", "a bad photo of a {c}.",
-          "a good photo of a {c}.", "a photo of a small {c}.", "a photo of a big {c}.", "a photo of the {c}.",
-          "a blurry photo of the {c}.", "a black and white photo of the {c}.", "a low contrast photo of the {c}.",
-          "a high contrast photo of the {c}.", "a bad photo of the {c}.", "a good photo of the {c}.",
-          "a photo of the small {c}.", "a photo of the big {c}."]
+_CIFAR = [
+    "a photo of a {c}.",
+    "a blurry photo of a {c}.",
+    "a black and white photo of a {c}.",
+    "a low contrast photo of a {c}.",
+    "a high contrast photo of a {c}.",
+    "a bad photo of a {c}.",
+    "a good photo of a {c}.",
+    "a photo of a small {c}.",
+    "a photo of a big {c}.",
+    "a photo of the {c}.",
+    "a blurry photo of the {c}.",
+    "a black and white photo of the {c}.",
+    "a low contrast photo of the {c}.",
+    "a high contrast photo of the {c}.",
+    "a bad photo of the {c}.",
+    "a good photo of the {c}.",
+    "a photo of the small {c}.",
+    "a photo of the big {c}.",
+]
 DATASET_TEMPLATES: dict[str, list[str]] = {
     "cifar100": _CIFAR,
     "flowers102": ["a photo of a {c}, a type of flower."],
-    "eurosat": ["a centered satellite photo of {c}.", "a centered satellite photo of a {c}.",
-                "a centered satellite photo of the {c}."],
+    "eurosat": [
+        "a centered satellite photo of {c}.",
+        "a centered satellite photo of a {c}.",
+        "a centered satellite photo of the {c}.",
+    ],
     "sun397": ["a photo of a {c}.", "a photo of the {c}."],
     "cub": ["a photo of a {c}, a type of bird."],  # CLIP's Birdsnap ensemble
 }
 
 # CLIP's EuroSAT class names (the folder names are CamelCase codes such as "HerbaceousVegetation").
 EUROSAT_CLASSNAMES = {
-    "AnnualCrop": "annual crop land", "Forest": "forest", "HerbaceousVegetation": "brushland or shrubland",
-    "Highway": "highway or road", "Industrial": "industrial buildings or commercial buildings",
-    "Pasture": "pasture land", "PermanentCrop": "permanent crop land",
-    "Residential": "residential buildings or homes or apartments", "River": "river", "SeaLake": "lake or sea",
+    "AnnualCrop": "annual crop land",
+    "Forest": "forest",
+    "HerbaceousVegetation": "brushland or shrubland",
+    "Highway": "highway or road",
+    "Industrial": "industrial buildings or commercial buildings",
+    "Pasture": "pasture land",
+    "PermanentCrop": "permanent crop land",
+    "Residential": "residential buildings or homes or apartments",
+    "River": "river",
+    "SeaLake": "lake or sea",
 }
 
 

@@ -9,7 +9,7 @@ Accuracies are percentages; chance is 100 / number of classes.
 
 from __future__ import annotations
 
-from typing import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -31,10 +31,13 @@ def confusion_matrix(true: np.ndarray, pred: np.ndarray, num_classes: int) -> np
     return cm
 
 
-def zeroshot_accuracy(image_emb: np.ndarray, attrs: Sequence[dict | None],
-                      encode_texts: Callable[[list[str]], np.ndarray],
-                      tasks: Mapping[str, Mapping[str, str]] = ZEROSHOT_TASKS,
-                      template: str = ZEROSHOT_TEMPLATE) -> dict:
+def zeroshot_accuracy(
+    image_emb: np.ndarray,
+    attrs: Sequence[dict | None],
+    encode_texts: Callable[[list[str]], np.ndarray],
+    tasks: Mapping[str, Mapping[str, str]] = ZEROSHOT_TASKS,
+    template: str = ZEROSHOT_TEMPLATE,
+) -> dict:
     """Per task accuracy by argmax cosine, with chance level and confusion matrix.
 
     Args:
@@ -72,10 +75,14 @@ def zeroshot_accuracy(image_emb: np.ndarray, attrs: Sequence[dict | None],
             if label in index:
                 rows.append(i)
                 true.append(index[label])
-        t = text_emb[offset:offset + len(names)]
+        t = text_emb[offset : offset + len(names)]
         offset += len(names)
-        entry = {"classes": names, "chance": 100.0 / len(names), "num_images": len(rows),
-                 "skipped": len(attrs) - len(rows)}
+        entry = {
+            "classes": names,
+            "chance": 100.0 / len(names),
+            "num_images": len(rows),
+            "skipped": len(attrs) - len(rows),
+        }
         if rows:
             pred = np.argmax(images[rows] @ t.T, axis=1)
             true_arr = np.asarray(true)
@@ -92,8 +99,11 @@ def zeroshot_accuracy(image_emb: np.ndarray, attrs: Sequence[dict | None],
 
 
 # ---------------------------------------------------------------------------------------- labelled datasets
-def class_embeddings(encode_texts: Callable[[list[str]], np.ndarray], classnames: Sequence[str],
-                     templates: Sequence[Callable[[str], str]]) -> np.ndarray:
+def class_embeddings(
+    encode_texts: Callable[[list[str]], np.ndarray],
+    classnames: Sequence[str],
+    templates: Sequence[Callable[[str], str]],
+) -> np.ndarray:
     """[k, D] unit class embeddings: per class the normalised mean of its normalised template embeddings
     (open_clip's ``build_zero_shot_classifier``); one template gives that prompt's unit embedding."""
     texts = [t(c) for c in classnames for t in templates]
@@ -109,12 +119,17 @@ def top_confused(confusion: np.ndarray, classes: Sequence[str], n: int = 5) -> l
     cm = np.asarray(confusion).copy()
     np.fill_diagonal(cm, 0)
     flat = np.argsort(-cm, axis=None, kind="stable")[:n]
-    return [[classes[i], classes[j], int(cm[i, j])] for i, j in zip(*np.unravel_index(flat, cm.shape))
-            if cm[i, j] > 0]
+    return [[classes[i], classes[j], int(cm[i, j])] for i, j in zip(*np.unravel_index(flat, cm.shape)) if cm[i, j] > 0]
 
 
-def labelled_zeroshot(image_emb: np.ndarray, labels: np.ndarray, class_emb: np.ndarray, classes: Sequence[str],
-                      *, max_confusion_classes: int = 20) -> dict:
+def labelled_zeroshot(
+    image_emb: np.ndarray,
+    labels: np.ndarray,
+    class_emb: np.ndarray,
+    classes: Sequence[str],
+    *,
+    max_confusion_classes: int = 20,
+) -> dict:
     """Argmax-cosine accuracy (%) of unit ``class_emb`` [k, D] on raw images [n, D] with labels [n].
 
     Returns {"accuracy", "chance", "num_images", "num_classes", "top_confused", "confusion" (only for
@@ -122,8 +137,13 @@ def labelled_zeroshot(image_emb: np.ndarray, labels: np.ndarray, class_emb: np.n
     """
     pred = np.argmax(normalise(image_emb, eps=EPS, dtype=np.float64) @ class_emb.T, axis=1)
     cm = confusion_matrix(np.asarray(labels), pred, len(classes))
-    out = {"accuracy": float(100.0 * np.mean(pred == labels)), "chance": 100.0 / len(classes),
-           "num_images": int(len(labels)), "num_classes": len(classes), "top_confused": top_confused(cm, classes)}
+    out = {
+        "accuracy": float(100.0 * np.mean(pred == labels)),
+        "chance": 100.0 / len(classes),
+        "num_images": int(len(labels)),
+        "num_classes": len(classes),
+        "top_confused": top_confused(cm, classes),
+    }
     if len(classes) <= max_confusion_classes:
         out["confusion"] = cm.tolist()
     return out

@@ -24,28 +24,54 @@ def _parts(value: str) -> list[str]:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("dataset", nargs="?", metavar="DATASET", help=f"one of: {', '.join(DATASETS)}")
-    parser.add_argument("--to", metavar="URI", help="folder or s3:// prefix that becomes the dataset's root (what the "
-                                                    "job's root/annotations/images keys point at)")
+    parser.add_argument(
+        "--to",
+        metavar="URI",
+        help="folder or s3:// prefix that becomes the dataset's root (what the "
+        "job's root/annotations/images keys point at)",
+    )
     parser.add_argument("--list", action="store_true", help="list the datasets, their parts and download sizes")
-    parser.add_argument("--only", type=_parts, metavar="PART[,PART]",
-                        help="fetch only these parts (coco: annotations, train2014, val2014; cub: images, captions)")
-    parser.add_argument("--cache", metavar="DIR", default=None,
-                        help="where downloads (and partial downloads) are kept (default: ~/.cache/pcd-ray/datasets)")
-    parser.add_argument("--base-url", metavar="URL",
-                        help="download every file as URL/<file name> instead of from its publisher (a mirror)")
-    parser.add_argument("--url", action="append", default=[], metavar="FILE=URL",
-                        help="download one file (by its name, e.g. CUB_200_2011.tgz) from URL; repeatable")
+    parser.add_argument(
+        "--only",
+        type=_parts,
+        metavar="PART[,PART]",
+        help="fetch only these parts (coco: annotations, train2014, val2014; cub: images, captions)",
+    )
+    parser.add_argument(
+        "--cache",
+        metavar="DIR",
+        default=None,
+        help="where downloads (and partial downloads) are kept (default: ~/.cache/pcd-ray/datasets)",
+    )
+    parser.add_argument(
+        "--base-url",
+        metavar="URL",
+        help="download every file as URL/<file name> instead of from its publisher (a mirror)",
+    )
+    parser.add_argument(
+        "--url",
+        action="append",
+        default=[],
+        metavar="FILE=URL",
+        help="download one file (by its name, e.g. CUB_200_2011.tgz) from URL; repeatable",
+    )
     parser.add_argument("--dry-run", action="store_true", help="print what would be downloaded and written")
     parser.add_argument("--force", action="store_true", help="fetch parts the target's manifest already lists")
-    parser.add_argument("--retries", type=int, default=5, metavar="N",
-                        help="retries of a download that makes no progress (default: 5)")
-    parser.add_argument("--timeout", type=float, default=60.0, metavar="SECONDS",
-                        help="network timeout of one read (default: 60)")
-    parser.add_argument("--clean-cache", action="store_true",
-                        help="delete the downloads from the cache once their part is committed")
+    parser.add_argument(
+        "--retries", type=int, default=5, metavar="N", help="retries of a download that makes no progress (default: 5)"
+    )
+    parser.add_argument(
+        "--timeout", type=float, default=60.0, metavar="SECONDS", help="network timeout of one read (default: 60)"
+    )
+    parser.add_argument(
+        "--clean-cache", action="store_true", help="delete the downloads from the cache once their part is committed"
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
-    parser.add_argument("--endpoint-url", metavar="URL",
-                        help="S3-compatible endpoint for an s3:// --to (default: AWS_ENDPOINT_URL, then AWS's)")
+    parser.add_argument(
+        "--endpoint-url",
+        metavar="URL",
+        help="S3-compatible endpoint for an s3:// --to (default: AWS_ENDPOINT_URL, then AWS's)",
+    )
     parser.add_argument("--region", help="S3 region (default: AWS_DEFAULT_REGION / AWS_REGION, then us-east-1)")
 
 
@@ -79,7 +105,19 @@ def run_fetch(args: argparse.Namespace) -> int:
     except KeyError as e:
         raise ConfigError(f"fetch: {e.args[0]}") from None
     storage = Storage(StorageConfig(s3=S3Config(endpoint_url=args.endpoint_url, region=args.region)))
-    job.fetch(spec, args.to, only=args.only, cache_dir=args.cache, base_url=args.base_url, urls=urls,
-              storage=storage, force=args.force, dry_run=args.dry_run, retries=args.retries, timeout_s=args.timeout,
-              progress=not args.no_progress, clean_cache=args.clean_cache)
+    job.fetch(
+        spec,
+        args.to,
+        only=args.only,
+        cache_dir=args.cache,
+        base_url=args.base_url,
+        urls=urls,
+        storage=storage,
+        force=args.force,
+        dry_run=args.dry_run,
+        retries=args.retries,
+        timeout_s=args.timeout,
+        progress=not args.no_progress,
+        clean_cache=args.clean_cache,
+    )
     return 0

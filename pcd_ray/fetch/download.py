@@ -83,8 +83,16 @@ class _Partial:
         self._update(chunk)
 
 
-def download(url: str, dest: Path, *, checksum: tuple[str, str] | None, retries: int = 5, backoff_s: float = 1.0,
-             timeout_s: float = 60.0, progress: bool = True) -> Downloaded:
+def download(
+    url: str,
+    dest: Path,
+    *,
+    checksum: tuple[str, str] | None,
+    retries: int = 5,
+    backoff_s: float = 1.0,
+    timeout_s: float = 60.0,
+    progress: bool = True,
+) -> Downloaded:
     """``url`` -> ``dest`` (resumed from ``dest.part``), verified against ``checksum`` = (algorithm, hex).
 
     Raises ChecksumError on a mismatch (``dest`` deleted) and StageError when the server refuses the file (HTTP
@@ -133,14 +141,15 @@ def _verify(info: Downloaded, checksum: tuple[str, str] | None) -> Downloaded:
     if actual != expected:
         info.path.unlink(missing_ok=True)
         _sidecar(info.path).unlink(missing_ok=True)
-        raise ChecksumError(f"{info.path.name}: {algo} mismatch: expected {expected}, got {actual} ({info.bytes} "
-                            f"bytes from {info.url}); the file was deleted, so the next run downloads it again")
+        raise ChecksumError(
+            f"{info.path.name}: {algo} mismatch: expected {expected}, got {actual} ({info.bytes} "
+            f"bytes from {info.url}); the file was deleted, so the next run downloads it again"
+        )
     info.checksum = f"{algo} verified"
     return info
 
 
-def _fetch(url: str, dest: Path, *, retries: int, backoff_s: float, timeout_s: float,
-           progress: bool) -> Downloaded:
+def _fetch(url: str, dest: Path, *, retries: int, backoff_s: float, timeout_s: float, progress: bool) -> Downloaded:
     part = _Partial(dest.with_name(dest.name + ".part"))
     if part.size:
         log.info("%s: resuming from byte %d of the partial download", dest.name, part.size)
@@ -154,8 +163,10 @@ def _fetch(url: str, dest: Path, *, retries: int, backoff_s: float, timeout_s: f
             last = str(e)
         failures = 0 if part.size > before else failures + 1
         if failures > retries:
-            raise StageError(f"{url}: gave up after {retries} retries without progress ({last}); the "
-                             f"{part.size} bytes received are kept in {part.path} and the next run resumes from them")
+            raise StageError(
+                f"{url}: gave up after {retries} retries without progress ({last}); the "
+                f"{part.size} bytes received are kept in {part.path} and the next run resumes from them"
+            )
         wait = min(MAX_BACKOFF_S, backoff_s * 2 ** max(failures - 1, 0))
         log.warning("%s: %s; retrying in %.1fs (from byte %d)", dest.name, last, wait, part.size)
         time.sleep(wait)
@@ -187,8 +198,10 @@ def _attempt(url: str, part: _Partial, timeout_s: float, progress: bool, label: 
         raise _Transient(f"{type(e).__name__}: {getattr(e, 'reason', e)}") from None
     with resp:
         if resp.headers.get_content_type() == "text/html":
-            raise StageError(f"{url}: the server sent an HTML page instead of {label} (a login or quota page, or "
-                             f"a moved file); download it in a browser into the cache as {part.path.with_suffix('')}")
+            raise StageError(
+                f"{url}: the server sent an HTML page instead of {label} (a login or quota page, or "
+                f"a moved file); download it in a browser into the cache as {part.path.with_suffix('')}"
+            )
         if resp.status == 206 and _start(resp.headers.get("Content-Range")) != part.size:
             part.restart()
             raise _Transient("the server answered the Range request with another range; starting over")
@@ -205,8 +218,19 @@ def _attempt(url: str, part: _Partial, timeout_s: float, progress: bool, label: 
 def _stream(resp, part: _Partial, total: int | None, progress: bool, label: str) -> None:
     from tqdm import tqdm
 
-    with open(part.path, "ab") as f, tqdm(total=total, initial=part.size, desc=label, unit="B", unit_scale=True,
-                                          unit_divisor=1024, disable=not progress, leave=False) as bar:
+    with (
+        open(part.path, "ab") as f,
+        tqdm(
+            total=total,
+            initial=part.size,
+            desc=label,
+            unit="B",
+            unit_scale=True,
+            unit_divisor=1024,
+            disable=not progress,
+            leave=False,
+        ) as bar,
+    ):
         try:
             while chunk := resp.read(CHUNK):
                 part.append(f, chunk)

@@ -51,10 +51,18 @@ def unpack(source: Source, archive: Path, staging: Path, progress: bool = True) 
                 count = _untar(archive, dest, source.members, bar)
             else:
                 count = _unzip(archive, dest, source.members, bar)
-        except (tarfile.TarError, zipfile.BadZipFile, zlib.error, gzip.BadGzipFile, lzma.LZMAError, EOFError,
-                ValueError) as e:
-            raise ArchiveError(f"{archive}: damaged or not a {source.unpack} archive ({type(e).__name__}: {e})") \
-                from None
+        except (
+            tarfile.TarError,
+            zipfile.BadZipFile,
+            zlib.error,
+            gzip.BadGzipFile,
+            lzma.LZMAError,
+            EOFError,
+            ValueError,
+        ) as e:
+            raise ArchiveError(
+                f"{archive}: damaged or not a {source.unpack} archive ({type(e).__name__}: {e})"
+            ) from None
     if not count:
         what = f"members matching {list(source.members)}" if source.members else "files"
         raise ArchiveError(f"{archive}: no {what} in the archive")

@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from pcd_ray.errors import StageError
 from pcd_ray.fetch.download import Downloaded, download
@@ -42,11 +43,24 @@ def source_urls(spec: DatasetSpec, base_url: str | None = None, urls: dict[str, 
     return out
 
 
-def fetch(spec: DatasetSpec, to: str, *, only: list[str] | None = None, cache_dir: str | Path | None = None,
-          base_url: str | None = None, urls: dict[str, str] | None = None, storage: Storage | None = None,
-          force: bool = False, dry_run: bool = False, retries: int = 5, backoff_s: float = 1.0,
-          timeout_s: float = 60.0, progress: bool = True, clean_cache: bool = False,
-          out: Callable[[str], None] = print) -> dict[str, Any]:
+def fetch(
+    spec: DatasetSpec,
+    to: str,
+    *,
+    only: list[str] | None = None,
+    cache_dir: str | Path | None = None,
+    base_url: str | None = None,
+    urls: dict[str, str] | None = None,
+    storage: Storage | None = None,
+    force: bool = False,
+    dry_run: bool = False,
+    retries: int = 5,
+    backoff_s: float = 1.0,
+    timeout_s: float = 60.0,
+    progress: bool = True,
+    clean_cache: bool = False,
+    out: Callable[[str], None] = print,
+) -> dict[str, Any]:
     """Fetch ``spec``'s parts (``only``, default all) to ``to``; returns the target's fetch manifest (the plan on a
     dry run). Raises KeyError for an unknown part or file name, StageError when a download or archive fails."""
     storage = storage or Storage()
@@ -80,9 +94,18 @@ def fetch(spec: DatasetSpec, to: str, *, only: list[str] | None = None, cache_di
             return _already(spec, target, manifest, parts, out)
         target.remove_stale_staging(spec.name)
         for name in todo:
-            manifest["parts"][name] = _fetch_part(spec, name, target, resolved, cache, retries=retries,
-                                                  backoff_s=backoff_s, timeout_s=timeout_s, progress=progress,
-                                                  out=out)
+            manifest["parts"][name] = _fetch_part(
+                spec,
+                name,
+                target,
+                resolved,
+                cache,
+                retries=retries,
+                backoff_s=backoff_s,
+                timeout_s=timeout_s,
+                progress=progress,
+                out=out,
+            )
             manifest["complete"] = all(p in manifest["parts"] for p in spec.parts)
             target.write_manifest(spec.name, manifest)  # last: the part counts as fetched from here on
             if clean_cache:
@@ -92,38 +115,79 @@ def fetch(spec: DatasetSpec, to: str, *, only: list[str] | None = None, cache_di
     return manifest
 
 
-def _fetch_part(spec: DatasetSpec, name: str, target: Target, urls: dict[str, str], cache: Path, *, retries: int,
-                backoff_s: float, timeout_s: float, progress: bool, out: Callable[[str], None]) -> dict[str, Any]:
+def _fetch_part(
+    spec: DatasetSpec,
+    name: str,
+    target: Target,
+    urls: dict[str, str],
+    cache: Path,
+    *,
+    retries: int,
+    backoff_s: float,
+    timeout_s: float,
+    progress: bool,
+    out: Callable[[str], None],
+) -> dict[str, Any]:
     """Download, verify, extract and commit one part; returns its manifest entry."""
     started = time.time()
     sources = spec.parts[name].sources
     got = []
     for s in sources:
         out(f"{spec.name}: {name}: {s.name} <- {urls[s.name]}")
-        got.append(download(urls[s.name], cache / s.name, checksum=s.checksum, retries=retries, backoff_s=backoff_s,
-                            timeout_s=timeout_s, progress=progress))
+        got.append(
+            download(
+                urls[s.name],
+                cache / s.name,
+                checksum=s.checksum,
+                retries=retries,
+                backoff_s=backoff_s,
+                timeout_s=timeout_s,
+                progress=progress,
+            )
+        )
     files, size = _stage_and_commit(spec, name, got, target, progress)
     out(f"{spec.name}: {name}: {files} files ({_human(size)}) at {target} in {time.time() - started:.0f}s")
-    return {"fetched_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "files": files, "bytes": size,
-            "sources": [{"name": s.name, "url": d.url, "bytes": d.bytes, "md5": d.md5, "sha256": d.sha256,
-                         "checksum": d.checksum + (f" ({s.checksum_note})" if s.checksum_note else "")}
-                        for s, d in zip(sources, got)]}
+    return {
+        "fetched_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "files": files,
+        "bytes": size,
+        "sources": [
+            {
+                "name": s.name,
+                "url": d.url,
+                "bytes": d.bytes,
+                "md5": d.md5,
+                "sha256": d.sha256,
+                "checksum": d.checksum + (f" ({s.checksum_note})" if s.checksum_note else ""),
+            }
+            for s, d in zip(sources, got)
+        ],
+    }
 
 
-def _already(spec: DatasetSpec, target: Target, manifest: dict[str, Any], parts: list[str],
-             out: Callable[[str], None]) -> dict[str, Any]:
+def _already(
+    spec: DatasetSpec, target: Target, manifest: dict[str, Any], parts: list[str], out: Callable[[str], None]
+) -> dict[str, Any]:
     when = ", ".join(f"{p} {manifest['parts'][p]['fetched_at']}" for p in parts)
     out(f"{spec.name}: already fetched at {target} ({when}); --force fetches again")
     return manifest
 
 
 def _new_manifest(spec: DatasetSpec) -> dict[str, Any]:
-    return {"dataset": spec.name, "title": spec.title, "homepage": spec.homepage, "terms": spec.terms,
-            "reader": spec.reader, "complete": False, "parts": {}}
+    return {
+        "dataset": spec.name,
+        "title": spec.title,
+        "homepage": spec.homepage,
+        "terms": spec.terms,
+        "reader": spec.reader,
+        "complete": False,
+        "parts": {},
+    }
 
 
-def _stage_and_commit(spec: DatasetSpec, part: str, got: list[Downloaded], target: Target,
-                      progress: bool) -> tuple[int, int]:
+def _stage_and_commit(
+    spec: DatasetSpec, part: str, got: list[Downloaded], target: Target, progress: bool
+) -> tuple[int, int]:
     with target.staging(spec.name, part) as staging:
         for source, d in zip(spec.parts[part].sources, got):
             try:
@@ -133,17 +197,23 @@ def _stage_and_commit(spec: DatasetSpec, part: str, got: list[Downloaded], targe
                     # Nothing vouched for these bytes: most likely a damaged download, so fetch it again next time.
                     d.path.unlink(missing_ok=True)
                     d.path.with_name(d.path.name + ".json").unlink(missing_ok=True)
-                    raise ArchiveError(f"{e}; the download was deleted, so the next run downloads it again; "
-                                       f"nothing was written to {target}") from None
-                raise ArchiveError(f"{e}; its {source.checksum[0]} matched the published one, so the file itself "
-                                   f"is like this; nothing was written to {target}") from None
+                    raise ArchiveError(
+                        f"{e}; the download was deleted, so the next run downloads it again; "
+                        f"nothing was written to {target}"
+                    ) from None
+                raise ArchiveError(
+                    f"{e}; its {source.checksum[0]} matched the published one, so the file itself "
+                    f"is like this; nothing was written to {target}"
+                ) from None
         missing = [p for p in spec.parts[part].expect if not staging.joinpath(*p.split("/")).exists()]
         if missing:
             names = ", ".join(s.name for s in spec.parts[part].sources)
-            raise StageError(f"{spec.name}: {part}: the downloads ({names}) did not contain {', '.join(missing)}; "
-                             f"the files may have changed on the server "
-                             f"(delete them from {got[0].path.parent} if they are wrong); nothing was written to "
-                             f"{target}")
+            raise StageError(
+                f"{spec.name}: {part}: the downloads ({names}) did not contain {', '.join(missing)}; "
+                f"the files may have changed on the server "
+                f"(delete them from {got[0].path.parent} if they are wrong); nothing was written to "
+                f"{target}"
+            )
         return target.commit(staging)
 
 
@@ -167,8 +237,15 @@ def _cache_state(path: Path) -> str:
     return "not in cache"
 
 
-def format_plan(spec: DatasetSpec, target: Target, parts: list[str], todo: list[str], urls: dict[str, str],
-                cache: Path, unread: str | None = None) -> str:
+def format_plan(
+    spec: DatasetSpec,
+    target: Target,
+    parts: list[str],
+    todo: list[str],
+    urls: dict[str, str],
+    cache: Path,
+    unread: str | None = None,
+) -> str:
     lines = [f"{spec.name} -> {target} (dry run: nothing is downloaded or written)"]
     if unread:
         lines.append(f"  target not checked: {unread}")
@@ -194,8 +271,14 @@ def format_list(datasets: dict[str, DatasetSpec]) -> str:
         checked = sum(s.checksum is not None for s in sources)
         size = spec.approx_bytes
         known = sum(s.approx_bytes or 0 for s in sources)
-        rows.append((spec.name, f"~{_human(size)}" if size is not None else f"~{_human(known)} + unpublished",
-                     ",".join(spec.parts), f"{checked}/{len(sources)} files",
-                     " ".join(sorted({e.split('/')[0] + "/" for p in spec.parts.values() for e in p.expect}))))
+        rows.append(
+            (
+                spec.name,
+                f"~{_human(size)}" if size is not None else f"~{_human(known)} + unpublished",
+                ",".join(spec.parts),
+                f"{checked}/{len(sources)} files",
+                " ".join(sorted({e.split("/")[0] + "/" for p in spec.parts.values() for e in p.expect})),
+            )
+        )
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[-1] for r in rows)

@@ -14,9 +14,10 @@ from __future__ import annotations
 import os
 import shutil
 import uuid
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from pcd_ray.errors import StageError
 from pcd_ray.storage import Storage, is_remote, join
@@ -47,9 +48,11 @@ class Target:
         try:
             return self.storage.read_json(uri) if self.storage.exists(uri) else None
         except Exception as e:  # botocore's credential and endpoint errors are not OSErrors
-            raise StageError(f"{self.uri}: cannot read the target ({type(e).__name__}: {e}); s3:// credentials come "
-                             f"from the AWS chain (environment, profile, instance role), the endpoint from "
-                             f"--endpoint-url or AWS_ENDPOINT_URL") from None
+            raise StageError(
+                f"{self.uri}: cannot read the target ({type(e).__name__}: {e}); s3:// credentials come "
+                f"from the AWS chain (environment, profile, instance role), the endpoint from "
+                f"--endpoint-url or AWS_ENDPOINT_URL"
+            ) from None
 
     def write_manifest(self, dataset: str, manifest: dict[str, Any]) -> None:
         self.storage.write_json(join(self.uri, manifest_name(dataset)), manifest)

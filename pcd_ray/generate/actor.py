@@ -116,8 +116,14 @@ class GenerateActor:
     Direct callers (tests, benchmarks) use ``run``.
     """
 
-    def __init__(self, cfg: GenerateConfig | dict, *, in_worker: bool = False,
-                 storage: StorageConfig | dict | None = None, faults_uri: str | None = None):
+    def __init__(
+        self,
+        cfg: GenerateConfig | dict,
+        *,
+        in_worker: bool = False,
+        storage: StorageConfig | dict | None = None,
+        faults_uri: str | None = None,
+    ):
         """``in_worker``: running as a Ray actor: set up the worker's logging, and end the process when a batch's
         tries run out (a direct caller gets ``EngineFailure``). ``faults_uri``: where faults are recorded."""
         if in_worker:
@@ -193,20 +199,39 @@ class GenerateActor:
             return out.text or "", int(out.tokens), None
         return ("" if out is None else str(out)), 0, None
 
-    def _fault(self, error: BaseException, attempt: int, n: int, first_pair: str, *, final: bool,
-               during: str = "generate") -> None:
-        log.log(logging.ERROR if final else logging.WARNING,
-                "generate: engine %s fault %s a batch of %d pairs (try %d of %d): %s: %s", self.engine.name,
-                "recovering from" if during == "recover" else "on", n, attempt, self.cfg.faults.batch_attempts,
-                type(error).__name__, error)
-        self.faults.record(engine=self.engine.name, model=None if self.engine.name == "rule" else self.cfg.llm.model,
-                           error=type(error).__name__, message=str(error)[:2000], during=during,
-                           traceback="".join(traceback.format_exception(error))[-4000:], attempt=attempt,
-                           attempts=self.cfg.faults.batch_attempts, pairs=n, first_pair=first_pair, final=final)
+    def _fault(
+        self, error: BaseException, attempt: int, n: int, first_pair: str, *, final: bool, during: str = "generate"
+    ) -> None:
+        log.log(
+            logging.ERROR if final else logging.WARNING,
+            "generate: engine %s fault %s a batch of %d pairs (try %d of %d): %s: %s",
+            self.engine.name,
+            "recovering from" if during == "recover" else "on",
+            n,
+            attempt,
+            self.cfg.faults.batch_attempts,
+            type(error).__name__,
+            error,
+        )
+        self.faults.record(
+            engine=self.engine.name,
+            model=None if self.engine.name == "rule" else self.cfg.llm.model,
+            error=type(error).__name__,
+            message=str(error)[:2000],
+            during=during,
+            traceback="".join(traceback.format_exception(error))[-4000:],
+            attempt=attempt,
+            attempts=self.cfg.faults.batch_attempts,
+            pairs=n,
+            first_pair=first_pair,
+            final=final,
+        )
 
     def _give_up(self, error: BaseException):
-        message = (f"engine {self.engine.name!r} failed on a batch {self.cfg.faults.batch_attempts} times: "
-                   f"{type(error).__name__}: {error}")
+        message = (
+            f"engine {self.engine.name!r} failed on a batch {self.cfg.faults.batch_attempts} times: "
+            f"{type(error).__name__}: {error}"
+        )
         if not self.in_worker:
             raise EngineFailure(message) from error
         # A fresh process is the only sure recovery (CUDA errors poison the context for good); Ray restarts this
@@ -221,12 +246,19 @@ class GenerateActor:
         now = time.time()
         if now - self._last_log >= PROGRESS_EVERY_S:
             self._last_log = now
-            log.info("generate actor: %d pairs (%d kept) in %.0f s, %.1f pairs/s", self._done, self._kept,
-                     now - self._start, self._done / (now - self._start))
+            log.info(
+                "generate actor: %d pairs (%d kept) in %.0f s, %.1f pairs/s",
+                self._done,
+                self._kept,
+                now - self._start,
+                self._done / (now - self._start),
+            )
 
     def _prompts(self, batch: dict[str, np.ndarray]) -> np.ndarray:
-        prompts = [None if a is None or b is None else build_prompt(self.cfg.prompt_version, a, b)
-                   for a, b in zip(batch["caption_a"].tolist(), batch["caption_b"].tolist())]
+        prompts = [
+            None if a is None or b is None else build_prompt(self.cfg.prompt_version, a, b)
+            for a, b in zip(batch["caption_a"].tolist(), batch["caption_b"].tolist())
+        ]
         return np.array(prompts, dtype=object)
 
     def _missing_reasons(self, batch: dict[str, np.ndarray], n: int) -> list[str | None]:
@@ -256,15 +288,17 @@ class GenerateActor:
                 result = filter_output(raw[k], self.cfg.filter)
                 text[k], reasons[k] = result.text, result.reason
         self._progress(n, sum(t is not None for t in text))
-        return pa.table({
-            "pair_id": pa.array([str(p) for p in batch["pair_id"].tolist()], pa.string()),
-            "raw": pa.array(raw, pa.string()),
-            "text": pa.array(text, pa.string()),
-            "reason": pa.array(reasons, pa.string()),
-            "engine": pa.array([self.engine.name] * n, pa.string()),
-            "prompt_version": pa.array([self.cfg.prompt_version] * n, pa.string()),
-            "tokens": pa.array(tokens, pa.int32()),
-        })
+        return pa.table(
+            {
+                "pair_id": pa.array([str(p) for p in batch["pair_id"].tolist()], pa.string()),
+                "raw": pa.array(raw, pa.string()),
+                "text": pa.array(text, pa.string()),
+                "reason": pa.array(reasons, pa.string()),
+                "engine": pa.array([self.engine.name] * n, pa.string()),
+                "prompt_version": pa.array([self.cfg.prompt_version] * n, pa.string()),
+                "tokens": pa.array(tokens, pa.int32()),
+            }
+        )
 
     def run(self, batch: dict[str, np.ndarray]):
         """``self(batch)`` for a caller outside an event loop (tests, benchmarks); one loop for every call, so the

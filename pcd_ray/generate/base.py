@@ -11,7 +11,8 @@ venv with their own torch, and import their libraries inside their constructors.
 from __future__ import annotations
 
 import hashlib
-from typing import NamedTuple, Protocol, Sequence, runtime_checkable
+from collections.abc import Sequence
+from typing import NamedTuple, Protocol, runtime_checkable
 
 import numpy as np
 

@@ -101,9 +101,15 @@ def synthetic_sets() -> list[ClassSet]:
     from pcd_ray.eval.synthetic_suite import COMPARATIVE_TASKS, TASKS, class_label, comparatives_name, task_classes
     from pcd_ray.generate.rule import class_prototype
 
-    return [ClassSet(comparatives_name(task), [class_label(task, c) for c in task_classes(task)], task,
-                     [class_prototype(dict(zip(TASKS[task], c))) for c in task_classes(task)])
-            for task in COMPARATIVE_TASKS]
+    return [
+        ClassSet(
+            comparatives_name(task),
+            [class_label(task, c) for c in task_classes(task)],
+            task,
+            [class_prototype(dict(zip(TASKS[task], c))) for c in task_classes(task)],
+        )
+        for task in COMPARATIVE_TASKS
+    ]
 
 
 def class_sets(job: JobConfig, storage: Storage) -> tuple[list[ClassSet], dict[str, str]]:
@@ -121,8 +127,10 @@ def class_sets(job: JobConfig, storage: Storage) -> tuple[list[ClassSet], dict[s
         dcfg = job.eval.datasets[name]
         why = None
         if job.generate.engine == "rule":
-            why = ("the rule engine words only the synthetic set's classes (from their attributes); real classes need "
-                   "an LLM engine (generate.engine: transformers or vllm)")
+            why = (
+                "the rule engine words only the synthetic set's classes (from their attributes); real classes need "
+                "an LLM engine (generate.engine: transformers or vllm)"
+            )
         elif dcfg.kind == "coco":
             why = "a COCO set has captions, not classes"
         if why is None:
@@ -171,12 +179,12 @@ def confused_pairs(job: JobConfig, storage: Storage, sets: list[ClassSet]) -> tu
     base = join(storage.resolve(c.output), CONFUSION_DIR, model)
 
     def embedded(ds, ids, where: str):
-        log.info("comparatives: embedding %d images of %s with %s to find its confused classes", len(ids), where,
-                 model)
+        log.info("comparatives: embedding %d images of %s with %s to find its confused classes", len(ids), where, model)
         emb, kept, errors = stored_embeddings(ds, ids, spec, join(base, where), e, storage)
         if not kept:
-            raise RuntimeError(f"comparatives: no image of {where} could be embedded by {model} (first errors: "
-                               f"{errors[:5]})")
+            raise RuntimeError(
+                f"comparatives: no image of {where} could be embedded by {model} (first errors: {errors[:5]})"
+            )
         return emb, kept
 
     synthetic = None
@@ -197,8 +205,9 @@ def confused_pairs(job: JobConfig, storage: Storage, sets: list[ClassSet]) -> tu
         cm = confusion_matrix(labels, pred, len(s.classes))
         top = most_confused_pairs(cm, c.num_pairs)
         if len(top) < c.num_pairs:
-            log.warning("comparatives: %s: %s confuses only %d class pair(s) on %d images", s.name, model, len(top),
-                        len(labels))
+            log.warning(
+                "comparatives: %s: %s confuses only %d class pair(s) on %d images", s.name, model, len(top), len(labels)
+            )
         pairs[s.name] = [p for a, b in top for p in ((a, b), (b, a))]
         picked[s.name] = [[s.classes[a], s.classes[b], int(cm[a, b] + cm[b, a])] for a, b in top]
     return pairs, picked
@@ -212,12 +221,28 @@ def pair_rows(sets: list[ClassSet], pairs: dict[str, list[Pair]]):
     for s in sets:
         attrs = [json.dumps(a, sort_keys=True) for a in s.prototypes] if s.prototypes is not None else None
         for i, j in pairs[s.name]:
-            rows.append({"pair_id": pair_id(s.name, i, j), "caption_a": s.classes[i], "caption_b": s.classes[j],
-                         "attributes_a": attrs[i] if attrs else None, "attributes_b": attrs[j] if attrs else None,
-                         "i": i, "j": j})
-    schema = pa.schema([("pair_id", pa.string()), ("caption_a", pa.string()), ("caption_b", pa.string()),
-                        ("attributes_a", pa.string()), ("attributes_b", pa.string()), ("i", pa.int64()),
-                        ("j", pa.int64())])
+            rows.append(
+                {
+                    "pair_id": pair_id(s.name, i, j),
+                    "caption_a": s.classes[i],
+                    "caption_b": s.classes[j],
+                    "attributes_a": attrs[i] if attrs else None,
+                    "attributes_b": attrs[j] if attrs else None,
+                    "i": i,
+                    "j": j,
+                }
+            )
+    schema = pa.schema(
+        [
+            ("pair_id", pa.string()),
+            ("caption_a", pa.string()),
+            ("caption_b", pa.string()),
+            ("attributes_a", pa.string()),
+            ("attributes_b", pa.string()),
+            ("i", pa.int64()),
+            ("j", pa.int64()),
+        ]
+    )
     return pa.Table.from_pylist(rows, schema=schema)
 
 
@@ -227,10 +252,13 @@ def with_classes(table, classes: dict[str, list[str]]):
 
     parts = [p.rsplit("/", 2) for p in table.column("pair_id").to_pylist()]
     names, i, j = [p[0] for p in parts], [int(p[1]) for p in parts], [int(p[2]) for p in parts]
-    columns = {"dataset": pa.array(names, pa.string()),
-               "class_i": pa.array([classes[d][k] for d, k in zip(names, i)], pa.string()),
-               "class_j": pa.array([classes[d][k] for d, k in zip(names, j)], pa.string()),
-               "i": pa.array(i, pa.int64()), "j": pa.array(j, pa.int64())}
+    columns = {
+        "dataset": pa.array(names, pa.string()),
+        "class_i": pa.array([classes[d][k] for d, k in zip(names, i)], pa.string()),
+        "class_j": pa.array([classes[d][k] for d, k in zip(names, j)], pa.string()),
+        "i": pa.array(i, pa.int64()),
+        "j": pa.array(j, pa.int64()),
+    }
     for name, values in columns.items():
         table = table.append_column(name, values)
     return table
@@ -265,8 +293,9 @@ def run_comparatives(job: JobConfig, storage: Storage) -> dict[str, Any]:
     if c is None:
         raise ConfigError("the job has no comparatives section")
     if c.prompt_version not in CLASS_PROMPTS:
-        raise ConfigError(f"comparatives.prompt_version {c.prompt_version!r} is not a class prompt; known: "
-                          f"{list(CLASS_PROMPTS)}")
+        raise ConfigError(
+            f"comparatives.prompt_version {c.prompt_version!r} is not a class prompt; known: {list(CLASS_PROMPTS)}"
+        )
     cfg = job.generate.model_copy(update={"prompt_version": c.prompt_version})
     check_engine_model(cfg, storage)
     sets, skipped = class_sets(job, storage)
@@ -276,21 +305,40 @@ def run_comparatives(job: JobConfig, storage: Storage) -> dict[str, Any]:
     else:
         pairs, picked = {s.name: all_pairs(len(s.classes)) for s in sets}, None
     rows = pair_rows(sets, pairs)
-    log.info("comparatives: %d class pairs of %s (%s), engine %s, prompt %s", rows.num_rows,
-             ", ".join(s.name for s in sets), c.select, cfg.engine, c.prompt_version)
+    log.info(
+        "comparatives: %d class pairs of %s (%s), engine %s, prompt %s",
+        rows.num_rows,
+        ", ".join(s.name for s in sets),
+        c.select,
+        cfg.engine,
+        c.prompt_version,
+    )
     classes = {s.name: s.classes for s in sets}
 
     def fields(t) -> dict[str, Any]:
-        out = {"pairs_in": rows.num_rows, "written": t.kept, **engine_fields(t, cfg), "select": c.select,
-               "datasets": {s.name: {"classes": len(s.classes), "pairs": len(pairs[s.name])} for s in sets},
-               "skipped_datasets": skipped}
+        out = {
+            "pairs_in": rows.num_rows,
+            "written": t.kept,
+            **engine_fields(t, cfg),
+            "select": c.select,
+            "datasets": {s.name: {"classes": len(s.classes), "pairs": len(pairs[s.name])} for s in sets},
+            "skipped_datasets": skipped,
+        }
         if picked is not None:
             out["confused"] = picked
         return {**out, "comparatives": storage.resolve(c.output), "rejects": storage.resolve(c.rejects)}
 
     return generate_rows(
-        ray.data.from_arrow(rows), cfg, storage, label="comparatives", unit="class pair",
-        kept=Output(c.output, COMPARATIVES_KIND, COLUMNS), rejected=Output(c.rejects, REJECTS_KIND, REJECT_COLUMNS),
+        ray.data.from_arrow(rows),
+        cfg,
+        storage,
+        label="comparatives",
+        unit="class pair",
+        kept=Output(c.output, COMPARATIVES_KIND, COLUMNS),
+        rejected=Output(c.rejects, REJECTS_KIND, REJECT_COLUMNS),
         config={"comparatives": c.model_dump(mode="json"), "generate": cfg.model_dump(mode="json")},
-        identity=identity(rows, job), expected=rows.num_rows, summary=fields,
-        then=lambda out: out.map_batches(with_classes, fn_args=(classes,), batch_format="pyarrow", batch_size=None))
+        identity=identity(rows, job),
+        expected=rows.num_rows,
+        summary=fields,
+        then=lambda out: out.map_batches(with_classes, fn_args=(classes,), batch_format="pyarrow", batch_size=None),
+    )

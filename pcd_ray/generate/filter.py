@@ -41,8 +41,17 @@ Mode = Literal["strict", "paper"]
 
 MIN_CHARS = 60
 
-REASONS = ("empty", "leading_newlines", "non_ascii", "asterisk", "markup", "repeated_chars", "meta_text",
-           "bad_phrase", "too_short")
+REASONS = (
+    "empty",
+    "leading_newlines",
+    "non_ascii",
+    "asterisk",
+    "markup",
+    "repeated_chars",
+    "meta_text",
+    "bad_phrase",
+    "too_short",
+)
 """Every reason code either mode returns, in strict's order of checks."""
 
 MODE_REASONS: dict[str, tuple[str, ...]] = {"strict": REASONS, "paper": tuple(r for r in REASONS if r != "empty")}
@@ -155,7 +164,7 @@ def paper_clean(raw: str) -> str:
     text = raw.strip()
     for marker in TRUNCATE_FIRST + TRUNCATE_THEN:
         if marker in text:
-            text = raw[:raw.find(marker)].strip()
+            text = raw[: raw.find(marker)].strip()
     text = text.replace("#1:", "").replace("A: ", "").replace("#", "").strip()
     text = text.replace("\n", "").strip().replace("\t", " ").strip()
     text = text.replace("  ", " ").strip()

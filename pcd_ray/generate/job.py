@@ -30,10 +30,15 @@ import logging
 import math
 import time
 import warnings
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from pcd_ray.generate.actor import LLM_ENGINES, EngineFailure, GenerateActor, engine_class
 from pcd_ray.generate.weights import check_model
+
+if TYPE_CHECKING:
+    from pcd_ray.config import JobConfig
+    from pcd_ray.storage import Storage
 
 log = logging.getLogger(__name__)
 
@@ -84,9 +89,13 @@ def _check_cpus(cfg) -> None:
     if cfg.num_actors * cfg.num_cpus_per_actor >= cpus:
         # Without an autoscaler to add nodes, the actors would hold every CPU and Ray Data's read and write tasks
         # would never run: the job would hang, not fail.
-        log.warning("generate: %d actors x %s CPUs take all %s CPUs of the cluster; read/write tasks need some "
-                    "left (lower generate.num_cpus_per_actor or add nodes)", cfg.num_actors, cfg.num_cpus_per_actor,
-                    cpus)
+        log.warning(
+            "generate: %d actors x %s CPUs take all %s CPUs of the cluster; read/write tasks need some "
+            "left (lower generate.num_cpus_per_actor or add nodes)",
+            cfg.num_actors,
+            cfg.num_cpus_per_actor,
+            cpus,
+        )
 
 
 def _check_unique(ds, pairs_manifest: dict, uri: str) -> None:
@@ -94,11 +103,12 @@ def _check_unique(ds, pairs_manifest: dict, uri: str) -> None:
     a pairs artifact from elsewhere is checked with a distributed group-by."""
     if pairs_manifest.get("summary", {}).get("unique_pair_ids"):
         return
-    dups = ds.select_columns(["pair_id"]).groupby("pair_id").count().filter(
-        lambda r: r["count()"] > 1).take(5)
+    dups = ds.select_columns(["pair_id"]).groupby("pair_id").count().filter(lambda r: r["count()"] > 1).take(5)
     if dups:
-        raise RuntimeError(f"{uri}: duplicate pair ids, e.g. {[d['pair_id'] for d in dups]}; every pair must have "
-                           f"its own id (pcd-ray pairs writes sha1 ids of the ordered image ids)")
+        raise RuntimeError(
+            f"{uri}: duplicate pair ids, e.g. {[d['pair_id'] for d in dups]}; every pair must have "
+            f"its own id (pcd-ray pairs writes sha1 ids of the ordered image ids)"
+        )
 
 
 def _engines(todo, cfg, storage, faults_uri: str):
@@ -116,10 +126,13 @@ def _engines(todo, cfg, storage, faults_uri: str):
         # block, i.e. one actor busy and the rest idle (a streaming split, no barrier).
         return todo.repartition(target_num_rows_per_block=cfg.batch_size * 4).map_batches(
             GenerateActor,
-            fn_constructor_kwargs={"cfg": cfg.model_dump(mode="json"), "in_worker": True,
-                                   "storage": storage.cfg.model_dump(mode="json"), "faults_uri": faults_uri},
-            compute=ray.data.ActorPoolStrategy(size=cfg.num_actors,
-                                               max_concurrent_calls_per_actor=concurrent_blocks),
+            fn_constructor_kwargs={
+                "cfg": cfg.model_dump(mode="json"),
+                "in_worker": True,
+                "storage": storage.cfg.model_dump(mode="json"),
+                "faults_uri": faults_uri,
+            },
+            compute=ray.data.ActorPoolStrategy(size=cfg.num_actors, max_concurrent_calls_per_actor=concurrent_blocks),
             batch_size=cfg.batch_size,
             batch_format="numpy",
             udf_modifying_row_count=False,
@@ -139,8 +152,9 @@ def read_faults(storage, uri: str, since: float) -> list[dict[str, Any]]:
     return sorted((r for r in records if r.get("time", 0) >= since), key=lambda r: r["time"])
 
 
-def _failure(cfg, faults: list[dict[str, Any]], faults_uri: str, error: BaseException,
-             label: str = "generate") -> EngineFailure:
+def _failure(
+    cfg, faults: list[dict[str, Any]], faults_uri: str, error: BaseException, label: str = "generate"
+) -> EngineFailure:
     """The error a job stops with when its engine kept failing: the engine, the cause, where the records are."""
     final = [f for f in faults if f.get("final")] or faults
     engine = faults[-1]["engine"] if faults else cfg.engine
@@ -157,7 +171,8 @@ def _failure(cfg, faults: list[dict[str, Any]], faults_uri: str, error: BaseExce
         f"{label}: the {engine} engine kept failing and its retries are spent (faults.batch_attempts="
         f"{cfg.faults.batch_attempts}, actor_restarts={cfg.faults.actor_restarts}, batch_retries="
         f"{cfg.faults.batch_retries}): {cause} ({where}). Every committed pair is kept; fix the cause and re-run "
-        f"the same command to resume.")
+        f"the same command to resume."
+    )
 
 
 def engine_fields(t, cfg) -> dict[str, Any]:
@@ -165,8 +180,10 @@ def engine_fields(t, cfg) -> dict[str, Any]:
     hours only the second matters, for a small job the first dominates; both are reported."""
     steady = t.steady_per_s()
     return {
-        "engine": cfg.engine, "prompt_version": cfg.prompt_version,
-        "model": cfg.llm.model if cfg.engine != "rule" else None, "tokens": t.stats.get("tokens", 0),
+        "engine": cfg.engine,
+        "prompt_version": cfg.prompt_version,
+        "model": cfg.llm.model if cfg.engine != "rule" else None,
+        "tokens": t.stats.get("tokens", 0),
         "pairs_per_s": round(t.per_s(t.processed), 2),
         "first_result_s": None if t.first is None else round(t.first[0], 3),
         "steady_pairs_per_s": None if steady is None else round(steady, 2),
@@ -177,8 +194,13 @@ def engine_fields(t, cfg) -> dict[str, Any]:
 def _summary(t, cfg, storage, pairs_in: int) -> dict[str, Any]:
     """The stage's summary fields (the sink adds rejected, rejected_by_reason, wall_s, skipped, processed, resumed,
     complete)."""
-    return {"pairs_in": pairs_in, "written": t.kept, **engine_fields(t, cfg),
-            "diffs": storage.resolve(cfg.output), "rejects": storage.resolve(cfg.rejects)}
+    return {
+        "pairs_in": pairs_in,
+        "written": t.kept,
+        **engine_fields(t, cfg),
+        "diffs": storage.resolve(cfg.output),
+        "rejects": storage.resolve(cfg.rejects),
+    }
 
 
 def check_engine_model(cfg, storage) -> None:
@@ -189,7 +211,7 @@ def check_engine_model(cfg, storage) -> None:
             check_model(cfg.llm.tokenizer, storage, revision=cfg.llm.revision, what="generate.llm.tokenizer")
 
 
-def run_generate(job, storage) -> dict[str, Any]:
+def run_generate(job: JobConfig, storage: Storage) -> dict[str, Any]:
     """Write ``diffs`` and ``rejects`` for every pair of ``job.generate.input``, resuming a killed run; returns the
     stage summary.
 
@@ -213,16 +235,36 @@ def run_generate(job, storage) -> dict[str, Any]:
     columns = [c for c in INPUT_COLUMNS if c in pairs["columns"]]
     ds = artifacts.read_dataset(storage, cfg.input, "pairs", columns=columns)
     _check_unique(ds, pairs, storage.resolve(cfg.input))
-    return generate_rows(ds, cfg, storage, label="generate", unit="pair",
-                         kept=Output(cfg.output, "diffs", DIFF_COLUMNS),
-                         rejected=Output(cfg.rejects, "rejects", REJECT_COLUMNS), config=cfg.model_dump(mode="json"),
-                         identity=identity(cfg, pairs, storage), expected=pairs_in,
-                         summary=lambda t: _summary(t, cfg, storage, pairs_in))
+    return generate_rows(
+        ds,
+        cfg,
+        storage,
+        label="generate",
+        unit="pair",
+        kept=Output(cfg.output, "diffs", DIFF_COLUMNS),
+        rejected=Output(cfg.rejects, "rejects", REJECT_COLUMNS),
+        config=cfg.model_dump(mode="json"),
+        identity=identity(cfg, pairs, storage),
+        expected=pairs_in,
+        summary=lambda t: _summary(t, cfg, storage, pairs_in),
+    )
 
 
-def generate_rows(ds, cfg, storage, *, label: str, unit: str, kept, rejected, config: Any, identity: Any,
-                  expected: int, summary: Callable[[Any], dict[str, Any]],
-                  then: Callable[[Any], Any] | None = None) -> dict[str, Any]:
+def generate_rows(
+    ds,
+    cfg,
+    storage,
+    *,
+    label: str,
+    unit: str,
+    kept,
+    rejected,
+    config: Any,
+    identity: Any,
+    expected: int,
+    summary: Callable[[Any], dict[str, Any]],
+    then: Callable[[Any], Any] | None = None,
+) -> dict[str, Any]:
     """Run ``cfg``'s engine and filter over ``ds`` into a kept and a rejected artifact (``sink.Output``), exactly
     once and resumable: what the generate stage does with pairs, for any rows shaped like them (pair_id, caption_a,
     caption_b, optional attributes_a/attributes_b; further columns reach the engine too). ``then`` maps the actor's
@@ -235,9 +277,19 @@ def generate_rows(ds, cfg, storage, *, label: str, unit: str, kept, rejected, co
     from pcd_ray.storage import join
 
     _check_cpus(cfg)
-    sink = Sink(storage, label, unit=unit, kept=kept, rejected=rejected, config=config, identity=identity,
-                resume=cfg.resume, key="pair_id", commit_every_s=cfg.commit_every_s,
-                redo=lambda reason: reason.startswith(LEGACY_ENGINE_ERROR))
+    sink = Sink(
+        storage,
+        label,
+        unit=unit,
+        kept=kept,
+        rejected=rejected,
+        config=config,
+        identity=identity,
+        resume=cfg.resume,
+        key="pair_id",
+        commit_every_s=cfg.commit_every_s,
+        redo=lambda reason: reason.startswith(LEGACY_ENGINE_ERROR),
+    )
     faults_uri, started = join(sink.kept.base, FAULTS_DIR), time.time()
 
     def fields(t) -> dict[str, Any]:
@@ -249,9 +301,16 @@ def generate_rows(ds, cfg, storage, *, label: str, unit: str, kept, rejected, co
         return out if then is None else then(out)
 
     try:
-        result = sink.run(ds, transform, expected=expected, summary=fields, stats=block_tokens, rates=("tokens",),
-                          rows_per_shard=min(ROWS_PER_SHARD, max(cfg.batch_size, expected // 16 + 1)),
-                          write_cpus=0.25)
+        result = sink.run(
+            ds,
+            transform,
+            expected=expected,
+            summary=fields,
+            stats=block_tokens,
+            rates=("tokens",),
+            rows_per_shard=min(ROWS_PER_SHARD, max(cfg.batch_size, expected // 16 + 1)),
+            write_cpus=0.25,
+        )
     except Exception as e:
         faults = read_faults(storage, faults_uri, started)
         if faults or _is_actor_death(e):

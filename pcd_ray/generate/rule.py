@@ -19,8 +19,14 @@ from pcd_ray.generate.base import pair_seed
 
 log = logging.getLogger(__name__)
 
-PROTOTYPE: A.Attributes = {"kind": "circle", "colour": "red", "size": "medium", "brightness": "bright", "count": 1,
-                           "position": "center"}
+PROTOTYPE: A.Attributes = {
+    "kind": "circle",
+    "colour": "red",
+    "size": "medium",
+    "brightness": "bright",
+    "count": 1,
+    "position": "center",
+}
 """The shape every synthetic class is drawn as: two classes' prototypes differ only in the attributes that tell the
 classes apart, so their sentence names exactly those."""
 
@@ -59,5 +65,7 @@ class RuleEngine:
             seeds = [[int(i), int(j)] for i, j in zip(batch["i"].tolist(), batch["j"].tolist())]
         else:
             seeds = [pair_seed(self.seed, p) for p in pair_ids]
-        return [self._one(p, a, b, s) for p, a, b, s in
-                zip(pair_ids, batch["attributes_a"].tolist(), batch["attributes_b"].tolist(), seeds)]
+        return [
+            self._one(p, a, b, s)
+            for p, a, b, s in zip(pair_ids, batch["attributes_a"].tolist(), batch["attributes_b"].tolist(), seeds)
+        ]

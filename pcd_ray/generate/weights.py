@@ -33,8 +33,9 @@ import os
 import re
 import shutil
 import uuid
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Any, Literal
 
 from pcd_ray.errors import StageError
 from pcd_ray.storage import Storage, is_remote
@@ -66,7 +67,7 @@ class ModelUnavailableError(StageError):
 
 # ----------------------------------------------------------------------------------------------- classification
 def _strip_file_scheme(model: str) -> str:
-    return model[len("file://"):] if model.startswith("file://") else model
+    return model[len("file://") :] if model.startswith("file://") else model
 
 
 def _is_hub_id(model: str) -> bool:
@@ -116,9 +117,15 @@ def _listing(fs: Any, path: str) -> Listing:
             continue
         # Whatever the backend offers that changes when an object is rewritten: S3's ETag, GCS's md5 or
         # generation, else a modification time.
-        tag = next((info[k] for k in ("ETag", "etag", "md5Hash", "generation", "LastModified", "mtime", "updated",
-                                      "last_modified") if info.get(k) is not None), "")
-        out[name[len(prefix):]] = (int(info.get("size") or 0), str(tag))
+        tag = next(
+            (
+                info[k]
+                for k in ("ETag", "etag", "md5Hash", "generation", "LastModified", "mtime", "updated", "last_modified")
+                if info.get(k) is not None
+            ),
+            "",
+        )
+        out[name[len(prefix) :]] = (int(info.get("size") or 0), str(tag))
     return out
 
 
@@ -178,13 +185,21 @@ def _download(uri: str, storage: Storage, cache: Path) -> Path:
                 shutil.rmtree(tmp, ignore_errors=True)
                 raise
             # For whoever cleans the cache: which URI and version a directory holds.
-            (cache / f"{name}.json").write_text(json.dumps(
-                {"uri": uri, "files": {k: list(v) for k, v in sorted(listing.items())}}, indent=1) + "\n")
-            log.info("downloaded %s (%d files, %.1f MB) to %s", uri, len(listing),
-                     sum(s for s, _ in listing.values()) / 1e6, target)
+            (cache / f"{name}.json").write_text(
+                json.dumps({"uri": uri, "files": {k: list(v) for k, v in sorted(listing.items())}}, indent=1) + "\n"
+            )
+            log.info(
+                "downloaded %s (%d files, %.1f MB) to %s",
+                uri,
+                len(listing),
+                sum(s for s, _ in listing.values()) / 1e6,
+                target,
+            )
             return target
-        raise ModelUnavailableError(f"{uri} kept changing while it was downloaded ({_DOWNLOAD_ATTEMPTS} attempts); "
-                                    "load it once its upload has finished")
+        raise ModelUnavailableError(
+            f"{uri} kept changing while it was downloaded ({_DOWNLOAD_ATTEMPTS} attempts); "
+            "load it once its upload has finished"
+        )
     finally:
         lock.release()
 
@@ -192,8 +207,10 @@ def _download(uri: str, storage: Storage, cache: Path) -> Path:
 def _remote_listing(fs: Any, path: str, uri: str) -> Listing:
     listing = _listing(fs, path)
     if not listing:
-        raise ModelUnavailableError(f"{uri}: no files under this URI; upload the model directory there "
-                                    "(config.json, tokenizer and weights) or fix the URI")
+        raise ModelUnavailableError(
+            f"{uri}: no files under this URI; upload the model directory there "
+            "(config.json, tokenizer and weights) or fix the URI"
+        )
     return listing
 
 
@@ -215,8 +232,14 @@ def _fetch(fs: Any, path: str, listing: Listing, tmp: Path) -> None:
 
 
 # ------------------------------------------------------------------------------------------------- check_model
-def check_model(model: str, storage: Storage, *, revision: str | None = None, what: str = "generate.llm.model",
-                files: Sequence[str] | None = None) -> None:
+def check_model(
+    model: str,
+    storage: Storage,
+    *,
+    revision: str | None = None,
+    what: str = "generate.llm.model",
+    files: Sequence[str] | None = None,
+) -> None:
     """Fail fast, on the driver, when ``model`` cannot be loaded: raises ``ModelUnavailableError`` naming ``what``
     (the config key), the model and the remedy. A few seconds at most (one or two hub requests, one S3 request
     per file). ``files``: at least one must exist in the model directory; default config.json, or the tokenizer's
@@ -240,11 +263,13 @@ def _check_local(model: str, what: str, files: Sequence[str]) -> None:
     if not os.path.isdir(path):
         raise ModelUnavailableError(
             f"{what}: {model!r} is neither a directory ({path} does not exist) nor a Hugging Face hub id; give a hub "
-            "id (org/name), a local directory holding the model's config.json and weights, or an s3:// URI")
+            "id (org/name), a local directory holding the model's config.json and weights, or an s3:// URI"
+        )
     if not any(os.path.isfile(os.path.join(path, f)) for f in files):
         raise ModelUnavailableError(
             f"{what}: {path} has no {_names(files)}; point {what} at the directory that holds it "
-            "(the model's config.json, tokenizer and weights)")
+            "(the model's config.json, tokenizer and weights)"
+        )
 
 
 def _check_remote(uri: str, storage: Storage, what: str, files: Sequence[str]) -> None:
@@ -254,13 +279,15 @@ def _check_remote(uri: str, storage: Storage, what: str, files: Sequence[str]) -
     except PermissionError as e:
         raise ModelUnavailableError(
             f"{what}: access to {uri} denied ({e}); give the job credentials that can read it (AWS's usual chain: "
-            "AWS_* in the runtime_env, a profile, an instance role)") from None
+            "AWS_* in the runtime_env, a profile, an instance role)"
+        ) from None
     except Exception as e:  # no credentials, endpoint unreachable, unknown protocol: all mean "cannot load it"
         raise ModelUnavailableError(f"{what}: cannot read {uri}: {type(e).__name__}: {e}") from None
     if not found:
         raise ModelUnavailableError(
             f"{what}: {uri} has no {_names(files)}; upload the model directory there (config.json, tokenizer and "
-            "weights) or fix the URI")
+            "weights) or fix the URI"
+        )
 
 
 def _hub_offline() -> bool:
@@ -271,14 +298,20 @@ def _hub_offline() -> bool:
 
 def _check_hub(repo_id: str, revision: str | None, what: str, files: Sequence[str]) -> None:
     from huggingface_hub import HfApi, get_hf_file_metadata, hf_hub_url, try_to_load_from_cache
-    from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, RemoteEntryNotFoundError,
-                                        RepositoryNotFoundError, RevisionNotFoundError)
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        HfHubHTTPError,
+        RemoteEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
 
     def gated() -> ModelUnavailableError:
         return ModelUnavailableError(
             f"{what}: {repo_id!r} is gated or forbidden on the Hugging Face hub: accept the licence on the model's "
             "hub page with an account and set HF_TOKEN to that account's token in the job's environment "
-            "(runtime_env env_vars or the cluster's environment)")
+            "(runtime_env env_vars or the cluster's environment)"
+        )
 
     if _hub_offline():
         reason = "HF_HUB_OFFLINE is set"
@@ -289,8 +322,9 @@ def _check_hub(repo_id: str, revision: str | None, what: str, files: Sequence[st
             info = api.model_info(repo_id, revision=revision, timeout=HUB_TIMEOUT_S, expand=["gated"])
             if info.gated:
                 # A gated repo's metadata is public; only its files answer whether this token may load it.
-                get_hf_file_metadata(hf_hub_url(repo_id, files[0], revision=revision, endpoint=api.endpoint),
-                                     timeout=HUB_TIMEOUT_S)
+                get_hf_file_metadata(
+                    hf_hub_url(repo_id, files[0], revision=revision, endpoint=api.endpoint), timeout=HUB_TIMEOUT_S
+                )
             return
         except RemoteEntryNotFoundError:
             return  # the files are readable; which ones the repo has is the engine's business
@@ -301,11 +335,13 @@ def _check_hub(repo_id: str, revision: str | None, what: str, files: Sequence[st
             raise ModelUnavailableError(
                 f"{what}: {repo_id!r} not found on the Hugging Face hub (or private{private}: set HF_TOKEN to a token "
                 f"that can read it); check the spelling, or, if you meant a local directory, {_absolute(repo_id)} does "
-                "not exist") from None
+                "not exist"
+            ) from None
         except RevisionNotFoundError:
             raise ModelUnavailableError(
                 f"{what}: revision {revision!r} of {repo_id!r} not found on the Hugging Face hub; fix the revision "
-                "(a branch, tag or commit of the repo)") from None
+                "(a branch, tag or commit of the repo)"
+            ) from None
         except HfHubHTTPError as e:
             status = e.response.status_code if e.response is not None else None
             if status in (401, 403):
@@ -321,4 +357,5 @@ def _check_hub(repo_id: str, revision: str | None, what: str, files: Sequence[st
     raise ModelUnavailableError(
         f"{what}: {repo_id!r}{f' at revision {revision!r}' if revision else ''} is not in the local Hugging Face "
         f"cache and the hub is unreachable ({reason}); download it where the hub is reachable "
-        f"(`hf download {repo_id}` into the HF cache the nodes use), or copy it to s3:// and set {what} to that URI")
+        f"(`hf download {repo_id}` into the HF cache the nodes use), or copy it to s3:// and set {what} to that URI"
+    )

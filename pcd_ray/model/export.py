@@ -17,8 +17,14 @@ from pcd_ray.model.factory import EXPORT_CONFIG, EXPORT_META, EXPORT_WEIGHTS
 from pcd_ray.storage import Storage
 
 
-def export_model(state_dict: dict[str, Any], model_cfg: dict[str, Any], preprocess_cfg: dict[str, Any],
-                 storage: Storage, uri: str, meta: dict[str, Any] | None = None) -> str:
+def export_model(
+    state_dict: dict[str, Any],
+    model_cfg: dict[str, Any],
+    preprocess_cfg: dict[str, Any],
+    storage: Storage,
+    uri: str,
+    meta: dict[str, Any] | None = None,
+) -> str:
     """Write an export to a URI (local or s3://); returns the resolved URI. The directory appears whole."""
     from safetensors.torch import save_file
 
@@ -26,7 +32,8 @@ def export_model(state_dict: dict[str, Any], model_cfg: dict[str, Any], preproce
     with tempfile.TemporaryDirectory(prefix="pcd-export-") as tmp:
         save_file(tensors, str(Path(tmp) / EXPORT_WEIGHTS), metadata={"format": "pt"})
         (Path(tmp) / EXPORT_CONFIG).write_text(
-            json.dumps({"model_cfg": model_cfg, "preprocess_cfg": dict(preprocess_cfg)}, indent=2))
+            json.dumps({"model_cfg": model_cfg, "preprocess_cfg": dict(preprocess_cfg)}, indent=2)
+        )
         (Path(tmp) / EXPORT_META).write_text(json.dumps(meta or {}, indent=2, default=str))
         storage.put_dir(tmp, uri)
     return storage.resolve(uri)

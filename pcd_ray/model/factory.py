@@ -9,9 +9,10 @@ pcd-ray loads it the same way, downloading it first when it lives on s3://.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from pcd_ray.config import ModelSpec
 from pcd_ray.storage import Storage
@@ -60,7 +61,7 @@ class LoadedModel:
         out = [np.zeros((0, self.embed_dim), dtype=np.float32)]
         with torch.inference_mode():
             for start in range(0, len(texts), batch_size):
-                emb = self.model.encode_text(self.tokenizer(list(texts[start:start + batch_size]))).float()
+                emb = self.model.encode_text(self.tokenizer(list(texts[start : start + batch_size]))).float()
                 out.append((normalise_torch(emb, eps=EPS) if normalize else emb).cpu().numpy())
         return np.concatenate(out)
 
@@ -73,15 +74,17 @@ def _from_dir(local_dir: Path, source: str, device: str, precision: str) -> Load
         raise FileNotFoundError(f"{source}: not a model export ({EXPORT_CONFIG} missing)")
     cfg = json.loads(cfg_path.read_text())
     model, _, preprocess = open_clip.create_model_and_transforms(
-        f"local-dir:{local_dir}", device=device, precision=precision, weights_only=True)
+        f"local-dir:{local_dir}", device=device, precision=precision, weights_only=True
+    )
     tokenizer = open_clip.get_tokenizer(f"local-dir:{local_dir}")
     meta_path = local_dir / EXPORT_META
     meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
     return LoadedModel(model, preprocess, tokenizer, cfg["model_cfg"], model.visual.preprocess_cfg, source, meta)
 
 
-def load_model(spec: ModelSpec, storage: Storage | None = None, device: str = "cpu",
-               precision: str = "fp32") -> LoadedModel:
+def load_model(
+    spec: ModelSpec, storage: Storage | None = None, device: str = "cpu", precision: str = "fp32"
+) -> LoadedModel:
     """Build the model a spec names. Random init when neither checkpoint nor pretrained is set.
 
     Raises FileNotFoundError for a missing export, RuntimeError (from open_clip) for an unknown name or tag.
@@ -96,10 +99,13 @@ def load_model(spec: ModelSpec, storage: Storage | None = None, device: str = "c
             return _from_dir(local, f"export {uri}", device, precision)
     model_cfg = open_clip.get_model_config(spec.name)
     if model_cfg is None:
-        raise RuntimeError(f"unknown model {spec.name!r}: not an open_clip or pcd-ray config "
-                           f"(pcd-ray: {sorted(p.stem for p in CONFIG_DIR.glob('*.json'))})")
+        raise RuntimeError(
+            f"unknown model {spec.name!r}: not an open_clip or pcd-ray config "
+            f"(pcd-ray: {sorted(p.stem for p in CONFIG_DIR.glob('*.json'))})"
+        )
     model, _, preprocess = open_clip.create_model_and_transforms(
-        spec.name, pretrained=spec.pretrained, device=device, precision=precision, weights_only=True)
+        spec.name, pretrained=spec.pretrained, device=device, precision=precision, weights_only=True
+    )
     tokenizer = open_clip.get_tokenizer(spec.name)
     source = f"{spec.name} ({spec.pretrained or 'random init'})"
     return LoadedModel(model, preprocess, tokenizer, model_cfg, model.visual.preprocess_cfg, source)

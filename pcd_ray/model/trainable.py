@@ -37,7 +37,7 @@ def _params_of(parts) -> list:
     return out
 
 
-def _text_tower_parts(model: "nn.Module") -> list:
+def _text_tower_parts(model: nn.Module) -> list:
     if hasattr(model, "text"):  # CustomTextCLIP
         return [model.text]
     missing = [name for name in _CLIP_TEXT_PARTS if not hasattr(model, name)]
@@ -46,21 +46,23 @@ def _text_tower_parts(model: "nn.Module") -> list:
     return [getattr(model, name) for name in _CLIP_TEXT_PARTS]
 
 
-def _text_blocks(model: "nn.Module"):
+def _text_blocks(model: nn.Module):
     """The text transformer blocks: ``model.transformer`` (CLIP) or ``model.text.transformer`` (CustomTextCLIP)."""
     from open_clip.transformer import TextTransformer
 
     if hasattr(model, "text"):
         if not isinstance(model.text, TextTransformer):
             # An HF text tower's .transformer is the whole HF model, embeddings included: not "blocks only".
-            raise ValueError(f"trainable='text_transformer' needs open_clip's TextTransformer text tower, "
-                             f"got {type(model.text).__name__}; use 'text' or 'full'")
+            raise ValueError(
+                f"trainable='text_transformer' needs open_clip's TextTransformer text tower, "
+                f"got {type(model.text).__name__}; use 'text' or 'full'"
+            )
         return model.text.transformer
     _text_tower_parts(model)  # raises TypeError for a non-CLIP model
     return model.transformer
 
 
-def select_trainable(model: "nn.Module", which: str) -> list[str]:
+def select_trainable(model: nn.Module, which: str) -> list[str]:
     """Set ``requires_grad`` on every parameter of ``model`` for mode ``which`` (module docstring).
 
     Returns the names (as in ``model.named_parameters()``, in that order) of the parameters left trainable.
@@ -84,7 +86,7 @@ def select_trainable(model: "nn.Module", which: str) -> list[str]:
     return names
 
 
-def image_tower_frozen(model: "nn.Module") -> bool:
+def image_tower_frozen(model: nn.Module) -> bool:
     """True when no parameter of ``model.visual`` requires grad: the train loop may then run it under no_grad."""
     return not any(p.requires_grad for p in model.visual.parameters())
 

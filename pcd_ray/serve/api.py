@@ -14,15 +14,25 @@ batches model calls across requests); the routes only parse, call the backend an
 from __future__ import annotations
 
 import asyncio
-from typing import Any, Protocol, Sequence
+from collections.abc import Sequence
+from typing import Any, Protocol
 
 import numpy as np
 from fastapi import APIRouter, Depends, FastAPI, Request
 
 from pcd_ray.serve import scoring
 from pcd_ray.serve.http import BodyLimit, check_bearer, install_error_handlers, openapi_errors, prepare_image
-from pcd_ray.serve.schemas import (ClassifyRequest, ClassifyResponse, DifferenceRequest, DifferenceResponse,
-                                   EmbedRequest, EmbedResponse, ModelInfo, RankRequest, RankResponse)
+from pcd_ray.serve.schemas import (
+    ClassifyRequest,
+    ClassifyResponse,
+    DifferenceRequest,
+    DifferenceResponse,
+    EmbedRequest,
+    EmbedResponse,
+    ModelInfo,
+    RankRequest,
+    RankResponse,
+)
 
 
 class ModelBackend(Protocol):
@@ -51,9 +61,12 @@ async def _images(backend: ModelBackend, named: list[tuple[str, str]]) -> np.nda
 
 def create_api(backend: ModelBackend, *, max_request_bytes: int, token: str | None = None) -> FastAPI:
     """The app for one replica. ``token``: when set, every /v1 route requires ``Authorization: Bearer <token>``."""
-    app = FastAPI(title="pcd-ray", version="1",
-                  description="PC-CLIP: embeddings, and scoring, ranking and classification by described "
-                              "differences between images.")
+    app = FastAPI(
+        title="pcd-ray",
+        version="1",
+        description="PC-CLIP: embeddings, and scoring, ranking and classification by described "
+        "differences between images.",
+    )
     install_error_handlers(app)
     app.add_middleware(BodyLimit, limit=max_request_bytes)
 
@@ -88,8 +101,9 @@ def create_api(backend: ModelBackend, *, max_request_bytes: int, token: str | No
         emb_a, emb_b = await _images(backend, [("image_a", req.image_a), ("image_b", req.image_b)])
         scores = scoring.difference_scores(await backend.embed_texts(req.texts), emb_a, emb_b)
         best = int(np.argmax(scores))
-        return DifferenceResponse(model=backend.source, scores=scores.tolist(), best_index=best,
-                                  best_text=req.texts[best])
+        return DifferenceResponse(
+            model=backend.source, scores=scores.tolist(), best_index=best, best_text=req.texts[best]
+        )
 
     @v1.post("/rank", response_model=RankResponse, responses=openapi_errors(*errors))
     async def rank(req: RankRequest) -> RankResponse:
@@ -107,13 +121,18 @@ def create_api(backend: ModelBackend, *, max_request_bytes: int, token: str | No
         index = {label: k for k, label in enumerate(req.labels)}
         pairs = [(index[c.first], index[c.second]) for c in req.comparatives]
         emb = await backend.embed_texts(prompts + [c.text for c in req.comparatives])
-        class_emb, comp_emb = emb[:len(prompts)], emb[len(prompts):]
+        class_emb, comp_emb = emb[: len(prompts)], emb[len(prompts) :]
         plain = scoring.classify_scores(image_emb, class_emb)
         h = scoring.comparative_class_embeddings(class_emb, pairs, comp_emb, req.alpha) if pairs else class_emb
         scores = scoring.classify_scores(image_emb, h)
         best = int(np.argmax(scores))
-        return ClassifyResponse(model=backend.source, label=req.labels[best], index=best, scores=scores.tolist(),
-                                zero_shot_scores=plain.tolist())
+        return ClassifyResponse(
+            model=backend.source,
+            label=req.labels[best],
+            index=best,
+            scores=scores.tolist(),
+            zero_shot_scores=plain.tolist(),
+        )
 
     app.include_router(v1)
     return app

@@ -14,7 +14,8 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, model_validator
@@ -40,8 +41,9 @@ def read_token(env_name: str | None) -> str | None:
         return None
     token = os.environ.get(env_name, "").strip()
     if not token:
-        raise AuthConfigError(f"serve.auth_token_env is {env_name!r} but that environment variable is unset or "
-                              f"empty in the replica")
+        raise AuthConfigError(
+            f"serve.auth_token_env is {env_name!r} but that environment variable is unset or empty in the replica"
+        )
     return token
 
 
@@ -105,16 +107,32 @@ class PCDModelServer:
         return await asyncio.to_thread(self.runner.encode_images, pixels)
 
     def info(self) -> ModelInfo:
-        detail = ({"source": self.runner.loaded.source, "meta": self.runner.loaded.meta}
-                  if self.token is not None else None)
+        detail = (
+            {"source": self.runner.loaded.source, "meta": self.runner.loaded.meta} if self.token is not None else None
+        )
         return ModelInfo(
-            name=self.source, weights_id=self.runner.weights_id, provenance=self.runner.provenance(),
-            embed_dim=self.embed_dim, device=self.runner.device, batching=self.cfg.batching,
-            model_cfg=self.runner.loaded.model_cfg, detail=detail,
-            limits={"max_request_bytes": self.cfg.max_request_bytes, "max_image_pixels": self.max_image_pixels,
-                    "max_items": MAX_ITEMS, "max_labels": MAX_LABELS, "max_text_chars": MAX_TEXT_CHARS},
-            text_cache={"capacity": self.cache.size, "entries": len(self.cache), "hits": self.cache.hits,
-                        "misses": self.cache.misses})
+            name=self.source,
+            weights_id=self.runner.weights_id,
+            provenance=self.runner.provenance(),
+            embed_dim=self.embed_dim,
+            device=self.runner.device,
+            batching=self.cfg.batching,
+            model_cfg=self.runner.loaded.model_cfg,
+            detail=detail,
+            limits={
+                "max_request_bytes": self.cfg.max_request_bytes,
+                "max_image_pixels": self.max_image_pixels,
+                "max_items": MAX_ITEMS,
+                "max_labels": MAX_LABELS,
+                "max_text_chars": MAX_TEXT_CHARS,
+            },
+            text_cache={
+                "capacity": self.cache.size,
+                "entries": len(self.cache),
+                "hits": self.cache.hits,
+                "misses": self.cache.misses,
+            },
+        )
 
 
 # ------------------------------------------------------------------------------------------- building, running
@@ -130,7 +148,7 @@ class AppArgs(BaseModel):
     """Export URI to serve instead of the config's serve.model (relative URIs resolve against storage.root)."""
 
     @model_validator(mode="after")
-    def _something_to_serve(self) -> "AppArgs":
+    def _something_to_serve(self) -> AppArgs:
         if self.config is None and self.checkpoint is None:
             raise ValueError("give 'config' (a job file or name) and/or 'checkpoint' (an export URI)")
         return self
@@ -174,8 +192,9 @@ def build_app(args: dict[str, Any] | AppArgs) -> serve.Application:
     return bind_app(job.serve, Storage(job.storage).portable_cfg())
 
 
-def run_serve(job: JobConfig, storage: Storage, *, blocking: bool = True, name: str = APP_NAME,
-              route_prefix: str = "/") -> str:
+def run_serve(
+    job: JobConfig, storage: Storage, *, blocking: bool = True, name: str = APP_NAME, route_prefix: str = "/"
+) -> str:
     """Start Serve on the job's Ray (host/port from job.serve) and deploy the app; returns the base URL.
 
     With ``blocking`` it then waits until Ctrl-C (and re-raises KeyboardInterrupt), as ``serve run`` does.
@@ -186,9 +205,12 @@ def run_serve(job: JobConfig, storage: Storage, *, blocking: bool = True, name: 
     serve.run(bind_app(cfg, storage.portable_cfg()), name=name, route_prefix=route_prefix, blocking=False)
     url = f"http://{cfg.host}:{cfg.port}{route_prefix.rstrip('/')}"
     auth = f' -H "authorization: Bearer ${cfg.auth_token_env}"' if cfg.auth_token_env else ""
-    print(f"pcd-ray serving {storage.resolve(cfg.model.checkpoint) if cfg.model.checkpoint else cfg.model.name} "
-          f"at {url} (API docs: {url}/docs)\n  curl -s {url}/v1/embed -H 'content-type: application/json'{auth} "
-          f"-d '{{\"texts\": [\"a red circle\"]}}'", flush=True)
+    print(
+        f"pcd-ray serving {storage.resolve(cfg.model.checkpoint) if cfg.model.checkpoint else cfg.model.name} "
+        f"at {url} (API docs: {url}/docs)\n  curl -s {url}/v1/embed -H 'content-type: application/json'{auth} "
+        f'-d \'{{"texts": ["a red circle"]}}\'',
+        flush=True,
+    )
     while blocking:  # Serve runs in Ray's processes; this driver only has to stay alive until Ctrl-C
         time.sleep(3600)
     return url

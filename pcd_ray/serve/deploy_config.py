@@ -88,8 +88,10 @@ def check_serve_config(raw: dict[str, Any], source: str = "<serve config>"):
                 problems.append(f"applications[{app.name}].args: {e}")
         for dep in app.deployments:
             if app.import_path.startswith("pcd_ray.") and dep.name != DEPLOYMENT_NAME:
-                problems.append(f"applications[{app.name}].deployments: no deployment named {dep.name!r} "
-                                f"(the app has {DEPLOYMENT_NAME!r})")
+                problems.append(
+                    f"applications[{app.name}].deployments: no deployment named {dep.name!r} "
+                    f"(the app has {DEPLOYMENT_NAME!r})"
+                )
             if isinstance(dep.autoscaling_config, dict):
                 try:
                     AutoscalingConfig.model_validate(dep.autoscaling_config)

@@ -11,7 +11,8 @@ from __future__ import annotations
 import base64
 import binascii
 import hmac
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.encoders import jsonable_encoder
@@ -65,8 +66,9 @@ class BodyLimit:
             return await self.app(scope, receive, send)
         declared = dict(scope.get("headers") or []).get(b"content-length", b"").decode("latin-1")
         if declared.isdigit() and int(declared) > self.limit:
-            return await self._refuse(scope, receive, send, f"request body is {declared} bytes, over the limit "
-                                                             f"of {self.limit}")
+            return await self._refuse(
+                scope, receive, send, f"request body is {declared} bytes, over the limit of {self.limit}"
+            )
         chunks, size = [], 0
         while True:
             message = await receive()
@@ -75,8 +77,7 @@ class BodyLimit:
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > self.limit:
-                return await self._refuse(scope, receive, send, f"request body exceeds the limit of {self.limit} "
-                                                                f"bytes")
+                return await self._refuse(scope, receive, send, f"request body exceeds the limit of {self.limit} bytes")
             chunks.append(chunk)
             if not message.get("more_body", False):
                 break

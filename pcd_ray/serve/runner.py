@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import hashlib
 from collections import OrderedDict
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -20,7 +21,7 @@ from pcd_ray.vectors import EPS, normalise_torch
 
 
 def pick_device() -> str:
-    """"cuda" when Ray gave this process a GPU and torch can use it, else "cpu"."""
+    """ "cuda" when Ray gave this process a GPU and torch can use it, else "cpu"."""
     import ray
     import torch
 
@@ -67,9 +68,18 @@ class ModelRunner:
     def provenance(self) -> dict[str, Any]:
         """The export's record without locations: the stage, when, and each input's commit id."""
         record = self.loaded.meta.get("provenance") or {}
-        return {"stage": record.get("stage"), "made": record.get("made"),
-                "inputs": {k: {"kind": v.get("kind"), "commit": v.get("commit")}
-                           for k, v in (record.get("inputs") or {}).items()}} if record else {}
+        return (
+            {
+                "stage": record.get("stage"),
+                "made": record.get("made"),
+                "inputs": {
+                    k: {"kind": v.get("kind"), "commit": v.get("commit")}
+                    for k, v in (record.get("inputs") or {}).items()
+                },
+            }
+            if record
+            else {}
+        )
 
     @property
     def embed_dim(self) -> int:

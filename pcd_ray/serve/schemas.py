@@ -52,7 +52,7 @@ class EmbedRequest(_Body):
     """Base64-encoded image bytes to embed with the image tower g."""
 
     @model_validator(mode="after")
-    def _something_to_embed(self) -> "EmbedRequest":
+    def _something_to_embed(self) -> EmbedRequest:
         if not self.texts and not self.images:
             raise ValueError("nothing to embed: give a non-empty 'texts' and/or 'images' list")
         return self
@@ -100,7 +100,7 @@ class RankRequest(_Body):
     """Difference sentence "image 1 has more of it than image 2" with an ``{attribute}`` placeholder."""
 
     @model_validator(mode="after")
-    def _template_has_placeholder(self) -> "RankRequest":
+    def _template_has_placeholder(self) -> RankRequest:
         _check_placeholder(self.template, "attribute")
         return self
 
@@ -142,7 +142,7 @@ class ClassifyRequest(_Body):
     """Weight of the class's own prompt against its comparatives (the paper uses 0.8-0.9)."""
 
     @model_validator(mode="after")
-    def _consistent(self) -> "ClassifyRequest":
+    def _consistent(self) -> ClassifyRequest:
         _check_placeholder(self.template, "label")
         dupes = sorted(label for label, n in Counter(self.labels).items() if n > 1)
         seen = set(self.labels)

@@ -6,7 +6,7 @@ Inputs are L2-normalised rows (text t [n, D], images e [m, D]); outputs are floa
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -36,8 +36,9 @@ def rank_scores(text_emb: np.ndarray, image_emb: np.ndarray) -> tuple[np.ndarray
     return np.argsort(-scores, kind="stable"), scores
 
 
-def comparative_class_embeddings(class_emb: np.ndarray, comparatives: Sequence[tuple[int, int]],
-                                 comparative_emb: np.ndarray, alpha: float) -> np.ndarray:
+def comparative_class_embeddings(
+    class_emb: np.ndarray, comparatives: Sequence[tuple[int, int]], comparative_emb: np.ndarray, alpha: float
+) -> np.ndarray:
     """Comparative prompting (docs/METHOD.md, "Evaluation") -> class embeddings h [C, D], unit rows.
 
     class_emb: t_c [C, D]; comparatives: distinct ordered pairs (i, j), one per row of comparative_emb d_ij [K, D],

@@ -4,8 +4,8 @@
 
 Train workers receive ready tensors from ``get_dataset_shard``: pixels ``image_a``/``image_b`` [3, H, W] float32
 (or, when the image tower is frozen, its embeddings ``emb_a``/``emb_b`` [D] float32, computed once per image as
-the paper does), token ids ``diff_tokens``/``caption_tokens`` [context_length] int64. Heavy work (PNG decoding, resizing,
-tokenising) runs in Ray Data tasks on CPU workers, so on a cluster it scales on CPU nodes while GPUs train.
+the paper does), token ids ``diff_tokens``/``caption_tokens`` [context_length] int64. Heavy work (PNG decoding,
+resizing, tokenising) runs in Ray Data tasks on CPU workers, so on a cluster it scales on CPU nodes while GPUs train.
 ``data: captions`` (base pretraining) reads image-caption rows of the images artifact instead.
 """
 
@@ -74,8 +74,12 @@ def _image_values(cfg: TrainConfig, storage: Storage, precomputed: bool, split: 
     actor pool -- once per image either way, not once per pair and epoch in the train loop. ``split`` is the split
     caption rows come from (``data: captions``)."""
     if cfg.embeddings and not precomputed:
-        log.warning("train.embeddings=%s is not used: the image tower runs on pixels (trainable=%s, "
-                    "image_features=%s)", cfg.embeddings, cfg.trainable, cfg.image_features)
+        log.warning(
+            "train.embeddings=%s is not used: the image tower runs on pixels (trainable=%s, image_features=%s)",
+            cfg.embeddings,
+            cfg.trainable,
+            cfg.image_features,
+        )
     if precomputed and cfg.embeddings:
         return _precomputed_embeddings(cfg, storage, split), "embedding"
     images = artifacts.read_dataset(storage, cfg.images, "images", columns=["image_id", "image"])
@@ -86,8 +90,10 @@ def _image_values(cfg: TrainConfig, storage: Storage, precomputed: bool, split: 
     embedded, rejected = embed_split(images, cfg.model, storage, batch_size=256, num_actors=1, init_seed=cfg.seed)
     failed = rejected.take(3)
     if failed:
-        raise ImageDecodeError(f"{storage.resolve(cfg.images)}: {rejected.count()} images that do not decode, e.g. "
-                               f"{failed}: the images artifact is damaged")
+        raise ImageDecodeError(
+            f"{storage.resolve(cfg.images)}: {rejected.count()} images that do not decode, e.g. "
+            f"{failed}: the images artifact is damaged"
+        )
     return embedded.select_columns(["image_id", "embedding"]), "embedding"
 
 
@@ -108,33 +114,46 @@ def _precomputed_embeddings(cfg: TrainConfig, storage: Storage, split: str):
     uri = storage.resolve(cfg.embeddings)
     manifest = artifacts.read_manifest(storage, cfg.embeddings, "embeddings")
     if manifest.get("complete") is False:
-        raise artifacts.ArtifactError(f"{uri}: the embeddings artifact is unfinished (its writer stopped); "
-                                      f"re-run `pcd-ray embed`")
+        raise artifacts.ArtifactError(
+            f"{uri}: the embeddings artifact is unfinished (its writer stopped); re-run `pcd-ray embed`"
+        )
     made_by = manifest.get("config") or {}
     if "model" not in made_by or "input" not in made_by:
-        raise ValueError(f"{uri}: not written by `pcd-ray embed` (its manifest records no embed config); "
-                         f"train.embeddings must name the output of an embed section")
+        raise ValueError(
+            f"{uri}: not written by `pcd-ray embed` (its manifest records no embed config); "
+            f"train.embeddings must name the output of an embed section"
+        )
     # Relative URIs of the embed section resolve against this job's storage root, as train.model's do.
     spec = ModelSpec.model_validate(made_by["model"])
     used, wanted = _model_identity(spec, storage), _model_identity(cfg.model, storage)
     if not (spec.checkpoint or spec.pretrained):
-        raise ValueError(f"{uri}: embeddings of a randomly initialised {spec.name} (embed.model names no checkpoint "
-                         f"or pretrained weights), which is not the image tower training initialises; embed a "
-                         f"checkpoint, or set train.embeddings=null")
+        raise ValueError(
+            f"{uri}: embeddings of a randomly initialised {spec.name} (embed.model names no checkpoint "
+            f"or pretrained weights), which is not the image tower training initialises; embed a "
+            f"checkpoint, or set train.embeddings=null"
+        )
     if used != wanted:
-        raise ValueError(f"{uri}: embeddings of model {used} (embed.model, source {manifest.get('model')!r}), but "
-                         f"train.model is {wanted}: a frozen image tower must be the one training uses. Re-run "
-                         f"`pcd-ray embed` with embed.model equal to train.model, or set train.embeddings=null to "
-                         f"embed at the start of training")
+        raise ValueError(
+            f"{uri}: embeddings of model {used} (embed.model, source {manifest.get('model')!r}), but "
+            f"train.model is {wanted}: a frozen image tower must be the one training uses. Re-run "
+            f"`pcd-ray embed` with embed.model equal to train.model, or set train.embeddings=null to "
+            f"embed at the start of training"
+        )
     images = storage.resolve(cfg.images)
     attempt = artifacts.read_manifest(storage, cfg.images, "images").get("attempt")
     if storage.resolve(made_by["input"]) != images or manifest.get("input_attempt") != attempt:
-        raise ValueError(f"{uri}: embeddings of {storage.resolve(made_by['input'])} (commit "
-                         f"{manifest.get('input_attempt')}), but train.images is {images} (commit {attempt}): the "
-                         f"images changed since they were embedded; re-run `pcd-ray embed`")
+        raise ValueError(
+            f"{uri}: embeddings of {storage.resolve(made_by['input'])} (commit "
+            f"{manifest.get('input_attempt')}), but train.images is {images} (commit {attempt}): the "
+            f"images changed since they were embedded; re-run `pcd-ray embed`"
+        )
     _check_coverage(cfg, storage, split)
-    log.info("train: image embeddings from %s (%d images, model %s, written by pcd-ray embed)", uri,
-             manifest["num_rows"], manifest.get("model"))
+    log.info(
+        "train: image embeddings from %s (%d images, model %s, written by pcd-ray embed)",
+        uri,
+        manifest["num_rows"],
+        manifest.get("model"),
+    )
     return artifacts.read_dataset(storage, cfg.embeddings, "embeddings", columns=["image_id", "embedding"])
 
 
@@ -146,16 +165,20 @@ def _needed_image_ids(cfg: TrainConfig, storage: Storage, split: str):
     import pyarrow.parquet as pq
 
     if cfg.data == "captions":
-        table = artifacts.read_table(storage, cfg.images, "images", columns=["image_id"],
-                                     filters=[("split", "==", split)])
+        table = artifacts.read_table(
+            storage, cfg.images, "images", columns=["image_id"], filters=[("split", "==", split)]
+        )
         return pc.unique(table.column("image_id").combine_chunks().cast(pa.string()))
     seen = [pa.array([], pa.string())]
     for path in artifacts.files(storage, cfg.pairs, "pairs"):
         fs, p = storage.fs(path)
         with fs.open(p, "rb") as fh:
             t = pq.read_table(fh, columns=["image_id_a", "image_id_b"])
-        seen.append(pc.unique(pa.concat_arrays([t.column(c).combine_chunks().cast(pa.string())
-                                                for c in ("image_id_a", "image_id_b")])))
+        seen.append(
+            pc.unique(
+                pa.concat_arrays([t.column(c).combine_chunks().cast(pa.string()) for c in ("image_id_a", "image_id_b")])
+            )
+        )
     return pc.unique(pa.concat_arrays(seen))
 
 
@@ -171,39 +194,49 @@ def _check_coverage(cfg: TrainConfig, storage: Storage, split: str) -> None:
     have = artifacts.read_table(storage, cfg.embeddings, "embeddings", columns=["image_id"]).column("image_id")
     have = have.combine_chunks().cast(pa.string())
     if pc.count_distinct(have).as_py() != len(have):
-        raise ValueError(f"{uri}: {len(have) - pc.count_distinct(have).as_py()} duplicate image ids; the images "
-                         f"artifact it was made from must have unique ids")
+        raise ValueError(
+            f"{uri}: {len(have) - pc.count_distinct(have).as_py()} duplicate image ids; the images "
+            f"artifact it was made from must have unique ids"
+        )
     needed = _needed_image_ids(cfg, storage, split)
     missing = needed.filter(pc.invert(pc.is_in(needed, value_set=have)))
     if not len(missing):
         return
     why: dict[str, str] = {}
     if artifacts.exists(storage, rejects_uri(cfg.embeddings)):
-        rej = artifacts.read_table(storage, rejects_uri(cfg.embeddings), "image_rejects",
-                                   columns=["image_id", "reason", "detail"])
+        rej = artifacts.read_table(
+            storage, rejects_uri(cfg.embeddings), "image_rejects", columns=["image_id", "reason", "detail"]
+        )
         rej = rej.filter(pc.is_in(rej.column("image_id").cast(pa.string()), value_set=missing))
         why = {r["image_id"]: f"rejected: {r['reason']}: {r['detail']}" for r in rej.to_pylist()}
     ids = missing.to_pylist()
     examples = "; ".join(f"{i} ({why.get(i, 'not in the artifact')})" for i in ids[:5])
     needer = f"the {split!r} images" if cfg.data == "captions" else f"the pairs at {storage.resolve(cfg.pairs)}"
-    raise ValueError(f"{uri}: {len(ids)} image(s) {needer} need have no embedding ({len(why)} rejected by "
-                     f"`pcd-ray embed`, {len(ids) - len(why)} never embedded -- check embed.split and embed.input), "
-                     f"e.g. {examples}")
+    raise ValueError(
+        f"{uri}: {len(ids)} image(s) {needer} need have no embedding ({len(why)} rejected by "
+        f"`pcd-ray embed`, {len(ids) - len(why)} never embedded -- check embed.split and embed.input), "
+        f"e.g. {examples}"
+    )
 
 
 def joined_pairs(cfg: TrainConfig, storage: Storage, precomputed: bool):
     """pairs ⋈ diffs ⋈ images(a) ⋈ images(b): one row per kept difference sentence, with both images' bytes
     (``image_a``/``image_b``) or embeddings (``emb_a``/``emb_b``)."""
-    pairs = artifacts.read_dataset(storage, cfg.pairs, "pairs",
-                                   columns=["pair_id", "image_id_a", "image_id_b", "caption_a"])
+    pairs = artifacts.read_dataset(
+        storage, cfg.pairs, "pairs", columns=["pair_id", "image_id_a", "image_id_b", "caption_a"]
+    )
     diffs = artifacts.read_dataset(storage, cfg.diffs, "diffs", columns=["pair_id", "text"])
     n = max(1, cfg.scaling.num_workers * 2)
     ds = diffs.join(pairs, "inner", num_partitions=n, on=("pair_id",))
     images, value = _image_values(cfg, storage, precomputed)
     prefix = "emb" if precomputed else "image"
     for side in ("a", "b"):
-        ds = ds.join(images.rename_columns({"image_id": f"image_id_{side}", value: f"{prefix}_{side}"}),
-                     "inner", num_partitions=n, on=(f"image_id_{side}",))
+        ds = ds.join(
+            images.rename_columns({"image_id": f"image_id_{side}", value: f"{prefix}_{side}"}),
+            "inner",
+            num_partitions=n,
+            on=(f"image_id_{side}",),
+        )
     return ds.select_columns(["pair_id", "text", "caption_a", f"{prefix}_a", f"{prefix}_b"])
 
 
@@ -250,7 +283,10 @@ def build_train_dataset(cfg: TrainConfig, storage: Storage):
     if rows < cfg.batch_size:
         raise ValueError(f"training set has {rows} rows, fewer than one global batch ({cfg.batch_size})")
     ds = shuffled_per_epoch(ds, cfg.seed)
-    ds = ds.map_batches(preprocess_batch_fn, batch_size=256, num_cpus=1,
-                        fn_kwargs={"spec_json": cfg.model.model_dump_json(),
-                                   "storage_json": storage.portable_cfg().model_dump_json()})
+    ds = ds.map_batches(
+        preprocess_batch_fn,
+        batch_size=256,
+        num_cpus=1,
+        fn_kwargs={"spec_json": cfg.model.model_dump_json(), "storage_json": storage.portable_cfg().model_dump_json()},
+    )
     return ds, rows, precomputed

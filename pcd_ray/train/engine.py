@@ -19,7 +19,6 @@ from typing import Any
 
 from pcd_ray.config import TrainConfig
 
-
 # glibc's malloc serves a request above its mmap threshold (dynamic, at most 32 MiB) with a fresh mmap and unmaps it
 # on free, so the next one faults its pages in again, zero-filled. DeepSpeed's ZeRO optimizer allocates flat buffers
 # the size of the model (gradient bucket, partition gradients, Adam's temporaries, all-gather output) every step; DDP
@@ -27,8 +26,11 @@ from pcd_ray.config import TrainConfig
 # there, each step reuses the previous step's pages: ZeRO-1 on 2 CPU workers, micro 8, 49 -> 17 system ms per sample
 # and 14% more samples/s (docs/PERFORMANCE.md, "Training"). One arena: gloo's threads would otherwise allocate from
 # their own arenas, mmapped heaps of at most 64 MiB, which send large requests back to mmap.
-CPU_WORKER_ENV = {"MALLOC_MMAP_THRESHOLD_": str(8 << 30), "MALLOC_TRIM_THRESHOLD_": str(16 << 30),
-                  "MALLOC_ARENA_MAX": "1"}
+CPU_WORKER_ENV = {
+    "MALLOC_MMAP_THRESHOLD_": str(8 << 30),
+    "MALLOC_TRIM_THRESHOLD_": str(16 << 30),
+    "MALLOC_ARENA_MAX": "1",
+}
 
 
 def worker_env_vars(cfg: TrainConfig) -> dict[str, str]:
@@ -102,15 +104,14 @@ def lr_lambda(cfg: TrainConfig, steps_per_epoch: int, total_steps: int):
     return factor
 
 
-def init_engine(module, cfg: TrainConfig, *, micro_batch: int, steps_per_epoch: int, total_steps: int,
-                use_gpu: bool):
+def init_engine(module, cfg: TrainConfig, *, micro_batch: int, steps_per_epoch: int, total_steps: int, use_gpu: bool):
     """deepspeed.initialize over the module's trainable parameters; returns the engine.
 
     Ray Train already initialised torch.distributed (gloo on CPU, nccl on GPU); DeepSpeed reuses that group.
     """
     import deepspeed
-    import torch
     import ray.train
+    import torch
 
     ctx = ray.train.get_context()
     # DeepSpeed reads these; Ray Train's torch backend does not set LOCAL_RANK for it.
@@ -129,8 +130,7 @@ def init_engine(module, cfg: TrainConfig, *, micro_batch: int, steps_per_epoch: 
         model_parameters=params,
         optimizer=client_optimizer(params, cfg),
         config=deepspeed_config(cfg, micro_batch=micro_batch, use_gpu=use_gpu),
-        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg, steps_per_epoch,
-                                                                                  total_steps)),
+        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg, steps_per_epoch, total_steps)),
         dist_init_required=False,
     )
     return engine

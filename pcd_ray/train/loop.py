@@ -86,8 +86,12 @@ def _clamp_logit_scale(param, max_scale: float = 100.0, min_scale: float = 1.0) 
     import math
 
     import torch
-    from deepspeed.utils import (safe_get_full_fp32_param, safe_get_local_fp32_param, safe_set_full_fp32_param,
-                                 safe_set_local_fp32_param)
+    from deepspeed.utils import (
+        safe_get_full_fp32_param,
+        safe_get_local_fp32_param,
+        safe_set_full_fp32_param,
+        safe_set_local_fp32_param,
+    )
 
     if not param.requires_grad:
         return
@@ -130,13 +134,19 @@ def _export(engine, lm, cfg: TrainConfig, storage: Storage, step: int, rank: int
     from pcd_ray.model.factory import load_model
 
     clip = engine.module.clip
-    meta = {"base": lm.source, "step": step, "trainable": cfg.trainable, "loss": cfg.loss.model_dump(),
-            "train_config": dump(cfg)}
+    meta = {
+        "base": lm.source,
+        "step": step,
+        "trainable": cfg.trainable,
+        "loss": cfg.loss.model_dump(),
+        "train_config": dump(cfg),
+    }
     # ZeRO-3 shards parameters: gather them on every rank (collective), write from rank 0. No-op for stages 0-2.
     with deepspeed.zero.GatheredParameters(list(clip.parameters()), modifier_rank=None):
         if rank == 0:
-            state = {k: v.detach().float().cpu() if v.is_floating_point() else v.cpu()
-                     for k, v in clip.state_dict().items()}
+            state = {
+                k: v.detach().float().cpu() if v.is_floating_point() else v.cpu() for k, v in clip.state_dict().items()
+            }
     # Trained weights from the optimizer's fp32 master copy, not the module's bf16/fp16 one (same values in fp32).
     for name, param in clip.named_parameters():
         if param.requires_grad:
@@ -149,10 +159,18 @@ def _export(engine, lm, cfg: TrainConfig, storage: Storage, step: int, rank: int
     log.warning("exported %s", uri)
     if cfg.wise_ft_alpha is not None:
         torch.manual_seed(cfg.seed)  # the base the run started from (a random init is seeded the same way)
-        base = {k: v.float() if v.is_floating_point() else v
-                for k, v in load_model(cfg.model, storage).model.state_dict().items()}
-        uri = export_model(wise_ft(state, base, cfg.wise_ft_alpha), lm.model_cfg, lm.preprocess_cfg, storage,
-                           join(cfg.output, "export-wiseft"), meta=meta | {"wise_ft_alpha": cfg.wise_ft_alpha})
+        base = {
+            k: v.float() if v.is_floating_point() else v
+            for k, v in load_model(cfg.model, storage).model.state_dict().items()
+        }
+        uri = export_model(
+            wise_ft(state, base, cfg.wise_ft_alpha),
+            lm.model_cfg,
+            lm.preprocess_cfg,
+            storage,
+            join(cfg.output, "export-wiseft"),
+            meta=meta | {"wise_ft_alpha": cfg.wise_ft_alpha},
+        )
         log.warning("exported the WiSE-FT average (alpha %s) to %s", cfg.wise_ft_alpha, uri)
 
 
@@ -170,8 +188,9 @@ def build_module(cfg: TrainConfig, storage: Storage | None = None):
     select_trainable(lm.model, cfg.trainable)
     module = PairEncoder(lm.model, image_frozen=image_tower_frozen(lm.model))
     if cfg.loss.learn_diff_temperature:  # a module parameter, so DeepSpeed optimises and checkpoints it
-        module.register_parameter("diff_logit_scale", torch.nn.Parameter(
-            torch.tensor(math.log(1.0 / cfg.loss.diff_temperature))))
+        module.register_parameter(
+            "diff_logit_scale", torch.nn.Parameter(torch.tensor(math.log(1.0 / cfg.loss.diff_temperature)))
+        )
     return lm, module
 
 
@@ -202,8 +221,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     micro = cfg.batch_size // world // cfg.deepspeed.gradient_accumulation_steps
     steps_per_epoch = config["rows"] // cfg.batch_size
     total_steps = min(cfg.max_steps or 1 << 62, steps_per_epoch * cfg.epochs)
-    engine = init_engine(module, cfg, micro_batch=micro, steps_per_epoch=steps_per_epoch, total_steps=total_steps,
-                         use_gpu=cfg.scaling.use_gpu)
+    engine = init_engine(
+        module,
+        cfg,
+        micro_batch=micro,
+        steps_per_epoch=steps_per_epoch,
+        total_steps=total_steps,
+        use_gpu=cfg.scaling.use_gpu,
+    )
     torch.manual_seed(cfg.seed * 1000 + rank)  # per-rank streams from here; a resume restores them instead
     state = _restore(engine, rank, world)
     keys = batch_keys(cfg, config["precomputed"])
@@ -224,9 +249,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         done_in_epoch = state["batches_in_epoch"] if epoch == state["epoch"] else 0
         # The global order changes every epoch (trainer.py seeds Ray Data's shuffle per epoch); the local buffer
         # mixes neighbouring blocks on top of it.
-        batches = shard.iter_torch_batches(batch_size=micro, drop_last=True, device=device,
-                                           local_shuffle_buffer_size=4 * micro,
-                                           local_shuffle_seed=cfg.seed * 1000 + epoch)
+        batches = shard.iter_torch_batches(
+            batch_size=micro,
+            drop_last=True,
+            device=device,
+            local_shuffle_buffer_size=4 * micro,
+            local_shuffle_seed=cfg.seed * 1000 + epoch,
+        )
         it, b, batch = iter(batches), 0, None
         while step < total_steps:
             t0 = time.perf_counter()
@@ -237,10 +266,17 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             b += 1
             if b <= done_in_epoch:  # data position of a mid-epoch resume
                 continue
-            feats = engine({k: batch[k].to(dtype) if dtype and batch[k].is_floating_point() else batch[k]
-                            for k in keys})
-            out = compute_loss(feats, cfg.loss, logit_scale=feats["logit_scale"], rank=rank, world_size=world,
-                               diff_logit_scale=feats.get("diff_logit_scale"))
+            feats = engine(
+                {k: batch[k].to(dtype) if dtype and batch[k].is_floating_point() else batch[k] for k in keys}
+            )
+            out = compute_loss(
+                feats,
+                cfg.loss,
+                logit_scale=feats["logit_scale"],
+                rank=rank,
+                world_size=world,
+                diff_logit_scale=feats.get("diff_logit_scale"),
+            )
             # skip_step is the same on every rank (read from the gathered losses), so all ranks skip alike and no
             # collective is left waiting.
             if out["skip_step"].item():
@@ -267,12 +303,19 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             elapsed = time.perf_counter() - window["t"]
             masked = torch.as_tensor(window["masked"], dtype=torch.float64, device=device)
             torch.distributed.all_reduce(masked)  # every rank logs at the same steps
-            row = {"step": step, "epoch": epoch, "loss": out["global_loss"].item(),
-                   "diff_loss": out["diff_loss"].item(), "clip_loss": out["clip_loss"].item(),
-                   "lr": engine.get_lr()[0], "samples_per_s": window["samples"] / elapsed,
-                   "data_wait_frac": window["wait"] / elapsed, "skipped_steps": skipped,
-                   "masked_pairs": int(masked.item()),
-                   "logit_scale": feats["logit_scale"].exp().item()}
+            row = {
+                "step": step,
+                "epoch": epoch,
+                "loss": out["global_loss"].item(),
+                "diff_loss": out["diff_loss"].item(),
+                "clip_loss": out["clip_loss"].item(),
+                "lr": engine.get_lr()[0],
+                "samples_per_s": window["samples"] / elapsed,
+                "data_wait_frac": window["wait"] / elapsed,
+                "skipped_steps": skipped,
+                "masked_pairs": int(masked.item()),
+                "logit_scale": feats["logit_scale"].exp().item(),
+            }
             if device.type == "cuda":  # the most this rank's tensors held at once so far (weights, states, activations)
                 row["peak_gpu_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
             window = {"t": time.perf_counter(), "wait": 0.0, "samples": 0, "masked": 0}
@@ -281,14 +324,19 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             if checkpoint_now:  # reports the metrics too: one barrier, not two
                 if metrics:
                     metrics.flush()  # the CSV on storage covers at least what the checkpoint does
-                _save_checkpoint(engine, row, {"epoch": epoch, "step": step, "batches_in_epoch": b,
-                                               "nan_steps": skipped}, rank)
+                _save_checkpoint(
+                    engine, row, {"epoch": epoch, "step": step, "batches_in_epoch": b, "nan_steps": skipped}, rank
+                )
             else:
                 ray.train.report(row)
         # Stopped by max_steps mid-epoch: a longer re-run continues inside this epoch; otherwise at the next one.
         mid_epoch = batch is not None
-        position = {"epoch": epoch if mid_epoch else epoch + 1, "step": step,
-                    "batches_in_epoch": b if mid_epoch else 0, "nan_steps": skipped}
+        position = {
+            "epoch": epoch if mid_epoch else epoch + 1,
+            "step": step,
+            "batches_in_epoch": b if mid_epoch else 0,
+            "nan_steps": skipped,
+        }
         if step >= total_steps or epoch == cfg.epochs - 1:
             break
         if metrics:
@@ -298,6 +346,16 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     # ---------------------------------------------------------------------------------------------- save
     if metrics:
         metrics.close()
-    _save_checkpoint(engine, {"step": step, "epoch": epoch, "skipped_steps": skipped, "final": True,
-                              "resumed_from_step": state["resumed_from_step"]}, position, rank)
+    _save_checkpoint(
+        engine,
+        {
+            "step": step,
+            "epoch": epoch,
+            "skipped_steps": skipped,
+            "final": True,
+            "resumed_from_step": state["resumed_from_step"],
+        },
+        position,
+        rank,
+    )
     _export(engine, lm, cfg, storage, step, rank)

@@ -19,13 +19,22 @@ from pcd_ray.storage import Storage, join
 
 PROGRESS_SHARE = 0.1
 """A progress line is printed each time training passes another tenth of its steps."""
-PROGRESS = ("[train] step {step}/{total} ({pct:.0f}%) loss {loss:.4f} (diff {diff_loss:.4f}, clip {clip_loss:.4f}) "
-            "lr {lr:.2e} {samples_per_s:.0f} samples/s, data wait {wait:.0f}%")
+PROGRESS = (
+    "[train] step {step}/{total} ({pct:.0f}%) loss {loss:.4f} (diff {diff_loss:.4f}, clip {clip_loss:.4f}) "
+    "lr {lr:.2e} {samples_per_s:.0f} samples/s, data wait {wait:.0f}%"
+)
 
 
 class MetricsLog:
-    def __init__(self, storage: Storage, output: str, *, resume_step: int = 0, flush_every_s: float = 30.0,
-                 writer: MetricsWriter | None = None):
+    def __init__(
+        self,
+        storage: Storage,
+        output: str,
+        *,
+        resume_step: int = 0,
+        flush_every_s: float = 30.0,
+        writer: MetricsWriter | None = None,
+    ):
         self.storage, self.uri = storage, join(output, "metrics.csv")
         self.writer = writer
         self.flush_every_s = flush_every_s
@@ -48,8 +57,16 @@ class MetricsLog:
         if row["step"] >= total_steps or row["step"] // tenth > self.shown // tenth or not self.shown:
             self.shown = row["step"]
             peak = f", peak GPU memory {row['peak_gpu_mem_gib']:.1f} GiB" if "peak_gpu_mem_gib" in row else ""
-            print(PROGRESS.format(total=total_steps, pct=100 * row["step"] / max(1, total_steps),
-                                  wait=100 * row["data_wait_frac"], **row) + peak, flush=True)
+            print(
+                PROGRESS.format(
+                    total=total_steps,
+                    pct=100 * row["step"] / max(1, total_steps),
+                    wait=100 * row["data_wait_frac"],
+                    **row,
+                )
+                + peak,
+                flush=True,
+            )
         if time.perf_counter() - self.flushed > self.flush_every_s:
             self.flush()
 

@@ -22,8 +22,17 @@ log = logging.getLogger(__name__)
 
 
 # Fields that may change between a run and its resumption (train longer, checkpoint more often, ...).
-RESUMABLE_FIELDS = {"epochs", "max_steps", "log_every", "checkpoint_every", "keep_checkpoints", "max_failures",
-                    "embeddings", "wise_ft_alpha", "metrics"}
+RESUMABLE_FIELDS = {
+    "epochs",
+    "max_steps",
+    "log_every",
+    "checkpoint_every",
+    "keep_checkpoints",
+    "max_failures",
+    "embeddings",
+    "wise_ft_alpha",
+    "metrics",
+}
 
 
 def run_dir_name(cfg: TrainConfig, inputs: dict[str, str | None] | None = None) -> str:
@@ -88,8 +97,9 @@ def with_driver_sinks(cfg: TrainConfig) -> TrainConfig:
     return cfg.model_copy(update={"metrics": m.model_copy(update={"mlflow_tracking_uri": mlflow.get_tracking_uri()})})
 
 
-def run_train(job: JobConfig, storage: Storage, section: str = "train",
-              inputs: dict[str, str | None] | None = None) -> dict[str, Any]:
+def run_train(
+    job: JobConfig, storage: Storage, section: str = "train", inputs: dict[str, str | None] | None = None
+) -> dict[str, Any]:
     """Train one section of the job; returns a summary (also written to <output>/summary.json). ``inputs``: the
     commit id of each input (``stages.py`` passes them), part of the run directory's fingerprint."""
     import ray.train
@@ -107,26 +117,39 @@ def run_train(job: JobConfig, storage: Storage, section: str = "train",
     t0 = time.perf_counter()
     print(f"[{section}] building the training set ({cfg.data}) ...", flush=True)
     ds, rows, precomputed = build_train_dataset(cfg, storage)
-    print(f"[{section}] {rows} rows; {cfg.epochs} epoch(s) of {rows // cfg.batch_size} steps at batch "
-          f"{cfg.batch_size} on {cfg.scaling.num_workers} worker(s); image tower "
-          f"{'embedded once up front (frozen)' if precomputed else 'runs on pixels every step'}", flush=True)
+    print(
+        f"[{section}] {rows} rows; {cfg.epochs} epoch(s) of {rows // cfg.batch_size} steps at batch "
+        f"{cfg.batch_size} on {cfg.scaling.num_workers} worker(s); image tower "
+        f"{'embedded once up front (frozen)' if precomputed else 'runs on pixels every step'}",
+        flush=True,
+    )
     name = run_dir_name(cfg, inputs)
     run_uri = storage.resolve(join(cfg.output, name))
     if cfg.metrics.tensorboard:
         log.info("[%s] training curves: %s", section, tensorboard_command(run_uri))
     position = resume_position(cfg, storage, name)
     if position:
-        print(f"[{section}] resuming {name} at step {position['step']} (epoch {position['epoch']}, "
-              f"{position['batches_in_epoch']} batches into it)", flush=True)
+        print(
+            f"[{section}] resuming {name} at step {position['step']} (epoch {position['epoch']}, "
+            f"{position['batches_in_epoch']} batches into it)",
+            flush=True,
+        )
         start_at_epoch(ds, position["epoch"])  # epoch e of the resumed run gets the order epoch e had
     scaling = cfg.scaling
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"train": cfg.model_dump(mode="json"),
-                           "storage": storage.portable_cfg().model_dump(mode="json"), "rows": rows,
-                           "precomputed": precomputed, "run_dir_name": name},
-        scaling_config=ray.train.ScalingConfig(num_workers=scaling.num_workers, use_gpu=scaling.use_gpu,
-                                               resources_per_worker={"CPU": scaling.cpus_per_worker}),
+        train_loop_config={
+            "train": cfg.model_dump(mode="json"),
+            "storage": storage.portable_cfg().model_dump(mode="json"),
+            "rows": rows,
+            "precomputed": precomputed,
+            "run_dir_name": name,
+        },
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=scaling.num_workers,
+            use_gpu=scaling.use_gpu,
+            resources_per_worker={"CPU": scaling.cpus_per_worker},
+        ),
         # gloo on CPU workers; nccl when each worker holds a GPU.
         torch_config=TorchConfig(backend="nccl" if scaling.use_gpu else "gloo"),
         run_config=_run_config(cfg, storage, name),

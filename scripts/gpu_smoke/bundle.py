@@ -7,14 +7,14 @@ Built on a machine with PyPI access (any Python >= 3.11 with pip; nothing is ins
 
 ``cluster/requirements-gpu.txt`` (the lock: pcd-ray's dependencies + vLLM + the dev extra, for CPython 3.12 on
 x86-64 manylinux_2_31, with hashes) decides every version. Its files are downloaded for the target's tags (CPython
-``--python-version``, x86-64 Linux with glibc ``--glibc``) and checked against the lock's hashes. The default glibc is
-the lock's 2.31: llguidance (a vLLM dependency) publishes x86-64 wheels for manylinux_2_31 and newer only (its sdist
-needs Rust to build). GPU hosts for this stack run newer ones (Ubuntu 22.04: 2.35, RHEL 9: 2.34). A package with no wheel for the target (DeepSpeed publishes only an sdist) comes as its hashed sdist and is
-built here; that must give a pure-Python wheel, since a compiled one would be built for this machine, not the
-target. The smoke's test packages are taken from the lock when it has them and otherwise resolved for the target
-under the lock's pins. pcd-ray's own wheel is built from the working tree. ``--omit-present`` takes
-``pip list --format=freeze`` from the target and leaves out every wheel whose exact version is already installed
-there.
+``--python-version``, x86-64 Linux with glibc ``--glibc``) and checked against the lock's hashes. The default glibc
+is the lock's 2.31: llguidance (a vLLM dependency) publishes x86-64 wheels for manylinux_2_31 and newer only (its
+sdist needs Rust to build). GPU hosts for this stack run newer ones (Ubuntu 22.04: 2.35, RHEL 9: 2.34). A package
+with no wheel for the target (DeepSpeed publishes only an sdist) comes as its hashed sdist and is built here; that
+must give a pure-Python wheel, since a compiled one would be built for this machine, not the target. The smoke's
+test packages are taken from the lock when it has them and otherwise resolved for the target under the lock's pins.
+pcd-ray's own wheel is built from the working tree. ``--omit-present`` takes ``pip list --format=freeze`` from the
+target and leaves out every wheel whose exact version is already installed there.
 
 The bundle directory holds the wheels, ``requirements.txt`` (an exact pin per wheel in it), ``bundle.json`` (target,
 lock digest, what was omitted) and a README. On the target, ``scripts/gpu-smoke --bundle DIR`` installs it into a
@@ -173,8 +173,11 @@ def wheel_fits(filename: str, python_version: str, platforms: list[str]) -> bool
     # cpXY-none, py3N-none for N <= Y, and py3-none.
     for p in py.split("."):
         for a in abi.split("."):
-            if (a == cp and p == cp) or (a == "abi3" and up_to(p, "cp")) or (
-                    a == "none" and (p == cp or up_to(p, "py"))):
+            if (
+                (a == cp and p == cp)
+                or (a == "abi3" and up_to(p, "cp"))
+                or (a == "none" and (p == cp or up_to(p, "py")))
+            ):
                 return True
     return False
 
@@ -212,8 +215,17 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def build(out: Path, repo: Path, *, python_version: str = "3.12", glibc: str = DEFAULT_GLIBC,
-          freeze: Path | None = None, lock: Path | None = None, pip: list[str] | None = None, log=print) -> dict:
+def build(
+    out: Path,
+    repo: Path,
+    *,
+    python_version: str = "3.12",
+    glibc: str = DEFAULT_GLIBC,
+    freeze: Path | None = None,
+    lock: Path | None = None,
+    pip: list[str] | None = None,
+    log=print,
+) -> dict:
     """Fill ``out`` with the bundle; returns what bundle.json records (plus the build's seconds and bytes).
 
     Re-running into the same directory reuses the files already there (pip skips a file it already downloaded)
@@ -229,8 +241,9 @@ def build(out: Path, repo: Path, *, python_version: str = "3.12", glibc: str = D
     keep, omitted = omit_present(pins, present)
     locked = {p.key: p for p in pins}
     # DS_BUILD_OPS=0: DeepSpeed's wheel without compiled ops (pure Python; ops it needs are built on first use).
-    env = dict(os.environ, PIP_DISABLE_PIP_VERSION_CHECK="1", PIP_NO_INPUT="1", PIP_PROGRESS_BAR="off",
-               DS_BUILD_OPS="0")
+    env = dict(
+        os.environ, PIP_DISABLE_PIP_VERSION_CHECK="1", PIP_NO_INPUT="1", PIP_PROGRESS_BAR="off", DS_BUILD_OPS="0"
+    )
     log(f"bundle: {len(pins)} locked packages, {len(omitted)} already on the target, {len(keep)} to fetch")
 
     with tempfile.TemporaryDirectory(prefix="pcd-bundle-") as tmp:
@@ -240,8 +253,7 @@ def build(out: Path, repo: Path, *, python_version: str = "3.12", glibc: str = D
         if keep:
             reqs = tmp / "locked.txt"
             reqs.write_text("".join(p.line() + "\n" for p in keep))
-            _run([*pip, "download", "--no-deps", "--require-hashes", *flags, "-d", str(out), "-r", str(reqs)],
-                 log, env)
+            _run([*pip, "download", "--no-deps", "--require-hashes", *flags, "-d", str(out), "-r", str(reqs)], log, env)
         for sdist in sorted(f for f in out.iterdir() if f.name.endswith(SDIST_SUFFIXES)):
             key = _dist_key(sdist.name)
             if key is None or key[0] not in locked:
@@ -250,23 +262,29 @@ def build(out: Path, repo: Path, *, python_version: str = "3.12", glibc: str = D
             _run([*pip, "wheel", "--no-deps", "--no-cache-dir", "-w", str(built), str(sdist)], log, env)
             wheels = list(built.glob("*.whl"))
             if len(wheels) != 1 or not wheel_fits(wheels[0].name, python_version, platforms):
-                raise RuntimeError(f"{sdist.name} built {[w.name for w in wheels]}, not one wheel the target can "
-                                   f"install (a compiled extension must be built on the target's Python)")
+                raise RuntimeError(
+                    f"{sdist.name} built {[w.name for w in wheels]}, not one wheel the target can "
+                    f"install (a compiled extension must be built on the target's Python)"
+                )
             shutil.move(str(wheels[0]), out / wheels[0].name)
             sdist.unlink()
             log(f"bundle: built {wheels[0].name} from {sdist.name}")
 
         # 2. Test packages the lock lacks, resolved for the target with the lock's pins as constraints, so a
         #    package both need comes in one version.
-        extra_reqs = [r for r in smoke_requirements((repo / "pyproject.toml").read_text())
-                      if requirement_name(r) not in locked]
+        extra_reqs = [
+            r for r in smoke_requirements((repo / "pyproject.toml").read_text()) if requirement_name(r) not in locked
+        ]
         extras: dict[str, str] = {}
         if extra_reqs:
             constraints = tmp / "constraints.txt"
             constraints.write_text("".join(p.line(with_hashes=False) + "\n" for p in pins))
             dest = tmp / "extras"
-            _run([*pip, "download", "--only-binary=:all:", *flags, "-c", str(constraints), "-d", str(dest),
-                  *extra_reqs], log, env)
+            _run(
+                [*pip, "download", "--only-binary=:all:", *flags, "-c", str(constraints), "-d", str(dest), *extra_reqs],
+                log,
+                env,
+            )
             for f in sorted(dest.iterdir()):
                 name, version = _dist_key(f.name) or (None, None)
                 if name is None or name in locked:
@@ -314,7 +332,8 @@ def build(out: Path, repo: Path, *, python_version: str = "3.12", glibc: str = D
     pinned["pcd-ray"] = ("pcd-ray", pcd_version)
     (out / "requirements.txt").write_text(
         "# Every wheel in this bundle, exactly (scripts/gpu-smoke bundle wrote it from cluster/requirements-gpu.txt).\n"
-        + "".join(f"{n}=={v}\n" for n, v in sorted(pinned.values(), key=lambda nv: normalize(nv[0]))))
+        + "".join(f"{n}=={v}\n" for n, v in sorted(pinned.values(), key=lambda nv: normalize(nv[0])))
+    )
     size = sum(f.stat().st_size for f in files.values())
     meta = {
         "python_version": python_version,
@@ -334,7 +353,8 @@ def build(out: Path, repo: Path, *, python_version: str = "3.12", glibc: str = D
         f"Offline wheels for pcd-ray's GPU smoke: CPython {python_version}, x86-64 Linux with glibc >= {glibc}. "
         f"On the target, from a pcd-ray checkout: `scripts/gpu-smoke --bundle <this directory>` (installs "
         f"requirements.txt into a --system-site-packages venv with `pip install --no-index --find-links`, then runs "
-        f"the smoke); {len(omitted)} locked packages are expected from the target's own Python (bundle.json).\n")
+        f"the smoke); {len(omitted)} locked packages are expected from the target's own Python (bundle.json).\n"
+    )
     log(f"bundle: {out}: {len(files)} wheels, {size / 2**30:.2f} GiB, {meta['build_s']} s")
     return meta
 
@@ -345,11 +365,17 @@ def install(bundle: Path, venv: Path, base_python: str = sys.executable, log=pri
     t0 = time.perf_counter()
     meta = json.loads((bundle / "bundle.json").read_text())
     reqs = bundle / "requirements.txt"
-    have = subprocess.run([base_python, "-c", "import sys; print('%d.%d' % sys.version_info[:2])"],
-                          capture_output=True, text=True, check=True).stdout.strip()
+    have = subprocess.run(
+        [base_python, "-c", "import sys; print('%d.%d' % sys.version_info[:2])"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
     if have != meta["python_version"]:
-        raise RuntimeError(f"the bundle is for Python {meta['python_version']}, {base_python} is {have}: run "
-                           f"scripts/gpu-smoke with a Python {meta['python_version']}")
+        raise RuntimeError(
+            f"the bundle is for Python {meta['python_version']}, {base_python} is {have}: run "
+            f"scripts/gpu-smoke with a Python {meta['python_version']}"
+        )
     python = venv / "bin" / "python"
     marker = venv / ".pcd-bundle"
     digest = _sha256(reqs)
@@ -364,7 +390,10 @@ def install(bundle: Path, venv: Path, base_python: str = sys.executable, log=pri
     _run([str(python), "-m", "pip", "install", "--no-index", "--find-links", str(bundle), "-r", str(reqs)], log, env)
     check = subprocess.run([str(python), "-m", "pip", "check"], capture_output=True, text=True, env=env)
     marker.write_text(digest + "\n")
-    info |= {"reused": False, "seconds": round(time.perf_counter() - t0, 1),
-             "pip_check": check.stdout.strip() or check.stderr.strip()}
+    info |= {
+        "reused": False,
+        "seconds": round(time.perf_counter() - t0, 1),
+        "pip_check": check.stdout.strip() or check.stderr.strip(),
+    }
     log(f"bundle: installed into {venv} in {info['seconds']} s; pip check: {info['pip_check'].splitlines()[0]}")
     return str(python), info

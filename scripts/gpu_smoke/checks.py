@@ -39,17 +39,28 @@ def versions(args) -> int:
 
     import torch
 
-    out = {"python": platform.python_version(), "executable": sys.executable, "torch": torch.__version__,
-           "torch_cuda": torch.version.cuda, "cuda_available": torch.cuda.is_available(), "gpus": []}
+    out = {
+        "python": platform.python_version(),
+        "executable": sys.executable,
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "cuda_available": torch.cuda.is_available(),
+        "gpus": [],
+    }
     if torch.cuda.is_available():
         out["nccl"] = ".".join(map(str, torch.cuda.nccl.version()))
         for i in range(torch.cuda.device_count()):
             p = torch.cuda.get_device_properties(i)
-            out["gpus"].append({"name": p.name, "memory_gib": round(p.total_memory / 2**30, 1),
-                                "capability": f"{p.major}.{p.minor}"})
+            out["gpus"].append(
+                {"name": p.name, "memory_gib": round(p.total_memory / 2**30, 1), "capability": f"{p.major}.{p.minor}"}
+            )
     if shutil.which("nvidia-smi"):
-        res = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                             capture_output=True, text=True, timeout=30)
+        res = subprocess.run(
+            ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
         out["driver"] = res.stdout.strip().splitlines()[0] if res.returncode == 0 and res.stdout.strip() else None
     else:
         try:  # nvidia-ml-py, which vLLM depends on
@@ -100,9 +111,13 @@ def export(args) -> int:
     with torch.no_grad():
         t = model.encode_text(tokenizer(["the first image shows a larger red circle"]).to(device))
         i = model.encode_image(preprocess(image).unsqueeze(0).to(device))
-    out = {"device": device, "text_shape": list(t.shape), "image_shape": list(i.shape),
-           "finite": bool(torch.isfinite(t).all() and torch.isfinite(i).all()),
-           "cosine": float(torch.nn.functional.cosine_similarity(t.float(), i.float()).item())}
+    out = {
+        "device": device,
+        "text_shape": list(t.shape),
+        "image_shape": list(i.shape),
+        "finite": bool(torch.isfinite(t).all() and torch.isfinite(i).all()),
+        "cosine": float(torch.nn.functional.cosine_similarity(t.float(), i.float()).item()),
+    }
     out["ok"] = out["finite"] and t.shape == i.shape and not math.isnan(out["cosine"])
     _write(args.json, out)
     return 0 if out["ok"] else 1
@@ -122,10 +137,15 @@ def accounted(args) -> int:
     rejects = artifacts.read_table(storage, args.rejects, "rejects", columns=["pair_id", "reason"])
     dropped = rejects["pair_id"].to_pylist()
     seen = Counter(kept + dropped)
-    out = {"pairs": len(pairs), "diffs": len(kept), "rejects": len(dropped),
-           "twice": sum(1 for n in seen.values() if n > 1), "missing": len(set(pairs) - set(seen)),
-           "unknown": len(set(seen) - set(pairs)),
-           "reasons": dict(Counter(r.split(":")[0] for r in rejects["reason"].to_pylist()).most_common(5))}
+    out = {
+        "pairs": len(pairs),
+        "diffs": len(kept),
+        "rejects": len(dropped),
+        "twice": sum(1 for n in seen.values() if n > 1),
+        "missing": len(set(pairs) - set(seen)),
+        "unknown": len(set(seen) - set(pairs)),
+        "reasons": dict(Counter(r.split(":")[0] for r in rejects["reason"].to_pylist()).most_common(5)),
+    }
     out["ok"] = out["twice"] == out["missing"] == out["unknown"] == 0 and len(seen) == len(pairs)
     _write(args.json, out)
     return 0 if out["ok"] else 1
@@ -160,9 +180,14 @@ def _check_pcd_ray(argv: list[str]) -> dict:
         name = job.train.model.name
         if job.train.model.checkpoint is None and name not in open_clip.list_models() and not name.startswith("pcd-"):
             return {"ok": False, "error": f"open_clip has no model {name!r}"}
-        out["train"] = {"model": name, "zero_stage": job.train.deepspeed.zero_stage,
-                        "precision": job.train.deepspeed.precision, "max_steps": job.train.max_steps,
-                        "use_gpu": job.train.scaling.use_gpu, "output": job.train.output}
+        out["train"] = {
+            "model": name,
+            "zero_stage": job.train.deepspeed.zero_stage,
+            "precision": job.train.deepspeed.precision,
+            "max_steps": job.train.max_steps,
+            "use_gpu": job.train.scaling.use_gpu,
+            "output": job.train.output,
+        }
     return out
 
 

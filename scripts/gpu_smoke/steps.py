@@ -11,20 +11,32 @@ from __future__ import annotations
 import csv
 import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
-STEP_NAMES = ("environment", "gpu-tests", "finetune-vit-b-32", "large-vit-l-14", "vllm-generate", "serve-embed",
-              "loss-bench")
+STEP_NAMES = (
+    "environment",
+    "gpu-tests",
+    "finetune-vit-b-32",
+    "large-vit-l-14",
+    "vllm-generate",
+    "serve-embed",
+    "loss-bench",
+)
 JOB = Path("jobs") / "gpu-smoke.yaml"
 B32_STEPS, L14_STEPS = 50, 10  # max_steps of the two training runs (the job's, and the L-14 override)
 SERVE_TARGET = 3.0  # batched >= 3x unbatched requests/s at the largest concurrency
 
 L14_OVERRIDES = [
-    "train.model.name=ViT-L-14", "train.deepspeed.zero_stage=3", "train.deepspeed.precision=bf16",
-    "train.deepspeed.activation_checkpointing=true", f"train.max_steps={L14_STEPS}", "train.log_every=5",
-    "train.output=train-l14", "train.run_name=smoke-l14",
+    "train.model.name=ViT-L-14",
+    "train.deepspeed.zero_stage=3",
+    "train.deepspeed.precision=bf16",
+    "train.deepspeed.activation_checkpointing=true",
+    f"train.max_steps={L14_STEPS}",
+    "train.log_every=5",
+    "train.output=train-l14",
+    "train.run_name=smoke-l14",
 ]
 
 
@@ -32,10 +44,16 @@ def vllm_overrides(model_dir: Path) -> list[str]:
     # The tiny model's settings are tests/generate/test_vllm_engine.py's (head_dim 32, 256-token context, eager mode:
     # no compile or CUDA-graph warm-up for a model this small), in bf16 on a third of the GPU.
     return [
-        "generate.engine=vllm", f"generate.llm.model={model_dir}", "generate.llm.dtype=bfloat16",
-        "generate.llm.max_model_len=256", "generate.llm.gpu_memory_utilization=0.3",
-        "generate.llm.engine_kwargs={enforce_eager: true}", "generate.num_gpus_per_actor=1",
-        "generate.sampling.max_tokens=24", "generate.output=diffs-vllm", "generate.rejects=rejects-vllm",
+        "generate.engine=vllm",
+        f"generate.llm.model={model_dir}",
+        "generate.llm.dtype=bfloat16",
+        "generate.llm.max_model_len=256",
+        "generate.llm.gpu_memory_utilization=0.3",
+        "generate.llm.engine_kwargs={enforce_eager: true}",
+        "generate.num_gpus_per_actor=1",
+        "generate.sampling.max_tokens=24",
+        "generate.output=diffs-vllm",
+        "generate.rejects=rejects-vllm",
         "generate.resume=false",
     ]
 
@@ -101,12 +119,17 @@ def _num(value, digits: int = 3):
 
 def pytest_counts(text: str) -> dict[str, int]:
     """{outcome: n} from pytest's final summary line ("3 passed, 1 skipped, 397 deselected in 9.1s")."""
-    lines = [line for line in text.splitlines() if re.search(r"\b(passed|failed|error|errors|skipped|deselected)\b",
-                                                                line) and " in " in line]
+    lines = [
+        line
+        for line in text.splitlines()
+        if re.search(r"\b(passed|failed|error|errors|skipped|deselected)\b", line) and " in " in line
+    ]
     if not lines:
         return {}
-    return {k.rstrip("s") if k == "errors" else k: int(n)
-            for n, k in re.findall(r"(\d+) (passed|failed|errors?|skipped|deselected|xfailed|xpassed)", lines[-1])}
+    return {
+        k.rstrip("s") if k == "errors" else k: int(n)
+        for n, k in re.findall(r"(\d+) (passed|failed|errors?|skipped|deselected|xfailed|xpassed)", lines[-1])
+    }
 
 
 def metrics_figures(csv_path: Path, want_steps: int, *, peak: bool) -> tuple[dict, list[str]]:
@@ -116,9 +139,12 @@ def metrics_figures(csv_path: Path, want_steps: int, *, peak: bool) -> tuple[dic
     if not rows:
         return {}, [f"no metrics at {csv_path}"]
     last = rows[-1]
-    figures = {"steps": int(last["step"]), "final_loss": _num(last["loss"], 4),
-               "samples_per_s": _num(last["samples_per_s"], 1),
-               "data_wait_pct": _num(100 * float(last["data_wait_frac"]), 1)}
+    figures = {
+        "steps": int(last["step"]),
+        "final_loss": _num(last["loss"], 4),
+        "samples_per_s": _num(last["samples_per_s"], 1),
+        "data_wait_pct": _num(100 * float(last["data_wait_frac"]), 1),
+    }
     problems = []
     if figures["steps"] != want_steps:
         problems.append(f"trained {figures['steps']} steps, not {want_steps}")
@@ -140,10 +166,15 @@ def serve_figures(result: dict | None, target: float = SERVE_TARGET) -> tuple[di
     if not b or not u:
         return {}, [f"no batched/unbatched pair at {clients} clients"]
     ratio = b["throughput_rps"] / u["throughput_rps"] if u["throughput_rps"] else None
-    figures = {"clients": clients, "batched_rps": _num(b["throughput_rps"], 1),
-               "unbatched_rps": _num(u["throughput_rps"], 1), "ratio": _num(ratio, 2),
-               "target": f">= {target:g}x", "target_met": bool(ratio and ratio >= target),
-               "errors": sum(p.get("errors", 0) for p in result["points"])}
+    figures = {
+        "clients": clients,
+        "batched_rps": _num(b["throughput_rps"], 1),
+        "unbatched_rps": _num(u["throughput_rps"], 1),
+        "ratio": _num(ratio, 2),
+        "target": f">= {target:g}x",
+        "target_met": bool(ratio and ratio >= target),
+        "errors": sum(p.get("errors", 0) for p in result["points"]),
+    }
     problems = [f"{figures['errors']} failed requests"] if figures["errors"] else []
     return figures, problems
 
@@ -171,8 +202,14 @@ def build_steps(ctx: Context) -> list[Step]:
         v = _read_json(d / "versions.json") or {}
         gpu = (v.get("gpus") or [{}])[0]
         doctor = _read_json(d / "doctor.json")
-        figures = {"python": v.get("python"), "torch": v.get("torch"), "cuda": v.get("torch_cuda"),
-                   "gpu": gpu.get("name"), "gpu_mem_gib": gpu.get("memory_gib"), "driver": v.get("driver")}
+        figures = {
+            "python": v.get("python"),
+            "torch": v.get("torch"),
+            "cuda": v.get("torch_cuda"),
+            "gpu": gpu.get("name"),
+            "gpu_mem_gib": gpu.get("memory_gib"),
+            "driver": v.get("driver"),
+        }
         problems = [] if v.get("cuda_available") else ["torch sees no CUDA device"]
         if isinstance(doctor, dict) and isinstance(doctor.get("rows"), list):
             bad = [r.get("check") for r in doctor["rows"] if r.get("verdict") not in ("ok", "skip")]
@@ -201,8 +238,11 @@ def build_steps(ctx: Context) -> list[Step]:
         acc = _read_json(d / "accounted.json") or {}
         summary = _read_json(w / "diffs-vllm" / "_summary.json") or {}
         figures = {k: acc.get(k) for k in ("pairs", "diffs", "rejects", "twice", "missing")}
-        figures |= {"pairs_per_s": _num(summary.get("pairs_per_s"), 1),
-                    "tokens_per_s": _num(summary.get("tokens_per_s"), 0), "engine": summary.get("engine")}
+        figures |= {
+            "pairs_per_s": _num(summary.get("pairs_per_s"), 1),
+            "tokens_per_s": _num(summary.get("tokens_per_s"), 0),
+            "engine": summary.get("engine"),
+        }
         problems = [] if acc.get("ok") else ["pairs not each in diffs or rejects exactly once"]
         if summary.get("engine") != "vllm":
             problems.append("the diffs were not written by vllm")
@@ -222,42 +262,120 @@ def build_steps(ctx: Context) -> list[Step]:
     d = {name: w / name for name in STEP_NAMES}
     tiny = w / "tiny-llm"
     return [
-        Step("environment", 120, [
-            ctx.check("versions", "--json", str(d["environment"] / "versions.json")),
-            ctx.pcd("doctor", *common, "--json", str(d["environment"] / "doctor.json")),
-        ], environment, d["environment"]),
+        Step(
+            "environment",
+            120,
+            [
+                ctx.check("versions", "--json", str(d["environment"] / "versions.json")),
+                ctx.pcd("doctor", *common, "--json", str(d["environment"] / "doctor.json")),
+            ],
+            environment,
+            d["environment"],
+        ),
         # The fused loss on CUDA against the float64 CPU oracle (tests/model/test_fused_loss.py), and any other
         # test marked gpu.
-        Step("gpu-tests", 240, [
-            Command([ctx.python, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider",
-                     str(ctx.repo / "tests")], "pytest"),
-        ], gpu_tests, d["gpu-tests"]),
-        Step("finetune-vit-b-32", 330, [
-            prepare,
-            ctx.pcd("train", *common),
-            ctx.check("export", str(w / "train-b32" / "export"), "--json", str(d["finetune-vit-b-32"] / "export.json")),
-        ], finetune, d["finetune-vit-b-32"], [w / "train-b32"]),
-        Step("large-vit-l-14", 330, [
-            prepare,
-            ctx.pcd("train", *common, *L14_OVERRIDES),
-        ], large, d["large-vit-l-14"], [w / "train-l14"]),
-        Step("vllm-generate", 300, [
-            ctx.check("tiny-llm", str(tiny), setup=True),
-            ctx.pcd("pipeline", "--only", "data,pairs", *common),
-            ctx.pcd("generate", *common, *vllm_overrides(tiny)),
-            ctx.check("accounted", "--root", str(w), "--pairs", "pairs", "--diffs", "diffs-vllm",
-                      "--rejects", "rejects-vllm", "--json", str(d["vllm-generate"] / "accounted.json")),
-        ], vllm, d["vllm-generate"]),
-        Step("serve-embed", 240, [
-            ctx.script("benchmarks/serve_embed.py", "--model", "ViT-B-32", "--gpus-per-replica", "0.5",
-                       "--concurrency", "1", "32", "--json", str(d["serve-embed"] / "serve_embed.json")),
-        ], serve, d["serve-embed"]),
+        Step(
+            "gpu-tests",
+            240,
+            [
+                Command(
+                    [ctx.python, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider", str(ctx.repo / "tests")],
+                    "pytest",
+                ),
+            ],
+            gpu_tests,
+            d["gpu-tests"],
+        ),
+        Step(
+            "finetune-vit-b-32",
+            330,
+            [
+                prepare,
+                ctx.pcd("train", *common),
+                ctx.check(
+                    "export", str(w / "train-b32" / "export"), "--json", str(d["finetune-vit-b-32"] / "export.json")
+                ),
+            ],
+            finetune,
+            d["finetune-vit-b-32"],
+            [w / "train-b32"],
+        ),
+        Step(
+            "large-vit-l-14",
+            330,
+            [
+                prepare,
+                ctx.pcd("train", *common, *L14_OVERRIDES),
+            ],
+            large,
+            d["large-vit-l-14"],
+            [w / "train-l14"],
+        ),
+        Step(
+            "vllm-generate",
+            300,
+            [
+                ctx.check("tiny-llm", str(tiny), setup=True),
+                ctx.pcd("pipeline", "--only", "data,pairs", *common),
+                ctx.pcd("generate", *common, *vllm_overrides(tiny)),
+                ctx.check(
+                    "accounted",
+                    "--root",
+                    str(w),
+                    "--pairs",
+                    "pairs",
+                    "--diffs",
+                    "diffs-vllm",
+                    "--rejects",
+                    "rejects-vllm",
+                    "--json",
+                    str(d["vllm-generate"] / "accounted.json"),
+                ),
+            ],
+            vllm,
+            d["vllm-generate"],
+        ),
+        Step(
+            "serve-embed",
+            240,
+            [
+                ctx.script(
+                    "benchmarks/serve_embed.py",
+                    "--model",
+                    "ViT-B-32",
+                    "--gpus-per-replica",
+                    "0.5",
+                    "--concurrency",
+                    "1",
+                    "32",
+                    "--json",
+                    str(d["serve-embed"] / "serve_embed.json"),
+                ),
+            ],
+            serve,
+            d["serve-embed"],
+        ),
         # Two batch sizes at D = 768 (6 points, each a fresh CUDA process) instead of the script's 24: the smoke
         # needs the GPU path of every variant, not the whole curve.
-        Step("loss-bench", 200, [
-            ctx.script("benchmarks/loss_bench.py", "--gpu", "--dim", "768", "--batch", "1024", "8192",
-                       "--out", str(d["loss-bench"] / "loss_bench.jsonl")),
-        ], loss, d["loss-bench"]),
+        Step(
+            "loss-bench",
+            200,
+            [
+                ctx.script(
+                    "benchmarks/loss_bench.py",
+                    "--gpu",
+                    "--dim",
+                    "768",
+                    "--batch",
+                    "1024",
+                    "8192",
+                    "--out",
+                    str(d["loss-bench"] / "loss_bench.jsonl"),
+                ),
+            ],
+            loss,
+            d["loss-bench"],
+        ),
     ]
 
 

@@ -45,8 +45,9 @@ def main() -> None:
     out: dict = {"gpu_nodes_at_start": len(gpu_nodes())}
 
     train = load_job("train-paper-vitl14").train.scaling
-    scaling = ray.train.ScalingConfig(num_workers=train.num_workers, use_gpu=train.use_gpu,
-                                      resources_per_worker={"CPU": train.cpus_per_worker})  # as run_train builds it
+    scaling = ray.train.ScalingConfig(
+        num_workers=train.num_workers, use_gpu=train.use_gpu, resources_per_worker={"CPU": train.cpus_per_worker}
+    )  # as run_train builds it
     bundle = scaling._resources_per_worker_not_none
     out["train_bundle"], out["train_workers"] = bundle, scaling.num_workers
     gen = load_job("generate-coco-vllm", ["generate.num_actors=2"]).generate

@@ -39,8 +39,12 @@ def local_env(**extra: str) -> dict[str, str]:
     default), this venv first on PATH (so a job's `pcd-ray` / `python` is this environment's), no RAY_ADDRESS
     inherited from the test session."""
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_JOB_CONFIG_JSON_ENV_VAR")}
-    env.update(RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0",
-               PATH=f"{RAY_BIN.parent}{os.pathsep}{env.get('PATH', '')}")
+    env.update(
+        RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",
+        RAY_AUTH_MODE="disabled",
+        RAY_USAGE_STATS_ENABLED="0",
+        PATH=f"{RAY_BIN.parent}{os.pathsep}{env.get('PATH', '')}",
+    )
     env.update(extra)
     return env
 
@@ -51,8 +55,17 @@ class LocalHead:
     def __init__(self, *, num_cpus: int, extra_args: tuple[str, ...] = (), env: dict[str, str] | None = None):
         # Short path: Ray's Unix sockets live under it (108-byte limit).
         self.temp_dir = tempfile.mkdtemp(prefix="pcdc-", dir="/tmp")
-        (self.gcs_port, self.dashboard_port, self.client_port, self.agent_listen_port, self.agent_grpc_port,
-         self.metrics_port, self.runtime_env_port, self.node_manager_port, self.object_manager_port) = free_ports(9)
+        (
+            self.gcs_port,
+            self.dashboard_port,
+            self.client_port,
+            self.agent_listen_port,
+            self.agent_grpc_port,
+            self.metrics_port,
+            self.runtime_env_port,
+            self.node_manager_port,
+            self.object_manager_port,
+        ) = free_ports(9)
         self.num_cpus = num_cpus
         self.extra_args = extra_args
         self.env = local_env(**(env or {}))
@@ -67,15 +80,28 @@ class LocalHead:
     def dashboard_url(self) -> str:
         return f"http://127.0.0.1:{self.dashboard_port}"
 
-    def start(self) -> "LocalHead":
-        cmd = [str(RAY_BIN), "start", "--head", f"--temp-dir={self.temp_dir}", "--node-ip-address=127.0.0.1",
-               f"--port={self.gcs_port}", "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dashboard_port}",
-               f"--ray-client-server-port={self.client_port}",
-               f"--dashboard-agent-listen-port={self.agent_listen_port}",
-               f"--dashboard-agent-grpc-port={self.agent_grpc_port}", f"--metrics-export-port={self.metrics_port}",
-               f"--runtime-env-agent-port={self.runtime_env_port}",
-               f"--node-manager-port={self.node_manager_port}", f"--object-manager-port={self.object_manager_port}",
-               f"--num-cpus={self.num_cpus}", "--num-gpus=0", "--disable-usage-stats", *self.extra_args]
+    def start(self) -> LocalHead:
+        cmd = [
+            str(RAY_BIN),
+            "start",
+            "--head",
+            f"--temp-dir={self.temp_dir}",
+            "--node-ip-address=127.0.0.1",
+            f"--port={self.gcs_port}",
+            "--dashboard-host=127.0.0.1",
+            f"--dashboard-port={self.dashboard_port}",
+            f"--ray-client-server-port={self.client_port}",
+            f"--dashboard-agent-listen-port={self.agent_listen_port}",
+            f"--dashboard-agent-grpc-port={self.agent_grpc_port}",
+            f"--metrics-export-port={self.metrics_port}",
+            f"--runtime-env-agent-port={self.runtime_env_port}",
+            f"--node-manager-port={self.node_manager_port}",
+            f"--object-manager-port={self.object_manager_port}",
+            f"--num-cpus={self.num_cpus}",
+            "--num-gpus=0",
+            "--disable-usage-stats",
+            *self.extra_args,
+        ]
         out = subprocess.run(cmd, env=self.env, capture_output=True, text=True, timeout=180)
         self._remember()
         if out.returncode != 0:

@@ -16,11 +16,10 @@ from pathlib import Path
 
 import pytest
 import yaml
+from cluster_helpers import LocalHead, other_ray_processes
 from ray.cluster_utils import AutoscalingCluster
 
-from cluster_helpers import LocalHead, other_ray_processes
-
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
 REPO = Path(__file__).resolve().parents[2]
 IDLE_TIMEOUT_MIN = 0.1  # 6 s instead of the real configs' minutes
 
@@ -38,8 +37,13 @@ class SimulatedCluster(AutoscalingCluster):
             "cluster_name": "fake_multinode",
             "max_workers": sum(t["max_workers"] for t in worker_node_types.values()),
             # gcs_address: fake nodes join this head, not the default 127.0.0.1:6379 (which may be someone else's).
-            "provider": {"type": "fake_multinode", "gcs_address": self._gcs_address, "use_node_id_as_ip": True,
-                         "disable_node_updaters": True, "disable_launch_config_check": True},
+            "provider": {
+                "type": "fake_multinode",
+                "gcs_address": self._gcs_address,
+                "use_node_id_as_ip": True,
+                "disable_node_updaters": True,
+                "disable_launch_config_check": True,
+            },
             "auth": {"ssh_user": "ubuntu"},
             "available_node_types": {
                 **worker_node_types,
@@ -48,10 +52,17 @@ class SimulatedCluster(AutoscalingCluster):
             "head_node_type": "ray.head.default",
             "upscaling_speed": 1.0,
             "docker": {},
-            "file_mounts": {}, "cluster_synced_files": [], "file_mounts_sync_continuously": False,
-            "rsync_exclude": [], "rsync_filter": [],
-            "initialization_commands": [], "setup_commands": [], "head_setup_commands": [],
-            "worker_setup_commands": [], "head_start_ray_commands": [], "worker_start_ray_commands": [],
+            "file_mounts": {},
+            "cluster_synced_files": [],
+            "file_mounts_sync_continuously": False,
+            "rsync_exclude": [],
+            "rsync_filter": [],
+            "initialization_commands": [],
+            "setup_commands": [],
+            "head_setup_commands": [],
+            "worker_setup_commands": [],
+            "head_start_ray_commands": [],
+            "worker_start_ray_commands": [],
         }
         config.update(config_kwargs)
         return config
@@ -66,9 +77,16 @@ class SimulatedCluster(AutoscalingCluster):
 def launcher_worker_types(max_workers: int = 2) -> dict:
     """cluster/aws.yaml's worker types with their Ray resources, all min 0 (few nodes: each is real processes)."""
     raw = yaml.safe_load((REPO / "cluster" / "aws.yaml").read_text())
-    return {name: {"resources": dict(t["resources"]), "node_config": {}, "min_workers": 0,
-                   "max_workers": min(max_workers, t["max_workers"])}
-            for name, t in raw["available_node_types"].items() if name != raw["head_node_type"]}
+    return {
+        name: {
+            "resources": dict(t["resources"]),
+            "node_config": {},
+            "min_workers": 0,
+            "max_workers": min(max_workers, t["max_workers"]),
+        }
+        for name, t in raw["available_node_types"].items()
+        if name != raw["head_node_type"]
+    }
 
 
 def test_gpu_worker_types_scale_from_zero_for_generate_and_train_and_back():
@@ -84,16 +102,21 @@ def test_gpu_worker_types_scale_from_zero_for_generate_and_train_and_back():
     others = other_ray_processes(head)
     head.start()
     try:
-        out = subprocess.run([sys.executable, str(Path(__file__).with_name("autoscale_driver.py"))], cwd=REPO,
-                             env=dict(head.env, RAY_ADDRESS=head.gcs_address), capture_output=True, text=True,
-                             timeout=720)
+        out = subprocess.run(
+            [sys.executable, str(Path(__file__).with_name("autoscale_driver.py"))],
+            cwd=REPO,
+            env=dict(head.env, RAY_ADDRESS=head.gcs_address),
+            capture_output=True,
+            text=True,
+            timeout=720,
+        )
     finally:
         head.stop()
     assert not head.leftovers(), f"processes of {head.temp_dir} left: {head.leftovers()}"
     assert not (head.signalled & others), "a process of another Ray was signalled"
     lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
     assert out.returncode == 0 and lines, f"driver failed:\n{out.stdout[-4000:]}\n{out.stderr[-6000:]}"
-    result = json.loads(lines[-1][len("RESULT "):])
+    result = json.loads(lines[-1][len("RESULT ") :])
 
     gen_type, train_type = worker_types["gpu_gen"]["resources"], worker_types["gpu_train"]["resources"]
     assert result["gpu_nodes_at_start"] == 0

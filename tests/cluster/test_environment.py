@@ -44,9 +44,17 @@ def locked() -> dict[str, tuple[Version, list[str]]]:
 
 def lock_environment(extra: str = "") -> dict[str, str]:
     env = default_environment()
-    env.update(python_version=LOCK_PYTHON, python_full_version=f"{LOCK_PYTHON}.0", sys_platform="linux",
-               platform_system="Linux", platform_machine="x86_64", os_name="posix",
-               implementation_name="cpython", platform_python_implementation="CPython", extra=extra)
+    env.update(
+        python_version=LOCK_PYTHON,
+        python_full_version=f"{LOCK_PYTHON}.0",
+        sys_platform="linux",
+        platform_system="Linux",
+        platform_machine="x86_64",
+        os_name="posix",
+        implementation_name="cpython",
+        platform_python_implementation="CPython",
+        extra=extra,
+    )
     return env
 
 
@@ -69,8 +77,9 @@ def test_lock_satisfies_every_pin_of_pyproject():
             wrong.append(f"{req} ({extra or 'dependencies'}): not in the lock")
         elif not req.specifier.contains(pins[name][0], prereleases=True):
             wrong.append(f"{req} ({extra or 'dependencies'}): the lock has {pins[name][0]}")
-    assert not wrong, "cluster/requirements-gpu.txt disagrees with pyproject.toml; run scripts/lock-gpu:\n" + \
-        "\n".join(wrong)
+    assert not wrong, "cluster/requirements-gpu.txt disagrees with pyproject.toml; run scripts/lock-gpu:\n" + "\n".join(
+        wrong
+    )
 
 
 def test_lock_pins_every_package_with_hashes_for_the_image_python():
@@ -110,8 +119,9 @@ def test_dockerfile_installs_exactly_the_lock_on_a_cuda_13_python_312_base():
 
 def _images(node) -> list[str]:
     if isinstance(node, dict):
-        return [v for k, v in node.items() if k == "image" and isinstance(v, str)] + \
-            [i for v in node.values() for i in _images(v)]
+        return [v for k, v in node.items() if k == "image" and isinstance(v, str)] + [
+            i for v in node.values() for i in _images(v)
+        ]
     if isinstance(node, list):
         return [i for v in node for i in _images(v)]
     return []
@@ -119,8 +129,11 @@ def _images(node) -> list[str]:
 
 def test_every_cluster_config_runs_the_pcd_ray_image():
     found = {}
-    for path in [REPO / "cluster" / "aws.yaml", REPO / "cluster" / "gcp.yaml",
-                 *sorted((REPO / "cluster" / "kuberay").glob("*.yaml"))]:
+    for path in [
+        REPO / "cluster" / "aws.yaml",
+        REPO / "cluster" / "gcp.yaml",
+        *sorted((REPO / "cluster" / "kuberay").glob("*.yaml")),
+    ]:
         for doc in yaml.safe_load_all(path.read_text()):
             found[path.name] = found.get(path.name, []) + _images(doc)
     for name in ("aws.yaml", "gcp.yaml", "raycluster.yaml", "rayservice.yaml"):
@@ -143,8 +156,13 @@ def test_runtime_env_installs_nothing_and_ray_accepts_it():
 
 
 def _user_facing_files() -> list[Path]:
-    return [REPO / "README.md", *sorted((REPO / "docs").glob("*.md")), *sorted((REPO / "jobs").glob("*.yaml")),
-            *sorted((REPO / "cluster").rglob("*.yaml")), REPO / "cluster" / "Dockerfile"]
+    return [
+        REPO / "README.md",
+        *sorted((REPO / "docs").glob("*.md")),
+        *sorted((REPO / "jobs").glob("*.yaml")),
+        *sorted((REPO / "cluster").rglob("*.yaml")),
+        REPO / "cluster" / "Dockerfile",
+    ]
 
 
 @pytest.mark.parametrize("path", _user_facing_files(), ids=lambda p: str(p.relative_to(REPO)))

@@ -20,28 +20,39 @@ from pathlib import Path
 
 import httpx
 import pytest
-
 from cluster_helpers import RAY_BIN, LocalHead, local_env, other_ray_processes
+
 from pcd_ray import artifacts
 from pcd_ray.config import StorageConfig
 from pcd_ray.storage import Storage, join
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(1500)]
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(1500)]
 REPO = Path(__file__).resolve().parents[2]
 
 TINY = [
-    "data.synthetic.num_train=240", "data.synthetic.num_test=90", "data.synthetic.image_size=32",
+    "data.synthetic.num_train=240",
+    "data.synthetic.num_test=90",
+    "data.synthetic.image_size=32",
     "pairs.num_pairs=400",
-    "train.batch_size=32", "train.max_steps=4", "train.scaling.cpus_per_worker=1",
-    "eval.seeds=[0, 1]", "eval.pairs_per_attribute=30",
+    "train.batch_size=32",
+    "train.max_steps=4",
+    "train.scaling.cpus_per_worker=1",
+    "eval.seeds=[0, 1]",
+    "eval.pairs_per_attribute=30",
     # No base_train stage here: train and eval's baseline start from a random pcd-micro.
-    "train.model.checkpoint=null", "train.model.name=pcd-micro", "train.embeddings=null",
-    "eval.models.base.checkpoint=null", "eval.models.base.name=pcd-micro", "eval.templates=[paper]",
+    "train.model.checkpoint=null",
+    "train.model.name=pcd-micro",
+    "train.embeddings=null",
+    "eval.models.base.checkpoint=null",
+    "eval.models.base.name=pcd-micro",
+    "eval.templates=[paper]",
 ]
 # What the job needs besides the working dir: local environments and outputs stay behind (.gitignore covers them
 # too, since Ray honours it for working_dir uploads; this also holds for a checkout without it).
-RUNTIME_ENV = {"excludes": [".venv", ".venv-ci", ".venv-vllm", "runs", ".git", ".hypothesis", ".pytest_cache"],
-               "env_vars": {"TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}}
+RUNTIME_ENV = {
+    "excludes": [".venv", ".venv-ci", ".venv-vllm", "runs", ".git", ".hypothesis", ".pytest_cache"],
+    "env_vars": {"TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"},
+}
 
 STAGES = [  # (what the user types after `pcd-ray`, the line its driver prints when done)
     (["data"], None),
@@ -70,14 +81,32 @@ def head(s3_server):
 
 def submit(head: LocalHead, stage_args: list[str], root: str) -> tuple[str, str]:
     submission_id = f"pcd-{stage_args[0]}-{uuid.uuid4().hex[:8]}"
-    cmd = [str(RAY_BIN), "job", "submit", "--address", head.dashboard_url,
-           "--submission-id", submission_id, "--working-dir", ".",
-           "--runtime-env-json", json.dumps(RUNTIME_ENV), "--",
-           "pcd-ray", *stage_args, "--config", "jobs/local.yaml", f"storage.root={root}", *TINY]
-    out = subprocess.run(cmd, cwd=REPO, env=local_env(RAY_ADDRESS=head.dashboard_url), capture_output=True,
-                         text=True, timeout=900)
-    assert out.returncode == 0, (f"{shlex.join(cmd[2:])} failed ({out.returncode}):\n{out.stdout[-6000:]}\n"
-                                 f"{out.stderr[-4000:]}")
+    cmd = [
+        str(RAY_BIN),
+        "job",
+        "submit",
+        "--address",
+        head.dashboard_url,
+        "--submission-id",
+        submission_id,
+        "--working-dir",
+        ".",
+        "--runtime-env-json",
+        json.dumps(RUNTIME_ENV),
+        "--",
+        "pcd-ray",
+        *stage_args,
+        "--config",
+        "jobs/local.yaml",
+        f"storage.root={root}",
+        *TINY,
+    ]
+    out = subprocess.run(
+        cmd, cwd=REPO, env=local_env(RAY_ADDRESS=head.dashboard_url), capture_output=True, text=True, timeout=900
+    )
+    assert out.returncode == 0, (
+        f"{shlex.join(cmd[2:])} failed ({out.returncode}):\n{out.stdout[-6000:]}\n{out.stderr[-4000:]}"
+    )
     return submission_id, out.stdout
 
 

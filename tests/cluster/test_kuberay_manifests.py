@@ -117,8 +117,9 @@ def check_manifest(doc: dict) -> list[str]:
     elif kind == "RayJob":
         problems += check_rayjob(spec)
     elif kind == "RayService":
-        problems += check_cluster_spec(spec.get("rayClusterConfig") or {}, "spec.rayClusterConfig",
-                                       gpu_groups_min_zero=False)
+        problems += check_cluster_spec(
+            spec.get("rayClusterConfig") or {}, "spec.rayClusterConfig", gpu_groups_min_zero=False
+        )
         problems += check_serve_config_v2(spec.get("serveConfigV2"))
     else:
         problems.append(f"kind: {kind!r} is not RayCluster, RayJob or RayService")
@@ -215,8 +216,11 @@ def test_rayservice_embeds_serve_gpu_yaml_and_fits_its_workers():
     replica = {"CPU": dep["ray_actor_options"]["num_cpus"], "GPU": dep["ray_actor_options"]["num_gpus"]}
     assert fits(replica, group_resources(group))
     assert group["maxReplicas"] >= dep["autoscaling_config"]["max_replicas"]
-    token_env = next(o.split("=", 1)[1] for o in serve_cfg["applications"][0]["args"]["overrides"]
-                     if o.startswith("serve.auth_token_env="))
+    token_env = next(
+        o.split("=", 1)[1]
+        for o in serve_cfg["applications"][0]["args"]["overrides"]
+        if o.startswith("serve.auth_token_env=")
+    )
     for pod in (svc["spec"]["rayClusterConfig"]["headGroupSpec"], group):
         env = {e["name"]: e for e in pod["template"]["spec"]["containers"][0].get("env", [])}
         assert "secretKeyRef" in env[token_env]["valueFrom"], "the Serve token must come from a Secret"
@@ -238,25 +242,58 @@ BROKEN = {
     "RayCluster wrong apiVersion": ("raycluster.yaml", 0, lambda d: _mutate(d, ("apiVersion",), "ray.io/v1alpha1")),
     "RayCluster misspelled kind": ("raycluster.yaml", 0, lambda d: _mutate(d, ("kind",), "RayClutser")),
     "RayCluster without head": ("raycluster.yaml", 0, lambda d: _mutate(d, ("spec", "headGroupSpec"), delete=True)),
-    "RayCluster autoscaling off": ("raycluster.yaml", 0,
-                                   lambda d: _mutate(d, ("spec", "enableInTreeAutoscaling"), False)),
-    "GPU group never scales to 0": ("raycluster.yaml", 0,
-                                    lambda d: _mutate(d, ("spec", "workerGroupSpecs", 1, "minReplicas"), 1)),
-    "worker group without name": ("raycluster.yaml", 0,
-                                  lambda d: _mutate(d, ("spec", "workerGroupSpecs", 2, "groupName"), delete=True)),
-    "container without image": ("raycluster.yaml", 0, lambda d: _mutate(
-        d, ("spec", "workerGroupSpecs", 2, "template", "spec", "containers", 0, "image"), delete=True)),
-    "RayJob unknown stage": ("rayjobs.yaml", 2, lambda d: _mutate(d, ("spec", "entrypoint"),
-                                                                  "pcd-ray generat --config generate-coco-vllm")),
-    "RayJob misspelled override": ("rayjobs.yaml", 2, lambda d: _mutate(
-        d, ("spec", "entrypoint"), "pcd-ray generate --config generate-coco-vllm generate.num_actor=8")),
+    "RayCluster autoscaling off": (
+        "raycluster.yaml",
+        0,
+        lambda d: _mutate(d, ("spec", "enableInTreeAutoscaling"), False),
+    ),
+    "GPU group never scales to 0": (
+        "raycluster.yaml",
+        0,
+        lambda d: _mutate(d, ("spec", "workerGroupSpecs", 1, "minReplicas"), 1),
+    ),
+    "worker group without name": (
+        "raycluster.yaml",
+        0,
+        lambda d: _mutate(d, ("spec", "workerGroupSpecs", 2, "groupName"), delete=True),
+    ),
+    "container without image": (
+        "raycluster.yaml",
+        0,
+        lambda d: _mutate(
+            d, ("spec", "workerGroupSpecs", 2, "template", "spec", "containers", 0, "image"), delete=True
+        ),
+    ),
+    "RayJob unknown stage": (
+        "rayjobs.yaml",
+        2,
+        lambda d: _mutate(d, ("spec", "entrypoint"), "pcd-ray generat --config generate-coco-vllm"),
+    ),
+    "RayJob misspelled override": (
+        "rayjobs.yaml",
+        2,
+        lambda d: _mutate(
+            d, ("spec", "entrypoint"), "pcd-ray generate --config generate-coco-vllm generate.num_actor=8"
+        ),
+    ),
     "RayJob driver asks for a GPU": ("rayjobs.yaml", 3, lambda d: _mutate(d, ("spec", "entrypointNumGpus"), 1)),
     "RayJob without cluster": ("rayjobs.yaml", 0, lambda d: _mutate(d, ("spec", "clusterSelector"), delete=True)),
-    "RayService misspelled Serve key": ("rayservice.yaml", 0, lambda d: _mutate(
-        d, ("spec", "serveConfigV2"), d["spec"]["serveConfigV2"].replace("max_ongoing_requests: 128",
-                                                                         "max_ongoing_request: 128"))),
-    "RayService bad Serve value": ("rayservice.yaml", 0, lambda d: _mutate(
-        d, ("spec", "serveConfigV2"), d["spec"]["serveConfigV2"].replace("max_replicas: 8", "max_replicas: 0"))),
+    "RayService misspelled Serve key": (
+        "rayservice.yaml",
+        0,
+        lambda d: _mutate(
+            d,
+            ("spec", "serveConfigV2"),
+            d["spec"]["serveConfigV2"].replace("max_ongoing_requests: 128", "max_ongoing_request: 128"),
+        ),
+    ),
+    "RayService bad Serve value": (
+        "rayservice.yaml",
+        0,
+        lambda d: _mutate(
+            d, ("spec", "serveConfigV2"), d["spec"]["serveConfigV2"].replace("max_replicas: 8", "max_replicas: 0")
+        ),
+    ),
 }
 
 

@@ -99,8 +99,13 @@ def test_dashboard_on_localhost_no_credentials(launcher):
     assert "--dashboard-host=127.0.0.1" in head_start and "0.0.0.0" not in head_start
     for cmds in (raw["head_start_ray_commands"], raw["worker_start_ray_commands"]):
         assert "RAY_AUTH_MODE=token" in " ".join(cmds)
-    for pattern in (r"AKIA[0-9A-Z]{16}", r"(?i)aws_secret_access_key\s*[:=]", r"(?i)private_key", r"ssh_private_key",
-                    r"(?i)RAY_AUTH_TOKEN=[\"']?[0-9a-f]{16}"):
+    for pattern in (
+        r"AKIA[0-9A-Z]{16}",
+        r"(?i)aws_secret_access_key\s*[:=]",
+        r"(?i)private_key",
+        r"ssh_private_key",
+        r"(?i)RAY_AUTH_TOKEN=[\"']?[0-9a-f]{16}",
+    ):
         assert not re.search(pattern, text), pattern
     nodes = raw["available_node_types"].values()
     if path.stem == "aws":

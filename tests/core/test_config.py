@@ -57,8 +57,10 @@ def test_misspelled_override_is_an_error_not_a_new_key():
 
 
 def test_overrides_parse_yaml_values():
-    job = load_job("local", ["train.optimizer.lr=3e-4", "train.max_steps=null", "eval.seeds=[1, 2]",
-                             "storage.root=s3://bucket/run"])
+    job = load_job(
+        "local",
+        ["train.optimizer.lr=3e-4", "train.max_steps=null", "eval.seeds=[1, 2]", "storage.root=s3://bucket/run"],
+    )
     assert job.train.optimizer.lr == 3e-4 and job.train.max_steps is None
     assert job.eval.seeds == [1, 2] and job.storage.root == "s3://bucket/run"
 
@@ -85,14 +87,17 @@ def test_missing_job_file_lists_shipped():
 
 
 def _run(*args):
-    return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=120,
-                          cwd=Path(__file__).resolve().parents[2])
+    return subprocess.run(
+        [sys.executable, *args], capture_output=True, text=True, timeout=120, cwd=Path(__file__).resolve().parents[2]
+    )
 
 
 def test_cli_help_and_config_show_load_no_heavy_libraries():
-    code = ("import sys; from pcd_ray.cli import main; rc = main(['config', 'show', 'train.epochs=3']); "
-            "heavy = [m for m in ('torch', 'ray', 'open_clip', 'deepspeed', 'vllm') if m in sys.modules]; "
-            "print('HEAVY', heavy); sys.exit(rc)")
+    code = (
+        "import sys; from pcd_ray.cli import main; rc = main(['config', 'show', 'train.epochs=3']); "
+        "heavy = [m for m in ('torch', 'ray', 'open_clip', 'deepspeed', 'vllm') if m in sys.modules]; "
+        "print('HEAVY', heavy); sys.exit(rc)"
+    )
     out = _run("-c", code)
     assert out.returncode == 0, out.stderr
     assert "HEAVY []" in out.stdout
@@ -107,8 +112,9 @@ def test_cli_reports_config_errors_with_exit_code_2():
     assert "train.optimizer.lrr: unknown key" in out.stderr
 
 
-@pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parents[2] / "jobs").glob("*.yaml")),
-                         ids=lambda p: p.name)
+@pytest.mark.parametrize(
+    "path", sorted((Path(__file__).resolve().parents[2] / "jobs").glob("*.yaml")), ids=lambda p: p.name
+)
 def test_every_shipped_job_file_loads(path):
     from pcd_ray.config import load_job
 
@@ -117,10 +123,15 @@ def test_every_shipped_job_file_loads(path):
 
 
 def test_cli_overrides_may_follow_options():
-    out = subprocess.run([sys.executable, "-m", "pcd_ray", "config", "show", "--config", "local", "train.epochs=7"],
-                         capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        [sys.executable, "-m", "pcd_ray", "config", "show", "--config", "local", "train.epochs=7"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert out.returncode == 0, out.stderr
     assert "  epochs: 7\n" in out.stdout.split("\ntrain:\n", 1)[1]
-    bad = subprocess.run([sys.executable, "-m", "pcd_ray", "config", "show", "--bogus"], capture_output=True,
-                         text=True, timeout=60)
+    bad = subprocess.run(
+        [sys.executable, "-m", "pcd_ray", "config", "show", "--bogus"], capture_output=True, text=True, timeout=60
+    )
     assert bad.returncode == 2 and "unrecognized arguments: --bogus" in bad.stderr

@@ -31,8 +31,15 @@ def test_quiet_keeps_the_terminal_for_pcd_ray_and_logs_everything(tmp_path):
     assert out.stdout.splitlines() == ["== data: done in 1.0 s", "[train] step 2/4 (50%) loss 1.0"]
     assert out.stderr.splitlines() == ["a progress note", "generate: 10 kept"]
     text = log.read_text()
-    for line in ("== data: done in 1.0 s", "generate: 10 kept", "a library warning", "a library print",
-                 "E a native log line", "[train] step 2/4", "DeepSpeed info: banner"):
+    for line in (
+        "== data: done in 1.0 s",
+        "generate: 10 kept",
+        "a library warning",
+        "a library print",
+        "E a native log line",
+        "[train] step 2/4",
+        "DeepSpeed info: banner",
+    ):
         assert line in text, line
 
 

@@ -94,8 +94,13 @@ def test_vllm_pin_ignores_local_build_label_and_is_skipped_unless_needed():
 
 # --------------------------------------------------------------------------------------------------- GPU stack
 def test_driver_too_old_for_cuda13_fails_with_fix():
-    facts = gpu.GpuFacts(torch_version="2.14.0+cu130", torch_cuda="13.0", nvidia_smi="/usr/bin/nvidia-smi",
-                         driver="570.133.20", cuda_warning="The NVIDIA driver on your system is too old")
+    facts = gpu.GpuFacts(
+        torch_version="2.14.0+cu130",
+        torch_cuda="13.0",
+        nvidia_smi="/usr/bin/nvidia-smi",
+        driver="570.133.20",
+        cuda_warning="The NVIDIA driver on your system is too old",
+    )
     row = gpu.gpu_row(facts, needed=True, why="")
     assert row.verdict == FAIL
     assert "570.133.20" in row.detail and "580.65.06" in row.detail and "CUDA 13" in row.detail
@@ -105,8 +110,15 @@ def test_driver_too_old_for_cuda13_fails_with_fix():
 
 
 def test_driver_at_the_minimum_passes_and_no_gpu_is_skipped():
-    ok = gpu.GpuFacts(torch_version="2.14.0+cu130", torch_cuda="13.0", cuda_available=True, device_count=8,
-                      nvidia_smi="/usr/bin/nvidia-smi", driver="580.65.06", nccl="2.27.7")
+    ok = gpu.GpuFacts(
+        torch_version="2.14.0+cu130",
+        torch_cuda="13.0",
+        cuda_available=True,
+        device_count=8,
+        nvidia_smi="/usr/bin/nvidia-smi",
+        driver="580.65.06",
+        nccl="2.27.7",
+    )
     assert gpu.gpu_row(ok, True, "").verdict == OK
     assert gpu.nccl_row(ok, True, "").detail == "NCCL 2.27.7 (torch's)"
     cuda12 = gpu.GpuFacts(torch_cuda="12.8", cuda_available=True, nvidia_smi="nvidia-smi", driver="525.60.12")
@@ -145,8 +157,14 @@ def test_gpu_optimizer_override_without_nvcc_fails():
     assert refusal is None
     [need] = needs
     assert (need.op, need.builder, need.device) == ("fused_adam", "FusedAdamBuilder", "cuda")
-    no_nvcc = ops.Toolchain(deepspeed="0.19.7", cxx="/usr/bin/c++", ninja=True, nvcc=None,
-                            nvcc_error="CUDA_HOME does not exist", torch_cuda="13.0")
+    no_nvcc = ops.Toolchain(
+        deepspeed="0.19.7",
+        cxx="/usr/bin/c++",
+        ninja=True,
+        nvcc=None,
+        nvcc_error="CUDA_HOME does not exist",
+        torch_cuda="13.0",
+    )
     [row] = ops.rows_for([("train", True, needs, None)], {("fused_adam", "cuda"): FUSED_ADAM}, no_nvcc)
     assert row.verdict == FAIL and "no nvcc" in row.detail
     assert "drop `optimizer` from train.deepspeed.overrides" in row.fix
@@ -184,9 +202,16 @@ def test_offload_and_cpu_workers_ops():
 
 # -------------------------------------------------------------------------------------------- cluster resources
 def _train(workers: int, gpu: bool = True, cpus: float = 10) -> resources.Request:
-    return resources.Request("train", workers, "worker", resources._bundle(1 if gpu else 0, cpus),
-                             "train.scaling.num_workers", "train.scaling.use_gpu", "train.scaling.cpus_per_worker",
-                             "train.scaling.use_gpu=false")
+    return resources.Request(
+        "train",
+        workers,
+        "worker",
+        resources._bundle(1 if gpu else 0, cpus),
+        "train.scaling.num_workers",
+        "train.scaling.use_gpu",
+        "train.scaling.cpus_per_worker",
+        "train.scaling.use_gpu=false",
+    )
 
 
 def test_stage_requests_reuse_the_stages_own_resources():
@@ -212,8 +237,16 @@ def test_gpu_stage_against_clusters():
     row = resources.stage_row(_train(8), four)
     assert row.verdict == FAIL and "8 GPUs at once; the cluster has 4 GPUs" in row.detail
     assert "lower train.scaling.num_workers to 4" in row.fix
-    two_gpu_actor = resources.Request("embed", 1, "actor", {"GPU": 2, "CPU": 4}, "embed.num_actors",
-                                      "embed.num_gpus_per_actor", "embed.num_cpus_per_actor", "x")
+    two_gpu_actor = resources.Request(
+        "embed",
+        1,
+        "actor",
+        {"GPU": 2, "CPU": 4},
+        "embed.num_actors",
+        "embed.num_gpus_per_actor",
+        "embed.num_cpus_per_actor",
+        "x",
+    )
     ones = resources.Cluster("cluster at auto", [{"CPU": 8, "GPU": 1}, {"CPU": 8, "GPU": 1}])
     row = resources.stage_row(two_gpu_actor, ones)
     assert row.verdict == FAIL and "no node has 2 GPUs" in row.detail and "embed.num_gpus_per_actor" in row.fix
@@ -222,9 +255,11 @@ def test_gpu_stage_against_clusters():
     assert row.verdict == FAIL and "no node has {GPU: 1, CPU: 10}" in row.detail
 
     # An autoscaler that may add one 8-GPU training node fits the 8 workers; CPU-only shortfalls there are warnings.
-    scaling = resources.Cluster("cluster at auto", [{"CPU": 8}], [
-        resources.NodeType("head", {"CPU": 8}, 1, 1),
-        resources.NodeType("gpu_train", {"CPU": 96, "GPU": 8}, 0, 1)])
+    scaling = resources.Cluster(
+        "cluster at auto",
+        [{"CPU": 8}],
+        [resources.NodeType("head", {"CPU": 8}, 1, 1), resources.NodeType("gpu_train", {"CPU": 96, "GPU": 8}, 0, 1)],
+    )
     assert resources.stage_row(_train(8), scaling).verdict == OK
     assert resources.stage_row(_train(20, gpu=False, cpus=8), scaling).verdict == WARN
     assert resources.stage_row(_train(3, gpu=False, cpus=2), local).verdict == FAIL  # 6 CPUs on 2
@@ -260,8 +295,18 @@ def test_shipped_launcher_node_types_fit_every_shipped_job(launcher):
 def test_autoscaler_types_fall_back_to_the_launcher_bootstrap_config(tmp_path):
     # No Ray connection here, so the GCS has nothing to say and the head's bootstrap file is read.
     bootstrap = tmp_path / "ray_bootstrap_config.yaml"
-    bootstrap.write_text(yaml.safe_dump({"max_workers": 4, "head_node_type": "head", "available_node_types": {
-        "head": {"resources": {"CPU": 0}}, "gpu": {"resources": {"CPU": 12, "GPU": 4}}}}))
+    bootstrap.write_text(
+        yaml.safe_dump(
+            {
+                "max_workers": 4,
+                "head_node_type": "head",
+                "available_node_types": {
+                    "head": {"resources": {"CPU": 0}},
+                    "gpu": {"resources": {"CPU": 12, "GPU": 4}},
+                },
+            }
+        )
+    )
     types, caps, note = resources._autoscaler(bootstrap)
     assert resources.NodeType("gpu", {"CPU": 12, "GPU": 4}, 0, 4) in types and caps == {}
     assert str(bootstrap) in note
@@ -289,8 +334,9 @@ def test_local_storage_probe_leaves_nothing(tmp_path):
 
 
 def test_s3_storage_probe_writes_and_deletes(s3_server, tmp_path, capsys):
-    rc = main(["doctor", "--config", "local", "storage.root=s3://pcd-test/doctor", "--json",
-               str(tmp_path / "doctor.json")])
+    rc = main(
+        ["doctor", "--config", "local", "storage.root=s3://pcd-test/doctor", "--json", str(tmp_path / "doctor.json")]
+    )
     row = _row(json.loads((tmp_path / "doctor.json").read_text())["rows"], "storage")
     assert row["verdict"] == OK, (row, capsys.readouterr().out)
     assert s3_server in row["detail"] and "'pcd-test'" in row["detail"]
@@ -332,8 +378,9 @@ def test_quiet_keeps_handlers_created_inside_it(capsys):
 
 
 def test_local_job_passes_here(tmp_path, capsys):
-    rc = main(["doctor", "--config", "local", f"storage.root={tmp_path / 'run'}", "--json",
-               str(tmp_path / "doctor.json")])
+    rc = main(
+        ["doctor", "--config", "local", f"storage.root={tmp_path / 'run'}", "--json", str(tmp_path / "doctor.json")]
+    )
     out = capsys.readouterr().out
     assert rc == 0, out
     doc = json.loads((tmp_path / "doctor.json").read_text())
@@ -351,8 +398,12 @@ def test_paper_gpu_job_fails_here_naming_each_gpu_stage(tmp_path, capsys):
     out = capsys.readouterr().out
     assert rc == 1
     lines = out.splitlines()
-    for stage, ask in [("generate", "8 actors x {GPU: 1, CPU: 4}"), ("embed", "4 actors x {GPU: 1, CPU: 4}"),
-                       ("train", "8 workers x {GPU: 1, CPU: 10}"), ("eval", "2 actors x {GPU: 1, CPU: 1}")]:
+    for stage, ask in [
+        ("generate", "8 actors x {GPU: 1, CPU: 4}"),
+        ("embed", "4 actors x {GPU: 1, CPU: 4}"),
+        ("train", "8 workers x {GPU: 1, CPU: 10}"),
+        ("eval", "2 actors x {GPU: 1, CPU: 1}"),
+    ]:
         line = next(ln for ln in lines if ln.startswith(f"resources: {stage} "))
         assert line.split()[2] == FAIL and f"{stage}: {ask}; the cluster has 0 GPUs" in line, line
     assert next(ln for ln in lines if ln.startswith("resources: serve ")).split()[2] == OK
@@ -362,21 +413,29 @@ def test_paper_gpu_job_fails_here_naming_each_gpu_stage(tmp_path, capsys):
 def test_real_cli_and_no_heavy_imports_before_checks(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     # ./runs/local resolves under the tmp cwd, so the probe cannot touch the checkout.
-    out = subprocess.run([sys.executable, "-m", "pcd_ray", "doctor", "--config", "local"], capture_output=True,
-                         text=True, timeout=300, cwd=tmp_path, env=env)
+    out = subprocess.run(
+        [sys.executable, "-m", "pcd_ray", "doctor", "--config", "local"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+        env=env,
+    )
     assert out.returncode == 0, out.stdout + out.stderr
     assert out.stdout.rstrip().splitlines()[-1].endswith("checks, 0 failed")
     assert "Setting accelerator" not in out.stdout + out.stderr and out.stderr == ""
     assert not (tmp_path / "runs").exists()
 
-    code = ("import sys; from pcd_ray.cli import build_parser; import pcd_ray.doctor; "
-            "build_parser().parse_args(['doctor', '--json', 'x.json']); "
-            "print('HEAVY', [m for m in ('torch', 'ray', 'deepspeed', 'vllm') if m in sys.modules])")
+    code = (
+        "import sys; from pcd_ray.cli import build_parser; import pcd_ray.doctor; "
+        "build_parser().parse_args(['doctor', '--json', 'x.json']); "
+        "print('HEAVY', [m for m in ('torch', 'ray', 'deepspeed', 'vllm') if m in sys.modules])"
+    )
     imported = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO)
     assert "HEAVY []" in imported.stdout, imported.stderr
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_joined_cluster_is_read_from_ray(ray_local):
     job = load_job("train-paper-vitl14", ["ray.address=auto"])
     rows = resources.check(job, resources.stage_requests(job), 0)

@@ -32,7 +32,8 @@ def _module_files() -> dict[str, Path]:
 
 def _is_type_checking(test: ast.expr) -> bool:
     return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
-        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"
+    )
 
 
 def _import_nodes(tree: ast.AST):
@@ -48,14 +49,15 @@ def _import_nodes(tree: ast.AST):
         stack.extend(ast.iter_child_nodes(node))
 
 
-def _imported(module: str, is_package: bool, node: ast.Import | ast.ImportFrom,
-              known: set[str]) -> list[tuple[str, int]]:
+def _imported(
+    module: str, is_package: bool, node: ast.Import | ast.ImportFrom, known: set[str]
+) -> list[tuple[str, int]]:
     """(target module name, line) of every pcd_ray module this statement imports; targets may not exist."""
     if isinstance(node, ast.Import):
         return [(a.name, node.lineno) for a in node.names if a.name.split(".")[0] == PACKAGE]
     if node.level:  # relative: resolved against the importing module's package
         package = module.split(".") if is_package else module.split(".")[:-1]
-        base = ".".join(package[:len(package) - node.level + 1] + ([node.module] if node.module else []))
+        base = ".".join(package[: len(package) - node.level + 1] + ([node.module] if node.module else []))
     else:
         base = node.module or ""
     if base.split(".")[0] != PACKAGE:
@@ -154,10 +156,14 @@ def _describe(graph: dict[str, dict[str, int]], cycle: list[str]) -> str:
 
 def test_no_import_cycle_among_pcd_ray_modules():
     graph, _ = import_graph()
-    cycles = [f"{_describe(graph, shortest_cycle(graph, c))}\n    (all modules of this cycle set: {', '.join(c)})"
-              for c in strongly_connected(graph)]
-    assert not cycles, ("import cycles among pcd_ray modules (each: one shortest cycle of a strongly connected "
-                        "set; file:line is where the next module is imported):\n" + "\n".join(cycles))
+    cycles = [
+        f"{_describe(graph, shortest_cycle(graph, c))}\n    (all modules of this cycle set: {', '.join(c)})"
+        for c in strongly_connected(graph)
+    ]
+    assert not cycles, (
+        "import cycles among pcd_ray modules (each: one shortest cycle of a strongly connected "
+        "set; file:line is where the next module is imported):\n" + "\n".join(cycles)
+    )
 
 
 def test_every_pcd_ray_import_names_an_existing_module():
@@ -169,21 +175,33 @@ def test_graph_reader_sees_lazy_submodule_and_relative_imports(tmp_path):
     """The reader itself, on a hand-made tree: a cycle closed only by a function-level import is found, a
     TYPE_CHECKING import is not an edge, ``from pkg import sub`` resolves to the submodule."""
     known = {"pcd_ray", "pcd_ray.a", "pcd_ray.a.b", "pcd_ray.a.c", "pcd_ray.c"}
-    tree = ast.parse("from typing import TYPE_CHECKING\nfrom pcd_ray.a import b, helper\nfrom . import c\n"
-                     "if TYPE_CHECKING:\n    import pcd_ray.c\ndef f():\n    from ..c import thing\n")
+    tree = ast.parse(
+        "from typing import TYPE_CHECKING\nfrom pcd_ray.a import b, helper\nfrom . import c\n"
+        "if TYPE_CHECKING:\n    import pcd_ray.c\ndef f():\n    from ..c import thing\n"
+    )
     edges = [t for node in _import_nodes(tree) for t, _ in _imported("pcd_ray.a.x", False, node, known)]
     assert sorted(edges) == ["pcd_ray.a", "pcd_ray.a.b", "pcd_ray.a.c", "pcd_ray.c"]
-    graph = {"pcd_ray.a": {"pcd_ray.c": 1}, "pcd_ray.c": {"pcd_ray.a.b": 2}, "pcd_ray.a.b": {"pcd_ray.a": 3},
-             "pcd_ray": {"pcd_ray.a": 1}}
+    graph = {
+        "pcd_ray.a": {"pcd_ray.c": 1},
+        "pcd_ray.c": {"pcd_ray.a.b": 2},
+        "pcd_ray.a.b": {"pcd_ray.a": 3},
+        "pcd_ray": {"pcd_ray.a": 1},
+    }
     assert strongly_connected(graph) == [["pcd_ray.a", "pcd_ray.a.b", "pcd_ray.c"]]
     assert shortest_cycle(graph, ["pcd_ray.a", "pcd_ray.a.b", "pcd_ray.c"]) == [
-        "pcd_ray.a", "pcd_ray.c", "pcd_ray.a.b", "pcd_ray.a"]
+        "pcd_ray.a",
+        "pcd_ray.c",
+        "pcd_ray.a.b",
+        "pcd_ray.a",
+    ]
 
 
 def test_serve_scoring_imports_no_torch():
     """The API's scores are numpy; importing them (and the shared vector helpers they use) must not pull torch."""
-    code = ("import sys, pcd_ray.serve.scoring, pcd_ray.vectors; "
-            "print(sorted(m for m in ('torch', 'open_clip') if m in sys.modules))")
+    code = (
+        "import sys, pcd_ray.serve.scoring, pcd_ray.vectors; "
+        "print(sorted(m for m in ('torch', 'open_clip') if m in sys.modules))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"

@@ -23,8 +23,12 @@ from pcd_ray.pipeline import plan, run_stage
 from pcd_ray.stages import ordered
 from pcd_ray.storage import Storage, join
 
-COLUMNS = dict(artifacts.SCHEMAS, image_rejects=["image_id", "reason"], comparatives=comparatives.COLUMNS,
-               comparative_rejects=comparatives.REJECT_COLUMNS)
+COLUMNS = dict(
+    artifacts.SCHEMAS,
+    image_rejects=["image_id", "reason"],
+    comparatives=comparatives.COLUMNS,
+    comparative_rejects=comparatives.REJECT_COLUMNS,
+)
 
 
 def _write_output(storage: Storage, ref, salt: str) -> None:

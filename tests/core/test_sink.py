@@ -37,8 +37,18 @@ def _count(batch) -> dict:
 
 
 def _sink(storage: Storage, identity="v1", **kw) -> Sink:
-    return Sink(storage, "toy", unit="row", kept=KEPT, rejected=REJECTED, config={"c": 1}, identity=identity,
-                key="id", commit_every_s=0, **{"resume": True, **kw})
+    return Sink(
+        storage,
+        "toy",
+        unit="row",
+        kept=KEPT,
+        rejected=REJECTED,
+        config={"c": 1},
+        identity=identity,
+        key="id",
+        commit_every_s=0,
+        **{"resume": True, **kw},
+    )
 
 
 def _run(sink: Sink, ds, transform=None) -> dict:
@@ -56,16 +66,19 @@ def toy(ray_local, tmp_path):
 
 
 def _ids(storage: Storage) -> list[str]:
-    return sorted(artifacts.read_table(storage, "kept", "toy")["id"].to_pylist()
-                  + artifacts.read_table(storage, "rejected", "toy_rejects")["id"].to_pylist())
+    return sorted(
+        artifacts.read_table(storage, "kept", "toy")["id"].to_pylist()
+        + artifacts.read_table(storage, "rejected", "toy_rejects")["id"].to_pylist()
+    )
 
 
 def test_rows_split_by_reason_and_both_manifests_commit_rejects_first(toy, monkeypatch):
     storage, ds = toy
     order = []
     real_commit = artifacts.Appender.commit
-    monkeypatch.setattr(artifacts.Appender, "commit",
-                        lambda self, *a, **k: (order.append(self.kind), real_commit(self, *a, **k))[1])
+    monkeypatch.setattr(
+        artifacts.Appender, "commit", lambda self, *a, **k: (order.append(self.kind), real_commit(self, *a, **k))[1]
+    )
     summary = _run(_sink(storage), ds)
     assert order and order[::2] == ["toy_rejects"] * (len(order) // 2) and order[1::2] == ["toy"] * (len(order) // 2)
     assert summary["kept"] == N // 2 and summary["rejected"] == N // 2 and summary["rejected_by_reason"] == {"odd": 30}

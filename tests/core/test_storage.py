@@ -19,8 +19,15 @@ def storage(request, tmp_path, s3_root):
 
 
 def _pairs_table(n: int) -> pa.Table:
-    return pa.table({"pair_id": [f"p{i}" for i in range(n)], "image_id_a": ["a"] * n, "image_id_b": ["b"] * n,
-                     "caption_a": ["x"] * n, "caption_b": ["y"] * n})
+    return pa.table(
+        {
+            "pair_id": [f"p{i}" for i in range(n)],
+            "image_id_a": ["a"] * n,
+            "image_id_b": ["b"] * n,
+            "caption_a": ["x"] * n,
+            "caption_b": ["y"] * n,
+        }
+    )
 
 
 def test_resolve_relative_and_absolute(tmp_path):

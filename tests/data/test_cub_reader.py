@@ -52,7 +52,7 @@ def rel(number: int) -> str:
 def write_tree(root: Path) -> None:
     """CUB_200_2011/ (lists, labels, class names, images/) and cvpr2016_cub/text_c10/ under ``root``."""
     base, text = root / "CUB_200_2011", root / "cvpr2016_cub" / "text_c10"
-    for n, (cls, _, image, captions) in IMAGES.items():
+    for n, (_cls, _, image, captions) in IMAGES.items():
         if image is not None:
             (base / "images" / rel(n)).parent.mkdir(parents=True, exist_ok=True)
             (base / "images" / rel(n)).write_bytes(image)
@@ -63,7 +63,8 @@ def write_tree(root: Path) -> None:
     (base / "images.txt").write_text("".join(f"{n} {rel(n)}\n" for n in IMAGES))
     (base / "train_test_split.txt").write_text("".join(f"{n} {int(v[1])}\n" for n, v in IMAGES.items()))
     (base / "image_class_labels.txt").write_text(
-        "".join(f"{n} {[ALBATROSS, LAYSAN].index(v[0]) + 1}\n" for n, v in IMAGES.items()))
+        "".join(f"{n} {[ALBATROSS, LAYSAN].index(v[0]) + 1}\n" for n, v in IMAGES.items())
+    )
     (base / "classes.txt").write_text(f"1 {ALBATROSS}\n2 {LAYSAN}\n")
 
 
@@ -86,20 +87,29 @@ def test_cub_test_split_with_reed_captions(ray_local, tmp_path):
     assert images[rel(7)]["caption"] == "second line first: a grey bird."  # blank lines are not captions
     assert {r["split"] for r in images.values()} == {"test"} and images[rel(1)]["image"] == IMAGES[1][2]
     assert {i: r["reason"] for i, r in rejects.items()} == {
-        rel(3): "no_caption", rel(4): "empty_caption", rel(5): "missing_image", rel(6): "image_too_small",
-        rel(8): "caption_not_utf8", ORPHAN: "unknown_image_id"}
+        rel(3): "no_caption",
+        rel(4): "empty_caption",
+        rel(5): "missing_image",
+        rel(6): "image_too_small",
+        rel(8): "caption_not_utf8",
+        ORPHAN: "unknown_image_id",
+    }
     assert rejects[rel(3)]["detail"].endswith(str(Path(rel(3)).with_suffix(".txt")) + ")")
     assert rejects[ORPHAN]["source"].endswith(f"text_c10/{ORPHAN}.txt") and "images.txt" in rejects[ORPHAN]["detail"]
     assert manifest["summary"]["rejected_by_reason"] == {
-        "caption_not_utf8": 1, "empty_caption": 1, "image_too_small": 1, "missing_image": 1, "no_caption": 1,
-        "unknown_image_id": 1}
+        "caption_not_utf8": 1,
+        "empty_caption": 1,
+        "image_too_small": 1,
+        "missing_image": 1,
+        "no_caption": 1,
+        "unknown_image_id": 1,
+    }
     # The evaluation set's ids: every test image is written or rejected under the id eval gives it.
     cub = read_cub(Storage(), str(tmp_path / "cub"), "test", 0)
     assert set(cub.image_ids) == set(images) | {i for i in rejects if i != ORPHAN}
 
     _, train, train_rejects, _ = _run(str(tmp_path / "run-train"), {"root": str(tmp_path / "cub"), "split": "train"})
-    assert set(train) == {rel(2)} and {i: r["reason"] for i, r in train_rejects.items()} == {
-        ORPHAN: "unknown_image_id"}
+    assert set(train) == {rel(2)} and {i: r["reason"] for i, r in train_rejects.items()} == {ORPHAN: "unknown_image_id"}
     assert train[rel(2)]["split"] == "train"
 
 
@@ -114,8 +124,9 @@ def test_cub_on_s3_with_random_captions(ray_local, tmp_path, s3_root):
     for n in (1, 7):
         lines = [ln.strip() for ln in IMAGES[n][3].decode().splitlines() if ln.strip()]
         assert images[rel(n)]["caption"] in lines
-        assert images[rel(n)]["caption"] == _cub_caption(IMAGES[n][3], "x", JobConfig.model_validate(
-            {"data": {"source": "cub", "cub": cub}}).data.cub, str(n))
+        assert images[rel(n)]["caption"] == _cub_caption(
+            IMAGES[n][3], "x", JobConfig.model_validate({"data": {"source": "cub", "cub": cub}}).data.cub, str(n)
+        )
     assert images[rel(1)]["image"] == IMAGES[1][2]
 
 
@@ -135,8 +146,9 @@ def test_caption_pick_first_or_seeded():
 
 def test_cub_missing_or_malformed_fails_before_any_artifact(ray_local, tmp_path):
     write_tree(tmp_path / "cub")
-    job = JobConfig.model_validate({"storage": {"root": str(tmp_path / "run")},
-                                    "data": {"source": "cub", "cub": {"root": str(tmp_path / "cub")}}})
+    job = JobConfig.model_validate(
+        {"storage": {"root": str(tmp_path / "run")}, "data": {"source": "cub", "cub": {"root": str(tmp_path / "cub")}}}
+    )
     storage = Storage(job.storage)
     split = tmp_path / "cub" / "CUB_200_2011" / "train_test_split.txt"
     good = split.read_text()

@@ -68,8 +68,15 @@ def test_pairs_artifact(ray_local, tmp_path):
     assert manifest["kind"] == "pairs" and manifest["num_rows"] == 300
     assert manifest["summary"]["possible_pairs"] == 40 * 39 and manifest["summary"]["unique_pair_ids"]
     t = artifacts.read_table(storage, "pairs", "pairs")
-    assert t.column_names == ["pair_id", "image_id_a", "image_id_b", "caption_a", "caption_b", "attributes_a",
-                              "attributes_b"]
+    assert t.column_names == [
+        "pair_id",
+        "image_id_a",
+        "image_id_b",
+        "caption_a",
+        "caption_b",
+        "attributes_a",
+        "attributes_b",
+    ]
     images = {r["image_id"]: r for r in artifacts.read_table(storage, "images", "images").to_pylist()}
     seen = set()
     for row in t.to_pylist():

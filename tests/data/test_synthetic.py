@@ -34,8 +34,14 @@ def test_same_seed_and_index_gives_identical_bytes():
 
 
 def test_render_consumes_rng_deterministically():
-    attrs = {"kind": "square", "colour": "red", "size": "medium", "brightness": "bright", "count": 2,
-             "position": "left"}
+    attrs = {
+        "kind": "square",
+        "colour": "red",
+        "size": "medium",
+        "brightness": "bright",
+        "count": 2,
+        "position": "left",
+    }
     one = np.asarray(render(attrs, SIZE, np.random.default_rng(5)))
     two = np.asarray(render(attrs, SIZE, np.random.default_rng(5)))
     assert np.array_equal(one, two)
@@ -89,8 +95,14 @@ def test_size_classes_are_separated_in_pixels():
     for kind in A.KINDS:
         for size in A.SIZES:
             for _ in range(15):
-                attrs = {"kind": kind, "colour": "blue", "size": size, "brightness": "dark", "count": 1,
-                         "position": "center"}
+                attrs = {
+                    "kind": kind,
+                    "colour": "blue",
+                    "size": size,
+                    "brightness": "dark",
+                    "count": 1,
+                    "position": "center",
+                }
                 areas.setdefault((kind, size), []).append(int(_shape_mask(render(attrs, SIZE, rng)).sum()))
     for kind in A.KINDS:
         assert max(areas[kind, "small"]) < min(areas[kind, "medium"]), kind
@@ -103,8 +115,14 @@ def test_brightness_scales_the_colour():
     rng = np.random.default_rng(1)
     for brightness, (lo, hi) in {"dark": (0.40, 0.60), "bright": (0.90, 1.05)}.items():
         for colour, rgb in A.COLOURS.items():
-            attrs = {"kind": "square", "colour": colour, "size": "large", "brightness": brightness, "count": 1,
-                     "position": "right"}
+            attrs = {
+                "kind": "square",
+                "colour": colour,
+                "size": "large",
+                "brightness": brightness,
+                "count": 1,
+                "position": "right",
+            }
             px = np.asarray(render(attrs, SIZE, rng), dtype=np.float64)
             inside = px[_shape_mask(px.astype(np.uint8))]
             channel = int(np.argmax(rgb))
@@ -113,11 +131,20 @@ def test_brightness_scales_the_colour():
 
 
 def _job(root: str, num_train: int, num_test: int, rows_per_shard: int = 2000) -> JobConfig:
-    return JobConfig.model_validate({
-        "storage": {"root": root},
-        "data": {"synthetic": {"num_train": num_train, "num_test": num_test, "image_size": SIZE, "seed": 7,
-                               "rows_per_shard": rows_per_shard}},
-    })
+    return JobConfig.model_validate(
+        {
+            "storage": {"root": root},
+            "data": {
+                "synthetic": {
+                    "num_train": num_train,
+                    "num_test": num_test,
+                    "image_size": SIZE,
+                    "seed": 7,
+                    "rows_per_shard": rows_per_shard,
+                }
+            },
+        }
+    )
 
 
 def test_make_images_writes_a_reproducible_artifact(ray_local, tmp_path):
@@ -136,12 +163,15 @@ def test_make_images_writes_a_reproducible_artifact(ray_local, tmp_path):
     assert len(rows) == 85
     assert sorted(r["split"] for r in rows.values()).count("train") == 60
     # Any shard reproduces alone: a row equals the same image made outside the job.
-    for image_id, split, index in [("syn-train-000000", "train", 0), ("syn-train-000059", "train", 59),
-                                   ("syn-test-000024", "test", 24)]:
+    for image_id, split, index in [
+        ("syn-train-000000", "train", 0),
+        ("syn-train-000059", "train", 59),
+        ("syn-test-000024", "test", 24),
+    ]:
         assert rows[image_id] == make_example(7, split, index, SIZE)
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_nine_thousand_images_are_fast(ray_local, tmp_path):
     job = _job(str(tmp_path), num_train=8000, num_test=1000)
     start = time.time()

@@ -21,23 +21,31 @@ from pcd_ray import artifacts
 from pcd_ray.config import StorageConfig
 from pcd_ray.storage import Storage, join
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[2]
 
 TINY = [
-    "data.synthetic.num_train=240", "data.synthetic.num_test=90", "data.synthetic.image_size=32",
+    "data.synthetic.num_train=240",
+    "data.synthetic.num_test=90",
+    "data.synthetic.image_size=32",
     "pairs.num_pairs=400",
-    "base_train.model.name=pcd-micro", "base_train.epochs=1", "base_train.batch_size=32",
+    "base_train.model.name=pcd-micro",
+    "base_train.epochs=1",
+    "base_train.batch_size=32",
     "base_train.scaling.cpus_per_worker=1",
-    "train.batch_size=32", "train.max_steps=4", "train.scaling.cpus_per_worker=1",
-    "eval.seeds=[0, 1]", "eval.pairs_per_attribute=30",
+    "train.batch_size=32",
+    "train.max_steps=4",
+    "train.scaling.cpus_per_worker=1",
+    "eval.seeds=[0, 1]",
+    "eval.pairs_per_attribute=30",
 ]
 
 
 def _cli(args: list[str], ray_address: str) -> subprocess.CompletedProcess:
     env = dict(os.environ, RAY_ADDRESS=ray_address)
-    out = subprocess.run([sys.executable, "-m", "pcd_ray", *args], cwd=REPO, env=env, capture_output=True,
-                         text=True, timeout=900)
+    out = subprocess.run(
+        [sys.executable, "-m", "pcd_ray", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=900
+    )
     assert out.returncode == 0, f"pcd-ray {args[0]} failed:\n{out.stdout[-4000:]}\n{out.stderr[-6000:]}"
     return out
 
@@ -83,4 +91,3 @@ def test_pipeline_on_s3_then_demo_resumes_and_prints_the_table(ray_local, s3_roo
         assert f"== {stage}: up to date, skipped" in again, again[-3000:]
     for stage in ("train", "eval"):
         assert f"== {stage}: done" in again, again[-3000:]
-

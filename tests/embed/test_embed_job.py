@@ -18,18 +18,20 @@ from pcd_ray.data.pairs import pair_id
 from pcd_ray.data.synthetic import make_example
 from pcd_ray.storage import Storage
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.integration
 
 NUM_TRAIN, NUM_TEST = 64, 8
 CORRUPT, NO_BYTES = "syn-train-corrupt", "syn-train-nobytes"
 
 
 def _job(root: str, **embed) -> JobConfig:
-    return JobConfig.model_validate({
-        "storage": {"root": root},
-        "embed": {"model": {"checkpoint": "base/export"}, "batch_size": 16, **embed},
-        "train": {"model": {"checkpoint": "base/export"}, "embeddings": "embeddings", "batch_size": 8},
-    })
+    return JobConfig.model_validate(
+        {
+            "storage": {"root": root},
+            "embed": {"model": {"checkpoint": "base/export"}, "batch_size": 16, **embed},
+            "train": {"model": {"checkpoint": "base/export"}, "embeddings": "embeddings", "batch_size": 8},
+        }
+    )
 
 
 def export_seeded_micro(storage: Storage, uri: str) -> None:
@@ -49,11 +51,20 @@ def _train(job: JobConfig, **changes) -> TrainConfig:
 
 
 def _write_pairs(storage: Storage, id_pairs: list[tuple[str, str]]) -> None:
-    artifacts.write_table(pa.table({
-        "pair_id": [pair_id(a, b) for a, b in id_pairs],
-        "image_id_a": [a for a, _ in id_pairs], "image_id_b": [b for _, b in id_pairs],
-        "caption_a": ["a"] * len(id_pairs), "caption_b": ["b"] * len(id_pairs),
-    }), storage, "pairs", "pairs")
+    artifacts.write_table(
+        pa.table(
+            {
+                "pair_id": [pair_id(a, b) for a, b in id_pairs],
+                "image_id_a": [a for a, _ in id_pairs],
+                "image_id_b": [b for _, b in id_pairs],
+                "caption_a": ["a"] * len(id_pairs),
+                "caption_b": ["b"] * len(id_pairs),
+            }
+        ),
+        storage,
+        "pairs",
+        "pairs",
+    )
 
 
 @pytest.fixture(scope="module")
@@ -66,10 +77,13 @@ def embedded(tmp_path_factory, ray_local):
     rows = [make_example(0, "train", i, 32) for i in range(NUM_TRAIN)]
     rows += [make_example(0, "test", i, 32) for i in range(NUM_TEST)]
     table = pa.Table.from_pylist(rows)
-    bad = pa.Table.from_pylist([
-        {**rows[0], "image_id": CORRUPT, "image": b"\x89PNG\r\n\x1a\n but the rest is not a PNG"},
-        {**rows[1], "image_id": NO_BYTES, "image": None},
-    ], schema=table.schema)
+    bad = pa.Table.from_pylist(
+        [
+            {**rows[0], "image_id": CORRUPT, "image": b"\x89PNG\r\n\x1a\n but the rest is not a PNG"},
+            {**rows[1], "image_id": NO_BYTES, "image": None},
+        ],
+        schema=table.schema,
+    )
     # The bad rows in the middle: they share actor batches with good rows.
     table = pa.concat_tables([table.slice(0, 30), bad, table.slice(30)])
     artifacts.write_table(table, storage, "images", "images")
@@ -97,7 +111,9 @@ def test_embed_writes_embeddings_and_rejects_that_add_up(embedded):
 
     rejects = artifacts.read_table(storage, rejects_uri("embeddings"), "image_rejects").to_pylist()
     assert {(r["image_id"], r["source"], r["reason"]) for r in rejects} == {
-        (CORRUPT, "embed", "corrupt_image"), (NO_BYTES, "embed", "missing_image")}
+        (CORRUPT, "embed", "corrupt_image"),
+        (NO_BYTES, "embed", "missing_image"),
+    }
     assert "not a decodable image" in next(r["detail"] for r in rejects if r["image_id"] == CORRUPT)
 
     table = artifacts.read_table(storage, "embeddings", "embeddings")
@@ -123,9 +139,19 @@ def test_training_refuses_embeddings_of_another_model(embedded):
         _image_values(other, storage, precomputed=True)
     # A random init is not a model identity: the embed actors and the train workers would each draw their own.
     random_init = {**job.embed.model_dump(mode="json"), "model": {"name": "pcd-micro"}}
-    artifacts.write_table(pa.table({"image_id": ["x"], "model": ["pcd-micro (random init)"],
-                                    "embedding": pa.array([[0.0] * 32], pa.list_(pa.float32()))}),
-                          storage, "embeddings-random", "embeddings", config=random_init)
+    artifacts.write_table(
+        pa.table(
+            {
+                "image_id": ["x"],
+                "model": ["pcd-micro (random init)"],
+                "embedding": pa.array([[0.0] * 32], pa.list_(pa.float32())),
+            }
+        ),
+        storage,
+        "embeddings-random",
+        "embeddings",
+        config=random_init,
+    )
     with pytest.raises(ValueError, match="randomly initialised pcd-micro"):
         _image_values(_train(job, model={"name": "pcd-micro"}, embeddings="embeddings-random"), storage, True)
     # The same export named by its absolute URI is the same model: relative URIs resolve against storage.root.
@@ -139,8 +165,14 @@ def test_training_names_pair_images_without_an_embedding(embedded):
     from pcd_ray.train.data import _image_values
 
     job, storage, _, _ = embedded
-    _write_pairs(storage, [("syn-train-000000", CORRUPT), ("syn-train-000002", "syn-train-nowhere"),
-                           ("syn-train-000003", "syn-train-000004")])
+    _write_pairs(
+        storage,
+        [
+            ("syn-train-000000", CORRUPT),
+            ("syn-train-000002", "syn-train-nowhere"),
+            ("syn-train-000003", "syn-train-000004"),
+        ],
+    )
     with pytest.raises(ValueError, match=r"2 image\(s\) the pairs .* need have no embedding \(1 rejected") as err:
         _image_values(job.train, storage, precomputed=True)
     msg = str(err.value)

@@ -11,13 +11,15 @@ from pcd_ray.embed.job import EMBEDDING_COLUMNS, REJECT_COLUMNS, block_stats, sp
 
 def _block() -> pa.Table:
     """What ``embed_images(..., reasons=True)`` yields: two embedded rows, a missing and an oversized image."""
-    return pa.table({
-        "image_id": ["a", "missing", "b", "huge"],
-        "embedding": pa.array([[1.0, 0.0], None, [0.0, 1.0], None], pa.list_(pa.float32())),
-        "model": ["m"] * 4,
-        "error": [None, "missing image bytes", None, "image is 9000x9000, over the limit of 100 pixels"],
-        "reason": [None, "missing_image", None, "image_too_large"],
-    })
+    return pa.table(
+        {
+            "image_id": ["a", "missing", "b", "huge"],
+            "embedding": pa.array([[1.0, 0.0], None, [0.0, 1.0], None], pa.list_(pa.float32())),
+            "model": ["m"] * 4,
+            "error": [None, "missing image bytes", None, "image is 9000x9000, over the limit of 100 pixels"],
+            "reason": [None, "missing_image", None, "image_too_large"],
+        }
+    )
 
 
 def test_split_rows_keeps_the_embedded_and_rejects_with_the_code():
@@ -26,8 +28,13 @@ def test_split_rows_keeps_the_embedded_and_rejects_with_the_code():
     assert rejected.column_names == REJECT_COLUMNS
     assert rejected.to_pylist() == [
         {"image_id": "missing", "source": "embed", "reason": "missing_image", "detail": "missing image bytes"},
-        {"image_id": "huge", "source": "embed", "reason": "image_too_large",
-         "detail": "image is 9000x9000, over the limit of 100 pixels"}]
+        {
+            "image_id": "huge",
+            "source": "embed",
+            "reason": "image_too_large",
+            "detail": "image is 9000x9000, over the limit of 100 pixels",
+        },
+    ]
 
 
 def test_block_stats_name_the_model_and_refuse_a_wrong_width():

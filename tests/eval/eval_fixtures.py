@@ -14,17 +14,20 @@ EUROSAT = ["AnnualCrop", "Forest", "SeaLake"]
 SUN = ["/a/abbey", "/a/apartment_building/outdoor", "/b/bedroom"]
 AWA2_CLASSES = ["antelope", "grizzly+bear", "killer+whale", "dalmatian"]
 AWA2_PREDICATES = ["black", "white", "furry", "swims", "stripes", "smart"]
-AWA2_MATRIX = [[0, 1, 1, 0, 0, 0],   # antelope: white, furry
-               [1, 0, 1, 0, 0, 1],   # grizzly bear: black, furry (smart: not visual)
-               [1, 1, 0, 1, 0, 1],   # killer whale: black, white (swims, smart: not visual)
-               [1, 1, 1, 0, 0, 0]]   # dalmatian: black, white, furry
+AWA2_MATRIX = [
+    [0, 1, 1, 0, 0, 0],  # antelope: white, furry
+    [1, 0, 1, 0, 0, 1],  # grizzly bear: black, furry (smart: not visual)
+    [1, 1, 0, 1, 0, 1],  # killer whale: black, white (swims, smart: not visual)
+    [1, 1, 1, 0, 0, 0],
+]  # dalmatian: black, white, furry
 AWA2_ALL_PREDICATES = (
     "black white blue brown gray orange red yellow patches spots stripes furry hairless toughskin big small bulbous "
     "lean flippers hands hooves pads paws longleg longneck tail chewteeth meatteeth buckteeth strainteeth horns claws "
     "tusks smelly flys hops swims tunnels walks fast slow strong weak muscle bipedal quadrapedal active inactive "
     "nocturnal hibernate agility fish meat plankton vegetation insects forager grazer hunter scavenger skimmer stalker "
     "newworld oldworld arctic coastal desert bush plains forest fields jungle mountains ocean ground water tree cave "
-    "fierce timid smart group solitary nestspot domestic").split()
+    "fierce timid smart group solitary nestspot domestic"
+).split()
 """AwA2's 85 predicates in predicates.txt order."""
 CUB_CLASSES = ["001.Black_footed_Albatross", "002.Laysan_Albatross", "003.Sooty_Albatross"]
 
@@ -121,8 +124,11 @@ def write_awa2(root: Path, per_class: int = 3, predicates: list[str] = AWA2_PRED
 
 def write_coco(root: Path, n: int = 4) -> None:
     images = [{"id": 100 + k, "file_name": f"COCO_val2014_{100 + k:012d}.jpg"} for k in range(n)]
-    anns = [{"id": 1000 + 2 * k + j, "image_id": 100 + k, "caption": f"picture number {k} variant {j}"}
-            for k in range(n) for j in range(2)]
+    anns = [
+        {"id": 1000 + 2 * k + j, "image_id": 100 + k, "caption": f"picture number {k} variant {j}"}
+        for k in range(n)
+        for j in range(2)
+    ]
     (root / "annotations").mkdir(parents=True)
     (root / "annotations" / "captions_val2014.json").write_text(json.dumps({"images": images, "annotations": anns}))
     for k, im in enumerate(images):
@@ -139,5 +145,6 @@ def make_export(storage, uri: str, seed: int) -> str:
 
     torch.manual_seed(seed)
     loaded = load_model(ModelSpec(name="pcd-micro"))
-    return export_model(loaded.model.state_dict(), loaded.model_cfg, loaded.preprocess_cfg, storage, uri,
-                        meta={"seed": seed})
+    return export_model(
+        loaded.model.state_dict(), loaded.model_cfg, loaded.preprocess_cfg, storage, uri, meta={"seed": seed}
+    )

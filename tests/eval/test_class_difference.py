@@ -9,8 +9,13 @@ import numpy as np
 import pytest
 from eval_fixtures import AWA2_ALL_PREDICATES, write_awa2, write_cifar100, write_cub, write_flowers102
 
-from pcd_ray.eval.class_difference import (awa2_text, class_difference_accuracy, class_indices, draw_pairs,
-                                           read_pair_texts)
+from pcd_ray.eval.class_difference import (
+    awa2_text,
+    class_difference_accuracy,
+    class_indices,
+    draw_pairs,
+    read_pair_texts,
+)
 from pcd_ray.eval.dataset_suite import read_comparatives
 from pcd_ray.eval.datasets import DatasetError, read_dataset
 from pcd_ray.eval.protocol import CIFAR_LARGER, CIFAR_SMALLER, FIXED
@@ -44,8 +49,7 @@ def test_cifar_size_sign_test(cifar):
     assert res["selection"] == {"larger": list(CIFAR_LARGER), "smaller": list(CIFAR_SMALLER)}
     # A text encoder that always says "larger" is right exactly on the pairs with the large one first, one that
     # always says "smaller" on the others; the draw order decides how many, not a balancing rule.
-    always = {w: (lambda texts, v=v: np.tile(v, (len(texts), 1))) for w, v in (("l", [1.0, -1.0]),
-                                                                                ("s", [-1.0, 1.0]))}
+    always = {w: (lambda texts, v=v: np.tile(v, (len(texts), 1))) for w, v in (("l", [1.0, -1.0]), ("s", [-1.0, 1.0]))}
     larger = class_difference_accuracy(cifar, emb, always["l"], "size", seeds=[0, 1])["per_seed"]
     smaller = class_difference_accuracy(cifar, emb, always["s"], "size", seeds=[0, 1])["per_seed"]
     assert [a + b for a, b in zip(larger, smaller)] == pytest.approx([100.0, 100.0])
@@ -64,8 +68,9 @@ def test_selections_are_by_name(cifar, tmp_path):
     # Flowers102: a fixture without the yellow classes cannot run the colour test, and says which are missing.
     write_flowers102(tmp_path, ["bolero deep blue", "grape hyacinth", "stemless gentian", "balloon flower"])
     flowers = read_dataset(Storage(), "flowers102", str(tmp_path), "test")
-    res = class_difference_accuracy(flowers, np.ones((len(flowers), 2)), lambda t: np.ones((len(t), 2)), "colour",
-                                    seeds=[0])
+    res = class_difference_accuracy(
+        flowers, np.ones((len(flowers), 2)), lambda t: np.ones((len(t), 2)), "colour", seeds=[0]
+    )
     assert res["accuracy"] is None and res["pairs_per_seed"] == [0]  # no yellow images in this split
 
 
@@ -75,13 +80,20 @@ def test_awa2_sentences_leave_out_the_dropped_predicates(tmp_path):
     columns = [ds.attribute_names.index(p) for p in ("black", "white", "furry", "stripes")]
     # grizzly bear (black, furry, smart) vs killer whale (black, white, swims, smart):
     assert awa2_text(ds, 1, 2, columns, FIXED.attributes.template) == (
-        "The first image has attributes of furry, while the second image has attributes of white")
+        "The first image has attributes of furry, while the second image has attributes of white"
+    )
     # dalmatian (black, white, furry) vs antelope (white, furry): nothing the other has that it lacks stays empty.
     assert awa2_text(ds, 3, 0, columns, FIXED.attributes.template) == (
-        "The first image has attributes of black, while the second image has attributes of ")
+        "The first image has attributes of black, while the second image has attributes of "
+    )
     seen = []
-    res = class_difference_accuracy(ds, np.random.default_rng(0).normal(size=(len(ds), 4)),
-                                    lambda t: seen.extend(t) or np.ones((len(t), 4)), "attributes", seeds=[0, 1])
+    res = class_difference_accuracy(
+        ds,
+        np.random.default_rng(0).normal(size=(len(ds), 4)),
+        lambda t: seen.extend(t) or np.ones((len(t), 4)),
+        "attributes",
+        seeds=[0, 1],
+    )
     # 12 images, 3 per class: every pair of two classes, 66 - 4 * 3.
     assert res["pairs_per_seed"] == [54, 54] and 0 <= res["accuracy"] <= 100
     assert any("swims" in t for t in seen) and any("smart" in t for t in seen)  # neither is a dropped predicate
@@ -89,17 +101,24 @@ def test_awa2_sentences_leave_out_the_dropped_predicates(tmp_path):
     small = tmp_path / "small"
     write_awa2(small)
     with pytest.raises(DatasetError, match=r"predicates \['smelly', 'tunnels'.*not found among its 6 predicates"):
-        class_difference_accuracy(read_dataset(Storage(), "awa2", str(small), "all"), np.ones((12, 4)),
-                                  lambda t: np.ones((len(t), 4)), "attributes", seeds=[0])
+        class_difference_accuracy(
+            read_dataset(Storage(), "awa2", str(small), "all"),
+            np.ones((12, 4)),
+            lambda t: np.ones((len(t), 4)),
+            "attributes",
+            seeds=[0],
+        )
 
 
 def test_llm_pair_texts_from_a_file(tmp_path):
     write_cub(tmp_path)
     ds = read_dataset(Storage(), "cub", str(tmp_path), "test")
     a, b, c = ds.image_ids[:3]
-    rows = [{"image_a": a, "image_b": b, "text": "The first bird is darker."},
-            {"image_a": b, "image_b": c, "text": "The first bird is lighter."},
-            {"image_a": a, "image_b": "not/in/split.jpg", "text": "x"}]
+    rows = [
+        {"image_a": a, "image_b": b, "text": "The first bird is darker."},
+        {"image_a": b, "image_b": c, "text": "The first bird is lighter."},
+        {"image_a": a, "image_b": "not/in/split.jpg", "text": "x"},
+    ]
     path = tmp_path / "diffs.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     pair_rows, skipped = read_pair_texts(Storage(), str(path), ds)
@@ -128,19 +147,21 @@ def test_comparatives_file_by_class_name(tmp_path, cifar):
 
 
 def test_template_ensembles_and_labelled_zeroshot():
-    assert [t("forest") for t in ensemble("eurosat")] == ["a centered satellite photo of forest.",
-                                                          "a centered satellite photo of a forest.",
-                                                          "a centered satellite photo of the forest."]
+    assert [t("forest") for t in ensemble("eurosat")] == [
+        "a centered satellite photo of forest.",
+        "a centered satellite photo of a forest.",
+        "a centered satellite photo of the forest.",
+    ]
     assert len(ensemble("cifar100")) == 18 and len(ensemble("awa2")) == 80 and len(ensemble("synthetic")) == 7
     assert [t("cat") for t in template_sets("cub", ["paper"])["paper"]] == ["This is a photo of a cat"]
     with pytest.raises(ValueError, match="unknown template set"):
         template_sets("cub", ["fancy"])
     # Two templates per class: the class embedding is the normalised mean of the normalised prompt embeddings.
     vecs = {"a x": [2.0, 0.0], "b x": [0.0, 5.0], "a y": [0.0, 0.0001], "b y": [0.0, 3.0]}
-    emb = class_embeddings(lambda ts: np.asarray([vecs[t] for t in ts]), ["x", "y"],
-                           [lambda c: f"a {c}", lambda c: f"b {c}"])
+    emb = class_embeddings(
+        lambda ts: np.asarray([vecs[t] for t in ts]), ["x", "y"], [lambda c: f"a {c}", lambda c: f"b {c}"]
+    )
     np.testing.assert_allclose(emb, [[np.sqrt(0.5), np.sqrt(0.5)], [0.0, 1.0]], atol=1e-9)
-    res = labelled_zeroshot(np.array([[1.0, 0.1], [0.1, 1.0], [1.0, 0.0]]), np.array([0, 1, 1]), np.eye(2),
-                            ["x", "y"])
+    res = labelled_zeroshot(np.array([[1.0, 0.1], [0.1, 1.0], [1.0, 0.0]]), np.array([0, 1, 1]), np.eye(2), ["x", "y"])
     assert res["accuracy"] == pytest.approx(200 / 3) and res["confusion"] == [[1, 0], [1, 1]]
     assert res["top_confused"] == [["y", "x", 1]] and res["chance"] == 50.0

@@ -46,10 +46,7 @@ def test_predictions_flip_where_the_boundary_moves():
 
 
 def test_most_confused_pairs_order_ties_and_filter():
-    cm = np.array([[5, 3, 0, 1],
-                   [2, 5, 0, 0],
-                   [0, 4, 5, 0],
-                   [0, 0, 1, 5]])
+    cm = np.array([[5, 3, 0, 1], [2, 5, 0, 0], [0, 4, 5, 0], [0, 0, 1, 5]])
     # Symmetric confusions: (0,1)=5, (1,2)=4, (0,3)=1, (2,3)=1, others 0.
     assert most_confused_pairs(cm, 3) == [(0, 1), (1, 2), (0, 3)]
     assert most_confused_pairs(cm, 10) == [(0, 1), (1, 2), (0, 3), (2, 3)]  # zero-confusion pairs never chosen
@@ -69,8 +66,19 @@ def test_comparative_prompting_paper_and_heldout_protocols():
         asked.append(list(texts))
         return np.stack([D01 if t == "zero vs one" else -D01 for t in texts])
 
-    res = comparative_prompting(images, labels, T, ["zero", "one", "two"], text, encode, alpha=0.5, n_pairs=3,
-                                alphas=[1.0, 0.5], holdout_fraction=0.5, seed=0)
+    res = comparative_prompting(
+        images,
+        labels,
+        T,
+        ["zero", "one", "two"],
+        text,
+        encode,
+        alpha=0.5,
+        n_pairs=3,
+        alphas=[1.0, 0.5],
+        holdout_fraction=0.5,
+        seed=0,
+    )
     paper = res["protocols"]["paper"]
     # Only (0, 1) is confused (the two 20-degree images); no other pair has confusions or comparatives.
     assert paper["pairs"] == [["zero", "one", 2]] and paper["num_comparatives"] == 2
@@ -90,8 +98,17 @@ def test_comparative_prompting_paper_and_heldout_protocols():
 def test_one_sided_comparative_fixes_the_confused_images():
     images = np.stack([polar(20)] * 2 + [polar(40)] * 2 + [[0, 0, 1.0]] * 2)
     labels = np.array([0, 0, 1, 1, 2, 2])
-    res = comparative_prompting(images, labels, T, ["a", "b", "c"], lambda i, j: "d" if (i, j) == (0, 1) else None,
-                                lambda texts: np.stack([D01] * len(texts)), alpha=0.5, n_pairs=1, alphas=[0.5])
+    res = comparative_prompting(
+        images,
+        labels,
+        T,
+        ["a", "b", "c"],
+        lambda i, j: "d" if (i, j) == (0, 1) else None,
+        lambda texts: np.stack([D01] * len(texts)),
+        alpha=0.5,
+        n_pairs=1,
+        alphas=[0.5],
+    )
     p = res["protocols"]["paper"]
     assert p["zeroshot"] == {"full": pytest.approx(200 / 3), "confused": 50.0}
     assert p["comparative"] == {"full": 100.0, "confused": 100.0}

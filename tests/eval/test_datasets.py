@@ -6,8 +6,18 @@ import pickle
 
 import numpy as np
 import pytest
-from eval_fixtures import (AWA2_CLASSES, CIFAR_NAMES, CUB_CLASSES, write_awa2, write_cifar100, write_coco, write_cub,
-                           write_eurosat, write_flowers102, write_sun397)
+from eval_fixtures import (
+    AWA2_CLASSES,
+    CIFAR_NAMES,
+    CUB_CLASSES,
+    write_awa2,
+    write_cifar100,
+    write_coco,
+    write_cub,
+    write_eurosat,
+    write_flowers102,
+    write_sun397,
+)
 
 from pcd_ray.config import StorageConfig
 from pcd_ray.eval.datasets import DatasetError, read_dataset, seeded_test_mask

@@ -26,7 +26,7 @@ def oracle_images(attrs: list[dict]) -> np.ndarray:
     projection on an attribute's axis is exactly the attribute's comparison.
     """
     r = np.array([[ORDERED[k].index(a[k]) for k in ATTRS] for a in attrs], dtype=np.float64)
-    return np.concatenate([r, np.sqrt(20.0 - (r ** 2).sum(1, keepdims=True))], axis=1)
+    return np.concatenate([r, np.sqrt(20.0 - (r**2).sum(1, keepdims=True))], axis=1)
 
 
 def sentence_table(sign: int = 1) -> dict[str, np.ndarray]:
@@ -87,13 +87,15 @@ def test_text_without_direction_scores_exactly_half_thanks_to_balancing(attrs):
     """
     images = oracle_images(attrs)
     always_larger = lambda texts: np.tile([1.0, 0.0, 0.0, 0.0], (len(texts), 1))  # noqa: E731
-    res = difference_accuracy(images, attrs, always_larger, attributes=["size"], seeds=[0, 1, 2, 3],
-                              pairs_per_attribute=400)
+    res = difference_accuracy(
+        images, attrs, always_larger, attributes=["size"], seeds=[0, 1, 2, 3], pairs_per_attribute=400
+    )
     assert res["attributes"]["size"]["per_seed"] == [50.0] * 4
 
 
-@pytest.mark.parametrize("mode,n_images,num_pairs", [("hard", 300, 500), ("hard", 12, 500), ("easy", 300, 500),
-                                                     ("easy", 300, 10)])
+@pytest.mark.parametrize(
+    "mode,n_images,num_pairs", [("hard", 300, 500), ("hard", 12, 500), ("easy", 300, 500), ("easy", 300, 10)]
+)
 def test_sampled_pairs_are_valid_distinct_and_balanced(attrs, mode, n_images, num_pairs):
     subset = attrs[:n_images]
     for attr in ATTRS:
@@ -115,8 +117,10 @@ def test_available_pairs_match_brute_force(attrs, mode):
     subset = attrs[:80]
     for attr in ATTRS:
         brute = sum(
-            1 for a, b in itertools.combinations(subset, 2)
-            if a[attr] != b[attr] and (mode == "hard" or all(a[k] == b[k] for k in a if k != attr)))
+            1
+            for a, b in itertools.combinations(subset, 2)
+            if a[attr] != b[attr] and (mode == "hard" or all(a[k] == b[k] for k in a if k != attr))
+        )
         _, _, available = sample_pairs(subset, attr, 5, np.random.default_rng(0), mode)
         assert available == brute
 
@@ -144,8 +148,9 @@ def test_hard_pairs_let_other_attributes_vary(attrs):
 
 
 def test_easy_mode_reports_fewer_pairs_when_few_exist(attrs):
-    res = difference_accuracy(oracle_images(attrs), attrs, lookup(sentence_table()), seeds=[0, 1],
-                              pairs_per_attribute=10_000, mode="easy")
+    res = difference_accuracy(
+        oracle_images(attrs), attrs, lookup(sentence_table()), seeds=[0, 1], pairs_per_attribute=10_000, mode="easy"
+    )
     for attr in ATTRS:
         entry = res["attributes"][attr]
         assert entry["pairs_per_seed"] == [entry["available_pairs"]] * 2
@@ -177,8 +182,7 @@ def test_identical_embeddings_get_no_credit():
 
 def test_attribute_without_variation_yields_no_pairs_not_an_error():
     attrs = [dict(sample_attributes(np.random.default_rng(i)), size="small") for i in range(20)]
-    res = difference_accuracy(np.random.default_rng(0).normal(size=(20, 4)), attrs, lookup(sentence_table()),
-                              seeds=[0])
+    res = difference_accuracy(np.random.default_rng(0).normal(size=(20, 4)), attrs, lookup(sentence_table()), seeds=[0])
     assert res["attributes"]["size"]["accuracy"] is None and res["attributes"]["size"]["available_pairs"] == 0
     assert res["overall"]["accuracy"] is not None  # brightness and count still count
 

@@ -9,8 +9,15 @@ import numpy as np
 import pytest
 
 from pcd_ray import artifacts
-from pcd_ray.config import (ComparativesConfig, DataConfig, EvalConfig, JobConfig, ModelSpec, StorageConfig,
-                            SyntheticConfig)
+from pcd_ray.config import (
+    ComparativesConfig,
+    DataConfig,
+    EvalConfig,
+    JobConfig,
+    ModelSpec,
+    StorageConfig,
+    SyntheticConfig,
+)
 from pcd_ray.data.attributes import sample_attributes
 from pcd_ray.data.images import encode_png
 from pcd_ray.storage import Storage
@@ -34,8 +41,12 @@ def embedder():
 def test_embedder_turns_bad_images_into_error_rows(embedder):
     import pyarrow as pa
 
-    batch = pa.table({"image_id": ["a", "bad", "b", "none", "c"],
-                      "image": pa.array([png(0), b"not an image", png(1), None, png(2)], type=pa.binary())})
+    batch = pa.table(
+        {
+            "image_id": ["a", "bad", "b", "none", "c"],
+            "image": pa.array([png(0), b"not an image", png(1), None, png(2)], type=pa.binary()),
+        }
+    )
     out = embedder(batch)
     assert out.column_names == ["image_id", "embedding", "model", "error"]
     assert out.column("image_id").to_pylist() == ["a", "bad", "b", "none", "c"]
@@ -63,8 +74,7 @@ def test_embed_images_on_ray_data_keeps_every_row(ray_local):
 
     from pcd_ray.embed.images import embed_images
 
-    items = [{"image_id": f"i{k}", "image": png(k) if k != 3 else b"\x89PNG broken", "caption": "x"}
-             for k in range(7)]
+    items = [{"image_id": f"i{k}", "image": png(k) if k != 3 else b"\x89PNG broken", "caption": "x"} for k in range(7)]
     ds = ray.data.from_items(items, override_num_blocks=3)
     out = embed_images(ds, ModelSpec(name="pcd-micro"), Storage(), batch_size=3, num_actors=1).take_all()
     assert sorted(r["image_id"] for r in out) == [f"i{k}" for k in range(7)]
@@ -85,20 +95,38 @@ def fake_model_entry(seed: int, source: str) -> dict:
     images = rng.normal(size=(120, 8))
     cache: dict = {}
     encode = lambda texts: np.stack([cache.setdefault(t, rng.normal(size=8)) for t in texts])  # noqa: E731
-    return {"source": source, "spec": {"name": "pcd-micro"}, "num_embedded": 120, "embedding_errors": 0,
-            "errors": [], "zeroshot": zeroshot_accuracy(images, attrs, encode),
-            "difference": {m: difference_accuracy(images, attrs, encode, seeds=[0, 1], pairs_per_attribute=50,
-                                                  mode=m) for m in ("hard", "easy")}}
+    return {
+        "source": source,
+        "spec": {"name": "pcd-micro"},
+        "num_embedded": 120,
+        "embedding_errors": 0,
+        "errors": [],
+        "zeroshot": zeroshot_accuracy(images, attrs, encode),
+        "difference": {
+            m: difference_accuracy(images, attrs, encode, seeds=[0, 1], pairs_per_attribute=50, mode=m)
+            for m in ("hard", "easy")
+        },
+    }
 
 
 @pytest.fixture(scope="module")
 def report() -> dict:
-    return {"created": "now", "data": {"images": "/data/images", "split": "test", "num_images": 120},
-            "settings": {"seeds": [0, 1], "pairs_per_attribute": 50, "attributes": ["size", "brightness", "count"],
-                         "zeroshot_template": "This is a photo of a {label}", "config": {}},
-            "baseline": "base",
-            "models": {"base": fake_model_entry(0, "pcd-micro (random init)"),
-                       "finetuned": fake_model_entry(1, "export /runs/train/export")}}
+    return {
+        "created": "now",
+        "data": {"images": "/data/images", "split": "test", "num_images": 120},
+        "settings": {
+            "seeds": [0, 1],
+            "pairs_per_attribute": 50,
+            "attributes": ["size", "brightness", "count"],
+            "zeroshot_template": "This is a photo of a {label}",
+            "config": {},
+        },
+        "baseline": "base",
+        "models": {
+            "base": fake_model_entry(0, "pcd-micro (random init)"),
+            "finetuned": fake_model_entry(1, "export /runs/train/export"),
+        },
+    }
 
 
 @pytest.mark.parametrize("where", ["local", "s3"])
@@ -147,11 +175,12 @@ def make_export(storage: Storage, uri: str, seed: int) -> str:
 
     torch.manual_seed(seed)
     loaded = load_model(ModelSpec(name="pcd-micro"))
-    return export_model(loaded.model.state_dict(), loaded.model_cfg, loaded.preprocess_cfg, storage, uri,
-                        meta={"seed": seed})
+    return export_model(
+        loaded.model.state_dict(), loaded.model_cfg, loaded.preprocess_cfg, storage, uri, meta={"seed": seed}
+    )
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_run_eval_end_to_end(ray_local, tmp_path, s3_root):
     from pcd_ray.data.synthetic import make_images
     from pcd_ray.eval.job import run_eval
@@ -159,15 +188,26 @@ def test_run_eval_end_to_end(ray_local, tmp_path, s3_root):
     from pcd_ray.generate.comparatives import run_comparatives
 
     storage = Storage(StorageConfig(root=str(tmp_path)))
-    models = {"base": ModelSpec(checkpoint=make_export(storage, "exports/base", 0)),
-              "finetuned": ModelSpec(checkpoint=make_export(storage, "exports/finetuned", 1))}
+    models = {
+        "base": ModelSpec(checkpoint=make_export(storage, "exports/base", 0)),
+        "finetuned": ModelSpec(checkpoint=make_export(storage, "exports/finetuned", 1)),
+    }
     job = JobConfig(
         storage=storage.cfg,
         data=DataConfig(synthetic=SyntheticConfig(num_train=20, num_test=150, image_size=32, rows_per_shard=60)),
         comparatives=ComparativesConfig(output=f"{s3_root}/comparatives", rejects=f"{s3_root}/comparative_rejects"),
-        eval=EvalConfig(models=models, seeds=[0, 1, 2], pairs_per_attribute=100, batch_size=32, num_actors=1,
-                        output=f"{s3_root}/eval", analogies_per_seed=40, conditioned_queries=30,
-                        comparatives=f"{s3_root}/comparatives"))
+        eval=EvalConfig(
+            models=models,
+            seeds=[0, 1, 2],
+            pairs_per_attribute=100,
+            batch_size=32,
+            num_actors=1,
+            output=f"{s3_root}/eval",
+            analogies_per_seed=40,
+            conditioned_queries=30,
+            comparatives=f"{s3_root}/comparatives",
+        ),
+    )
     make_images(job, storage)
     run_comparatives(job, storage)  # the synthetic set's class comparatives, by the rule engine
     report = run_eval(job, storage)
@@ -175,8 +215,12 @@ def test_run_eval_end_to_end(ray_local, tmp_path, s3_root):
     assert report["data"]["num_images"] == 150 and report["data"]["split"] == "test"
     comparatives = artifacts.read_manifest(storage, f"{s3_root}/comparatives", "comparatives")
     assert report["data"]["comparatives"] == {
-        "uri": f"{s3_root}/comparatives", "commit": comparatives["attempt"], "rows": 318, "complete": True,
-        "sets": {"synthetic/kind": 6, "synthetic/size": 6, "synthetic/size+colour": 306}}
+        "uri": f"{s3_root}/comparatives",
+        "commit": comparatives["attempt"],
+        "rows": 318,
+        "complete": True,
+        "sets": {"synthetic/kind": 6, "synthetic/size": 6, "synthetic/size+colour": 306},
+    }
     assert report["baseline"] == "base" and list(report["models"]) == ["base", "finetuned"]
     for name, entry in report["models"].items():
         assert entry["source"] == f"export {storage.resolve(f'exports/{name}')}"
@@ -202,8 +246,10 @@ def test_run_eval_end_to_end(ray_local, tmp_path, s3_root):
         assert entry["retrieval"]["conditioned"]["queries_per_seed"] == [30, 30, 30]
         assert storage.exists(f"{s3_root}/eval/embeddings/{name}/synthetic/_manifest.json")
     # Same images, seeds and hence pairs for both models: two random inits must still score differently.
-    assert (report["models"]["base"]["difference"]["hard"]["overall"]["per_seed"]
-            != report["models"]["finetuned"]["difference"]["hard"]["overall"]["per_seed"])
+    assert (
+        report["models"]["base"]["difference"]["hard"]["overall"]["per_seed"]
+        != report["models"]["finetuned"]["difference"]["hard"]["overall"]["per_seed"]
+    )
     saved = json.loads(storage.read_text(f"{s3_root}/eval/report.json"))
     assert saved["models"]["finetuned"]["difference"] == report["models"]["finetuned"]["difference"]
     assert storage.exists(f"{s3_root}/eval/report.png") and "finetuned" in format_table(report)

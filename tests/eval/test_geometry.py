@@ -28,12 +28,13 @@ def test_analogy_on_additive_embeddings_is_perfect_and_on_random_is_near_chance(
     # Orthonormal factor directions: every image u + v has the same norm (sqrt 5), so the unit embeddings keep the
     # additive structure and ĝ(a) - ĝ(b) + ĝ(c) is exactly D's direction.
     q, _ = np.linalg.qr(rng.normal(size=(D, D)))
-    fu, fv = q[:U] * 2, q[U:U + V]
+    fu, fv = q[:U] * 2, q[U : U + V]
     images = fu[grid[:, 0]] + fv[grid[:, 1]]
-    classes = (fu[:, None, :] + fv[None, :, :])
+    classes = fu[:, None, :] + fv[None, :, :]
     res = analogy_accuracy(images, grid, classes, seeds=[0, 1], per_seed=40)
     assert res["text"]["accuracy"] == 100.0 and res["image"]["accuracy"] == 100.0
     assert res["chance_text"] == pytest.approx(100 / 12)
-    noise = analogy_accuracy(rng.normal(size=images.shape), grid, rng.normal(size=classes.shape), seeds=[0, 1, 2],
-                             per_seed=200)
+    noise = analogy_accuracy(
+        rng.normal(size=images.shape), grid, rng.normal(size=classes.shape), seeds=[0, 1, 2], per_seed=200
+    )
     assert noise["text"]["accuracy"] < 25 and noise["text"]["stderr"] is not None

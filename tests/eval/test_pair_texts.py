@@ -37,9 +37,12 @@ def _reed_captions(root: Path) -> None:
         path = root / "cvpr2016_cub" / "text_c10" / rel.with_suffix(".txt")
         path.parent.mkdir(parents=True, exist_ok=True)
         colour = ["red", "blue", "green", "yellow", "purple", "orange", "white", "black"][len(line) % 8]
-        path.write_text("".join(f"a small {colour} bird on the left with a {c} tail.\n"
-                                for c in ["red", "blue", "green", "yellow", "white", "black", "purple", "orange",
-                                          "grey", "brown"]))
+        path.write_text(
+            "".join(
+                f"a small {colour} bird on the left with a {c} tail.\n"
+                for c in ["red", "blue", "green", "yellow", "white", "black", "purple", "orange", "grey", "brown"]
+            )
+        )
 
 
 def test_cub_captions_to_eval_rows_through_the_pipeline(ray_local, tmp_path):
@@ -50,15 +53,28 @@ def test_cub_captions_to_eval_rows_through_the_pipeline(ray_local, tmp_path):
     write_cub(root, per_class=3)  # 3 classes x 6 images, half of them test
     _reed_captions(root)
     model = write_tiny_llm(tmp_path / "tiny")
-    job = JobConfig.model_validate({
-        "storage": {"root": str(tmp_path / "run")},
-        "data": {"source": "cub", "cub": {"root": str(root), "split": "test"}, "output": "cub/images",
-                 "rejects": "cub/image_rejects"},
-        "pairs": {"input": "cub/images", "output": "cub/pairs", "split": "test", "num_pairs": 30},
-        "generate": {"engine": "transformers", "input": "cub/pairs", "output": "cub/diffs", "rejects": "cub/rejects",
-                     "llm": {"model": str(model)}, "sampling": {"temperature": 1.0, "top_p": 1.0, "max_tokens": 24},
-                     "batch_size": 8, "num_actors": 1},
-    })
+    job = JobConfig.model_validate(
+        {
+            "storage": {"root": str(tmp_path / "run")},
+            "data": {
+                "source": "cub",
+                "cub": {"root": str(root), "split": "test"},
+                "output": "cub/images",
+                "rejects": "cub/image_rejects",
+            },
+            "pairs": {"input": "cub/images", "output": "cub/pairs", "split": "test", "num_pairs": 30},
+            "generate": {
+                "engine": "transformers",
+                "input": "cub/pairs",
+                "output": "cub/diffs",
+                "rejects": "cub/rejects",
+                "llm": {"model": str(model)},
+                "sampling": {"temperature": 1.0, "top_p": 1.0, "max_tokens": 24},
+                "batch_size": 8,
+                "num_actors": 1,
+            },
+        }
+    )
     storage = Storage(job.storage)
     for stage in ("data", "pairs", "generate"):
         run_stage(BY_NAME[stage], job, storage)
@@ -77,9 +93,15 @@ def test_cub_captions_to_eval_rows_through_the_pipeline(ray_local, tmp_path):
     assert [pair_id(a, b) for a, b, _ in texts.rows] == sorted(by_pair)
     commit = {name: artifacts.read_manifest(storage, f"cub/{name}")["attempt"] for name in ("diffs", "pairs")}
     assert texts.source == {
-        "uri": storage.resolve("cub/diffs"), "kind": "artifact", "commit": commit["diffs"],
+        "uri": storage.resolve("cub/diffs"),
+        "kind": "artifact",
+        "commit": commit["diffs"],
         "pairs": {"uri": storage.resolve("cub/pairs"), "commit": commit["pairs"]},
-        "rows": diffs.num_rows, "engine": "transformers", "model": str(model), "prompt_version": "paper-v1"}
+        "rows": diffs.num_rows,
+        "engine": "transformers",
+        "model": str(model),
+        "prompt_version": "paper-v1",
+    }
     assert read_diff_texts(storage, "cub/diffs", ds) == (texts.rows, 0)
 
     # The same drop-in shape as a differences file: the sign test runs on the rows.
@@ -107,13 +129,32 @@ def test_cub_captions_to_eval_rows_through_the_pipeline(ray_local, tmp_path):
 def _artifacts(storage: Storage, rows: list[tuple[str, str, str]], extra_diffs: list[str] = ()) -> None:
     """A pairs artifact of (image_a, image_b) and a diffs artifact with one text per pair (plus ``extra_diffs``
     pair ids the pairs artifact lacks), stamped as the generate stage would be."""
-    artifacts.write_table(pa.Table.from_pylist([
-        {"pair_id": pair_id(a, b), "image_id_a": a, "image_id_b": b, "caption_a": "x", "caption_b": "y"}
-        for a, b, _ in rows]), storage, "pairs", "pairs")
+    artifacts.write_table(
+        pa.Table.from_pylist(
+            [
+                {"pair_id": pair_id(a, b), "image_id_a": a, "image_id_b": b, "caption_a": "x", "caption_b": "y"}
+                for a, b, _ in rows
+            ]
+        ),
+        storage,
+        "pairs",
+        "pairs",
+    )
     diffs = [(pair_id(a, b), t) for a, b, t in rows] + [(p, "a text") for p in extra_diffs]
-    artifacts.write_table(pa.table({"pair_id": [p for p, _ in diffs], "text": [t for _, t in diffs],
-                                    "raw": [t for _, t in diffs], "engine": ["rule"] * len(diffs),
-                                    "prompt_version": ["v"] * len(diffs)}), storage, "diffs", "diffs")
+    artifacts.write_table(
+        pa.table(
+            {
+                "pair_id": [p for p, _ in diffs],
+                "text": [t for _, t in diffs],
+                "raw": [t for _, t in diffs],
+                "engine": ["rule"] * len(diffs),
+                "prompt_version": ["v"] * len(diffs),
+            }
+        ),
+        storage,
+        "diffs",
+        "diffs",
+    )
     record = provenance.take(storage, "generate", {}, [Ref("pairs", "pairs", "artifact")])
     provenance.stamp(storage, Ref("diffs", "diffs", "artifact"), record)
 
@@ -126,8 +167,13 @@ def test_diffs_artifact_checks(tmp_path):
 
     with pytest.raises(DatasetError, match=r"run/diffs: no committed artifact here"):
         load_pair_texts(storage, "diffs", ds)
-    rows = [(a, b, "The first bird is darker."), (b, c, "The first bird is lighter."), (a, "nope/x.jpg", "x"),
-            (c, c, "the same image twice"), (c, a, "")]
+    rows = [
+        (a, b, "The first bird is darker."),
+        (b, c, "The first bird is lighter."),
+        (a, "nope/x.jpg", "x"),
+        (c, c, "the same image twice"),
+        (c, a, ""),
+    ]
     _artifacts(storage, rows)
     texts = load_pair_texts(storage, "diffs", ds)
     assert sorted(texts.rows) == sorted(rows[:2]) and texts.skipped == 3 and texts.source["rows"] == 5
@@ -166,4 +212,9 @@ def test_a_differences_file_or_an_artifact(tmp_path):
     assert texts.rows == [(a, b, "The first bird is darker.")] and texts.skipped == 0
     assert texts.source["kind"] == "file" and texts.source["uri"] == str(path) and texts.source["commit"]
     assert [names_artifact(u) for u in ("cub/diffs", "s3://b/run/cub/diffs/", "d.jsonl", "d.CSV", "d.parquet")] == [
-        True, True, False, False, False]
+        True,
+        True,
+        False,
+        False,
+        False,
+    ]

@@ -6,12 +6,13 @@ from pcd_ray.eval.paper import PAPER_DIFFERENCE, paper_sections
 
 
 def _entry(kind: str, acc: float, zs: float, before: float, after: float, forward: float) -> dict:
-    return {"kind": kind,
-            "zeroshot": {"paper": {"accuracy": zs}},
-            "difference": {"accuracy": acc, "stderr": 0.5},
-            "comparative": {"protocols": {"paper": {"zeroshot": {"confused": before},
-                                                    "comparative": {"confused": after}}}},
-            "geometry": {"distances": {"forward": forward, "reverse": 2 - forward}}}
+    return {
+        "kind": kind,
+        "zeroshot": {"paper": {"accuracy": zs}},
+        "difference": {"accuracy": acc, "stderr": 0.5},
+        "comparative": {"protocols": {"paper": {"zeroshot": {"confused": before}, "comparative": {"confused": after}}}},
+        "geometry": {"distances": {"forward": forward, "reverse": 2 - forward}},
+    }
 
 
 def _report(models: dict[str, dict]) -> dict:
@@ -19,17 +20,26 @@ def _report(models: dict[str, dict]) -> dict:
 
 
 def test_rows_follow_the_paper_with_its_numbers_beside_ours():
-    report = _report({
-        "base": {"c100": _entry("cifar100", 55.0, 70.0, 40.0, 38.0, 1.05), "cub": _entry("cub", 52.0, 80.0, 0, 0, 1)},
-        "finetuned": {"c100": _entry("cifar100", 66.0, 71.0, 40.0, 47.0, 0.9),
-                      "cub": _entry("cub", 68.0, 79.5, 0, 0, 1)},
-    })
+    report = _report(
+        {
+            "base": {
+                "c100": _entry("cifar100", 55.0, 70.0, 40.0, 38.0, 1.05),
+                "cub": _entry("cub", 52.0, 80.0, 0, 0, 1),
+            },
+            "finetuned": {
+                "c100": _entry("cifar100", 66.0, 71.0, 40.0, 47.0, 0.9),
+                "cub": _entry("cub", 68.0, 79.5, 0, 0, 1),
+            },
+        }
+    )
     sections = {title: (header, rows) for title, header, rows in paper_sections(report)}
     header, rows = sections["Paper table: difference accuracy (%, chance 50)"]
     assert header == ["dataset", "ours: base", "ours: finetuned", "paper: CLIP", "paper: PC-CLIP"]
     # The paper's order (AwA2, CIFAR-100, Flowers102, CUB), only the datasets evaluated.
-    assert rows == [["CIFAR-100 (size)", "55.0", "66.0", *(f"{v:.1f}" for v in PAPER_DIFFERENCE["cifar100"])],
-                    ["CUB (LLM differences)", "52.0", "68.0", "53.3", "67.6"]]
+    assert rows == [
+        ["CIFAR-100 (size)", "55.0", "66.0", *(f"{v:.1f}" for v in PAPER_DIFFERENCE["cifar100"])],
+        ["CUB (LLM differences)", "52.0", "68.0", "53.3", "67.6"],
+    ]
     _, rows = sections["Paper table: zero-shot accuracy (%, the paper's prompt)"]
     assert rows[0] == ["CIFAR-100", "70.0", "71.0", "n/a", "n/a"] and rows[1] == ["CUB", "80.0", "79.5", "81.7", "80.1"]
     _, rows = next(v for k, v in sections.items() if k.startswith("Paper table: comparative"))

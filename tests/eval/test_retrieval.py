@@ -22,8 +22,12 @@ def test_ranks_and_recall_by_hand():
     # Image 1's only caption (caption 1) ranks first among captions for image 1: cos 0.857 vs 0.8 and 0.
     assert res["image_to_text"]["R@1"] == 100.0
     # Excluding a candidate and queries without a correct answer.
-    r = best_correct_rank(captions, images, [np.array([0]), np.array([], dtype=int), np.array([1])],
-                          exclude=[np.array([], dtype=int), np.array([], dtype=int), np.array([2])])
+    r = best_correct_rank(
+        captions,
+        images,
+        [np.array([0]), np.array([], dtype=int), np.array([1])],
+        exclude=[np.array([], dtype=int), np.array([], dtype=int), np.array([2])],
+    )
     assert r.tolist() == [0, -1, 0]
     assert recall_at_k(r, [1]) == {"R@1": 100.0}
 
@@ -40,8 +44,12 @@ def test_conditioned_retrieval_with_an_oracle_geometry():
     'larger' sentences to +e_size, 'smaller' to -e_size: the text-conditioned query finds a larger image of the
     same kind and colour at rank 1, the image-only query cannot."""
     sizes = ["small", "medium", "large"]
-    attrs = [{"kind": k, "colour": "red", "size": s, "brightness": "bright", "count": 1}
-             for k in ("circle", "square") for s in sizes for _ in range(2)]
+    attrs = [
+        {"kind": k, "colour": "red", "size": s, "brightness": "bright", "count": 1}
+        for k in ("circle", "square")
+        for s in sizes
+        for _ in range(2)
+    ]
     kind_axis = {"circle": np.array([0, 0, 1.0]), "square": np.array([0, 0, -1.0])}
     emb = np.stack([np.array([1.0, 0.25 * sizes.index(a["size"]), 0.0]) * 4 + kind_axis[a["kind"]] for a in attrs])
 
@@ -51,8 +59,7 @@ def test_conditioned_retrieval_with_an_oracle_geometry():
             out.append([0, 1.0 if t == eval_sentence("size", 1, 0) else -1.0, 0])
         return np.asarray(out)
 
-    res = conditioned_retrieval(emb, attrs, encode, ks=[1], seeds=[0, 1], queries_per_seed=12,
-                                attributes=["size"])
+    res = conditioned_retrieval(emb, attrs, encode, ks=[1], seeds=[0, 1], queries_per_seed=12, attributes=["size"])
     assert res["text"]["R@1"]["accuracy"] == 100.0
     # Image only: the nearest other image is the duplicate of the same size, never a larger/smaller one.
     assert res["image"]["R@1"]["accuracy"] == 0.0

@@ -29,8 +29,9 @@ def oracle_images(attrs) -> np.ndarray:
 
 def oracle_text(texts):
     """The prompt of class c of task t -> the unit vector of (t, c) (prompt texts are unique per class)."""
-    by_prompt = {p: SLOTS[task, c] for task, ps in prompts(ZEROSHOT_TASKS).items()
-                 for c, p in zip(ZEROSHOT_TASKS[task], ps)}
+    by_prompt = {
+        p: SLOTS[task, c] for task, ps in prompts(ZEROSHOT_TASKS).items() for c, p in zip(ZEROSHOT_TASKS[task], ps)
+    }
     out = np.zeros((len(texts), len(SLOTS)))
     for k, t in enumerate(texts):
         out[k, by_prompt[t]] = 1.0
@@ -53,7 +54,7 @@ def test_oracle_is_perfect_with_diagonal_confusion(attrs):
 
 def test_constant_text_encoder_scores_about_chance(attrs):
     res = zeroshot_accuracy(oracle_images(attrs), attrs, lambda texts: np.ones((len(texts), len(SLOTS))))
-    for task, entry in res["tasks"].items():
+    for entry in res["tasks"].values():
         cm = np.asarray(entry["confusion"])
         assert cm[:, 1:].sum() == 0, "ties go to the first class"
         # Uniform classes over 600 images: the first class's share is chance within a few points.
@@ -85,8 +86,9 @@ def test_images_without_a_known_class_are_skipped_and_counted(attrs):
 
 def test_custom_tasks_and_shape_errors(attrs):
     tasks = {"kind": {"circle": "round thing", "square": "boxy thing"}}
-    res = zeroshot_accuracy(oracle_images(attrs), attrs, lambda t: np.eye(2, len(SLOTS))[: len(t)], tasks=tasks,
-                            template="a {label}")
+    res = zeroshot_accuracy(
+        oracle_images(attrs), attrs, lambda t: np.eye(2, len(SLOTS))[: len(t)], tasks=tasks, template="a {label}"
+    )
     assert list(res["tasks"]) == ["kind"] and res["tasks"]["kind"]["chance"] == 50.0
     assert res["tasks"]["kind"]["num_images"] == sum(a["kind"] in ("circle", "square") for a in attrs)
     with pytest.raises(ValueError, match="n = len"):

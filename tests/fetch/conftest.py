@@ -68,7 +68,7 @@ class FileServer:
                 self.end_headers()
                 drops = server.drop_after.get(name)
                 if drops:
-                    self.wfile.write(body[:drops.pop(0)])
+                    self.wfile.write(body[: drops.pop(0)])
                     self.wfile.flush()
                     self.close_connection = True
                     return

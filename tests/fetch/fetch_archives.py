@@ -70,21 +70,26 @@ def with_checksums(name: str, files: dict[str, bytes]) -> specs.DatasetSpec:
     spec = specs.get(name)
     parts = {}
     for part_name, part in spec.parts.items():
-        sources = tuple(dataclasses.replace(s, md5=md5(files[s.name])) if s.md5 and s.name in files else s
-                        for s in part.sources)
+        sources = tuple(
+            dataclasses.replace(s, md5=md5(files[s.name])) if s.md5 and s.name in files else s for s in part.sources
+        )
         parts[part_name] = dataclasses.replace(part, sources=sources)
     return dataclasses.replace(spec, parts=parts)
 
 
 # ---------------------------------------------------------------------------------------------------- datasets
 def cifar100() -> dict[str, bytes]:
-    members = {"cifar-100-python/meta": pickle.dumps({b"fine_label_names": [n.encode() for n in CIFAR_NAMES],
-                                                      b"coarse_label_names": [b"fruit"]})}
+    members = {
+        "cifar-100-python/meta": pickle.dumps(
+            {b"fine_label_names": [n.encode() for n in CIFAR_NAMES], b"coarse_label_names": [b"fruit"]}
+        )
+    }
     for split, n in (("train", 8), ("test", 4)):
         labels = [k % len(CIFAR_NAMES) for k in range(n)]
         data = np.random.default_rng(n).integers(0, 255, (n, 3072), dtype=np.uint8)
         members[f"cifar-100-python/{split}"] = pickle.dumps(
-            {b"data": data, b"fine_labels": labels, b"filenames": [f"{split}_{k}.png".encode() for k in range(n)]})
+            {b"data": data, b"fine_labels": labels, b"filenames": [f"{split}_{k}.png".encode() for k in range(n)]}
+        )
     return {"cifar-100-python.tar.gz": tar_gz(members)}
 
 
@@ -101,13 +106,19 @@ def flowers102() -> dict[str, bytes]:
         return buf.getvalue()
 
     ids = np.arange(1, len(labels) + 1)
-    return {"102flowers.tgz": tar_gz(images), "imagelabels.mat": mat({"labels": np.asarray(labels)}),
-            "setid.mat": mat({"trnid": ids[0::2], "valid": ids[0::2], "tstid": ids[1::2]})}
+    return {
+        "102flowers.tgz": tar_gz(images),
+        "imagelabels.mat": mat({"labels": np.asarray(labels)}),
+        "setid.mat": mat({"trnid": ids[0::2], "valid": ids[0::2], "tstid": ids[1::2]}),
+    }
 
 
 def eurosat() -> dict[str, bytes]:
-    return {"EuroSAT.zip": zip_bytes({f"2750/{c}/{c}_{k + 1}.jpg": jpeg(10 * i + k)
-                                      for i, c in enumerate(EUROSAT) for k in range(10)})}
+    return {
+        "EuroSAT.zip": zip_bytes(
+            {f"2750/{c}/{c}_{k + 1}.jpg": jpeg(10 * i + k) for i, c in enumerate(EUROSAT) for k in range(10)}
+        )
+    }
 
 
 def sun397() -> dict[str, bytes]:
@@ -159,8 +170,10 @@ def cub() -> dict[str, bytes]:
     for n, (p, _, _) in enumerate(images):
         members[f"{base}/images/{p}"] = jpeg(300 + n)
     # The captions release also holds Torch feature files and word-level text beside text_c10's .txt files.
-    reed = {f"cvpr2016_cub/text_c10/{p[:-4]}.txt": "".join(caption(p, j) + "\n" for j in range(10)).encode()
-            for p, _, _ in images}
+    reed = {
+        f"cvpr2016_cub/text_c10/{p[:-4]}.txt": "".join(caption(p, j) + "\n" for j in range(10)).encode()
+        for p, _, _ in images
+    }
     reed.update({f"cvpr2016_cub/text_c10/{c}.t7": b"\x00torch" for c in CUB_CLASSES})
     reed.update({f"cvpr2016_cub/images/{c}.t7": b"\x00torch" for c in CUB_CLASSES})
     reed["cvpr2016_cub/allclasses.txt"] = ("\n".join(CUB_CLASSES) + "\n").encode()
@@ -169,8 +182,11 @@ def cub() -> dict[str, bytes]:
 
 def coco_captions(split: str, first_id: int, n: int) -> dict:
     images = [{"id": first_id + k, "file_name": f"COCO_{split}_{first_id + k:012d}.jpg"} for k in range(n)]
-    anns = [{"id": 10 * (first_id + k) + j, "image_id": first_id + k, "caption": f"{split} picture {k} take {j}"}
-            for k in range(n) for j in range(5)]
+    anns = [
+        {"id": 10 * (first_id + k) + j, "image_id": first_id + k, "caption": f"{split} picture {k} take {j}"}
+        for k in range(n)
+        for j in range(5)
+    ]
     return {"images": images, "annotations": anns}
 
 
@@ -178,14 +194,24 @@ def coco() -> dict[str, bytes]:
     caps = {"train2014": coco_captions("train2014", 1, 3), "val2014": coco_captions("val2014", 100, 4)}
     annotations = {f"annotations/captions_{s}.json": json.dumps(c).encode() for s, c in caps.items()}
     annotations["annotations/instances_val2014.json"] = b'{"images": [], "annotations": [], "categories": []}'
-    karpathy = {"dataset_coco.json": json.dumps({"images": [{"filename": im["file_name"], "split": "test"}
-                                                            for im in caps["val2014"]["images"]]}).encode(),
-                "dataset_flickr8k.json": b'{"images": []}'}
+    karpathy = {
+        "dataset_coco.json": json.dumps(
+            {"images": [{"filename": im["file_name"], "split": "test"} for im in caps["val2014"]["images"]]}
+        ).encode(),
+        "dataset_flickr8k.json": b'{"images": []}',
+    }
     out = {"annotations_trainval2014.zip": zip_bytes(annotations), "caption_datasets.zip": zip_bytes(karpathy)}
     for split, c in caps.items():
         out[f"{split}.zip"] = zip_bytes({f"{split}/{im['file_name']}": jpeg(im["id"]) for im in c["images"]})
     return out
 
 
-BUILDERS = {"cifar100": cifar100, "flowers102": flowers102, "eurosat": eurosat, "sun397": sun397, "awa2": awa2,
-            "cub": cub, "coco": coco}
+BUILDERS = {
+    "cifar100": cifar100,
+    "flowers102": flowers102,
+    "eurosat": eurosat,
+    "sun397": sun397,
+    "awa2": awa2,
+    "cub": cub,
+    "coco": coco,
+}

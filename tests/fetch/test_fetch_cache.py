@@ -17,8 +17,9 @@ from pcd_ray.storage import Storage
 
 
 def run(spec, server, to, cache, **kw):
-    return fetch(spec, str(to), cache_dir=cache, base_url=server.url, progress=False, backoff_s=0.01,
-                 out=lambda line: None, **kw)
+    return fetch(
+        spec, str(to), cache_dir=cache, base_url=server.url, progress=False, backoff_s=0.01, out=lambda line: None, **kw
+    )
 
 
 def test_file_placed_in_the_cache_is_used_and_checked(server, tmp_path):
@@ -67,7 +68,11 @@ def test_relative_to_is_relative_to_the_working_directory(server, monkeypatch, t
     server.files.update(files)
     monkeypatch.setitem(specs.DATASETS, "eurosat", with_checksums("eurosat", files))
     monkeypatch.chdir(tmp_path)
-    assert main(["fetch", "eurosat", "--to", "data/eurosat", "--base-url", server.url, "--cache", "cache",
-                 "--no-progress"]) == 0
+    assert (
+        main(
+            ["fetch", "eurosat", "--to", "data/eurosat", "--base-url", server.url, "--cache", "cache", "--no-progress"]
+        )
+        == 0
+    )
     assert (tmp_path / "data" / "eurosat" / "eurosat" / "2750" / "Forest" / "Forest_1.jpg").is_file()
     assert (tmp_path / "cache" / "eurosat" / "EuroSAT.zip").is_file()

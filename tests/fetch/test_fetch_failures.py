@@ -26,16 +26,20 @@ def cifar(server):
 
 
 def run(spec, server, to, cache, **kw):
-    return fetch(spec, str(to), cache_dir=cache, base_url=server.url, progress=False, backoff_s=0.01,
-                 out=lambda line: None, **kw)
+    return fetch(
+        spec, str(to), cache_dir=cache, base_url=server.url, progress=False, backoff_s=0.01, out=lambda line: None, **kw
+    )
 
 
 def test_dropped_connection_resumes_with_range(server, cifar, tmp_path):
     data, spec = cifar
     server.drop_after["cifar-100-python.tar.gz"] = [1000, 2500]
     manifest = run(spec, server, tmp_path / "to", tmp_path / "cache")
-    assert server.requests == [("cifar-100-python.tar.gz", None), ("cifar-100-python.tar.gz", "bytes=1000-"),
-                               ("cifar-100-python.tar.gz", "bytes=3500-")]
+    assert server.requests == [
+        ("cifar-100-python.tar.gz", None),
+        ("cifar-100-python.tar.gz", "bytes=1000-"),
+        ("cifar-100-python.tar.gz", "bytes=3500-"),
+    ]
     assert manifest["parts"]["all"]["sources"][0]["sha256"] == sha256(data)
     assert (tmp_path / "cache" / "cifar100" / "cifar-100-python.tar.gz").read_bytes() == data
     assert len(read_dataset(Storage(), "cifar100", str(tmp_path / "to"), "test")) == 4
@@ -64,8 +68,7 @@ def test_server_that_ignores_range_restarts_the_file(server, cifar, tmp_path):
     assert manifest["parts"]["all"]["sources"][0]["sha256"] == sha256(data)
 
 
-def test_corrupt_download_fails_names_the_digests_and_is_downloaded_again(server, monkeypatch, cifar, tmp_path,
-                                                                           capsys):
+def test_corrupt_download_fails_names_the_digests_and_is_downloaded_again(server, monkeypatch, cifar, tmp_path, capsys):
     data, spec = cifar
     monkeypatch.setitem(specs.DATASETS, "cifar100", spec)
     bad = data[:100] + bytes([data[100] ^ 0xFF]) + data[101:]
@@ -135,8 +138,24 @@ def test_transient_status_is_retried_then_given_up(server, tmp_path):
 
 def test_dry_run_touches_nothing(server, tmp_path, capsys):
     to, cache = tmp_path / "to", tmp_path / "cache"
-    assert main(["fetch", "coco", "--to", str(to), "--cache", str(cache), "--dry-run", "--only", "val2014",
-                 "--url", f"val2014.zip={server.url}/v.zip"]) == 0
+    assert (
+        main(
+            [
+                "fetch",
+                "coco",
+                "--to",
+                str(to),
+                "--cache",
+                str(cache),
+                "--dry-run",
+                "--only",
+                "val2014",
+                "--url",
+                f"val2014.zip={server.url}/v.zip",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "val2014.zip" in out and f"{server.url}/v.zip" in out and "no published checksum" in out
     assert "train2014.zip" not in out
@@ -150,21 +169,26 @@ def test_list_names_every_dataset(capsys):
         assert f"\n{name} " in out
 
 
-@pytest.mark.parametrize("argv,message", [
-    (["fetch", "imagenet", "--to", "x"], "unknown dataset 'imagenet'"),
-    (["fetch", "coco"], "--to URI is required"),
-    (["fetch", "coco", "--to", "x", "--only", "test2014"], "coco has no part 'test2014'"),
-    (["fetch", "coco", "--to", "x", "--url", "nope.zip=http://127.0.0.1/x"], "coco has no file 'nope.zip'"),
-    (["fetch", "coco", "--to", "x", "data.source=coco"], "fetch takes no key=value overrides"),
-])
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["fetch", "imagenet", "--to", "x"], "unknown dataset 'imagenet'"),
+        (["fetch", "coco"], "--to URI is required"),
+        (["fetch", "coco", "--to", "x", "--only", "test2014"], "coco has no part 'test2014'"),
+        (["fetch", "coco", "--to", "x", "--url", "nope.zip=http://127.0.0.1/x"], "coco has no file 'nope.zip'"),
+        (["fetch", "coco", "--to", "x", "data.source=coco"], "fetch takes no key=value overrides"),
+    ],
+)
 def test_bad_usage_is_a_config_error(argv, message, capsys):
     assert main(argv) == 2
     assert message in capsys.readouterr().err
 
 
 def test_fetch_imports_nothing_heavy():
-    code = ("import sys, pcd_ray.cli; pcd_ray.cli.build_parser(); import pcd_ray.fetch.job; "
-            "print(sorted(m for m in ('torch', 'ray', 'torchvision', 'open_clip') if m in sys.modules))")
+    code = (
+        "import sys, pcd_ray.cli; pcd_ray.cli.build_parser(); import pcd_ray.fetch.job; "
+        "print(sorted(m for m in ('torch', 'ray', 'torchvision', 'open_clip') if m in sys.modules))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"

@@ -7,8 +7,18 @@ import json
 from pathlib import Path
 
 import pytest
-from fetch_archives import (AWA2_CLASSES, BUILDERS, CIFAR_NAMES, CUB_CLASSES, FLOWER_NAMES, caption,
-                            coco_captions, cub_images, sha256, with_checksums)
+from fetch_archives import (
+    AWA2_CLASSES,
+    BUILDERS,
+    CIFAR_NAMES,
+    CUB_CLASSES,
+    FLOWER_NAMES,
+    caption,
+    coco_captions,
+    cub_images,
+    sha256,
+    with_checksums,
+)
 
 from pcd_ray.cli import main
 from pcd_ray.eval.datasets import read_dataset
@@ -17,8 +27,9 @@ from pcd_ray.storage import Storage
 
 
 def fetch_cli(server, dataset: str, to, cache, *extra: str) -> int:
-    return main(["fetch", dataset, "--to", str(to), "--base-url", server.url, "--cache", str(cache), "--no-progress",
-                 *extra])
+    return main(
+        ["fetch", dataset, "--to", str(to), "--base-url", server.url, "--cache", str(cache), "--no-progress", *extra]
+    )
 
 
 def serve(server, monkeypatch, dataset: str) -> dict[str, bytes]:
@@ -36,8 +47,9 @@ def check_manifest(to: Path, dataset: str, files: dict[str, bytes], parts: list[
         for src in manifest["parts"][part]["sources"]:
             assert src["sha256"] == sha256(files[src["name"]])
             assert src["bytes"] == len(files[src["name"]])
-            published = next(s for p in specs.DATASETS[dataset].parts.values() for s in p.sources
-                             if s.name == src["name"]).md5
+            published = next(
+                s for p in specs.DATASETS[dataset].parts.values() for s in p.sources if s.name == src["name"]
+            ).md5
             assert src["checksum"] == "md5 verified" if published else src["checksum"].startswith("none published")
     assert not list(to.glob(".fetch-staging-*"))
     return manifest
@@ -54,8 +66,7 @@ CASES = [
 
 
 @pytest.mark.parametrize("dataset,split,num,classes", CASES, ids=[c[0] for c in CASES])
-def test_fetched_layout_is_what_the_reader_reads(server, monkeypatch, tmp_path, capsys, dataset, split, num,
-                                                 classes):
+def test_fetched_layout_is_what_the_reader_reads(server, monkeypatch, tmp_path, capsys, dataset, split, num, classes):
     files = serve(server, monkeypatch, dataset)
     to, cache = tmp_path / "datasets" / dataset, tmp_path / "cache"
     assert fetch_cli(server, dataset, to, cache) == 0
@@ -105,7 +116,10 @@ def test_coco_parts_one_at_a_time(server, monkeypatch, tmp_path, capsys):
     assert ds.image_ids == [im["file_name"] for im in expected["images"]]
     assert ds.captions[0] == [f"val2014 picture 0 take {j}" for j in range(5)]
     assert sorted(p.name for p in (to / "annotations").iterdir()) == [
-        "captions_train2014.json", "captions_val2014.json", "dataset_coco.json"]  # no instances_*.json
+        "captions_train2014.json",
+        "captions_val2014.json",
+        "dataset_coco.json",
+    ]  # no instances_*.json
     assert not (to / "train2014").exists()
     assert check_manifest(to, "coco", files, ["annotations", "val2014"])["complete"] is False
 
@@ -129,8 +143,7 @@ def test_s3_target(server, monkeypatch, tmp_path, s3_root, capsys):
     assert len(ds) == 8 and ds.classes == [n.replace("_", " ") for n in CIFAR_NAMES]
     manifest = storage.read_json(f"{to}/_fetch_cifar100.json")
     assert manifest["parts"]["all"]["sources"][0]["sha256"] == sha256(files["cifar-100-python.tar.gz"])
-    assert sorted(u.rsplit("/", 1)[-1] for u in storage.find(to)) == ["_fetch_cifar100.json", "meta", "test",
-                                                                      "train"]
+    assert sorted(u.rsplit("/", 1)[-1] for u in storage.find(to)) == ["_fetch_cifar100.json", "meta", "test", "train"]
     assert not list((tmp_path / "cache").rglob(".fetch-staging-*"))  # the local staging folder is gone
     assert fetch_cli(server, "cifar100", to, tmp_path / "cache") == 0
     assert "already fetched" in capsys.readouterr().out

@@ -18,13 +18,29 @@ import pyarrow as pa
 import pytest
 
 from pcd_ray import artifacts
-from pcd_ray.config import (ComparativesConfig, ConfigError, DataConfig, EvalConfig, GenerateConfig, JobConfig,
-                            ModelSpec, StorageConfig, SyntheticConfig)
+from pcd_ray.config import (
+    ComparativesConfig,
+    ConfigError,
+    DataConfig,
+    EvalConfig,
+    GenerateConfig,
+    JobConfig,
+    ModelSpec,
+    StorageConfig,
+    SyntheticConfig,
+)
 from pcd_ray.data import attributes as A
 from pcd_ray.eval.synthetic_suite import COMPARATIVE_TASKS, TASKS, class_label, evaluate_synthetic, task_classes
 from pcd_ray.generate.actor import GenerateActor
-from pcd_ray.generate.comparatives import (COLUMNS, REJECT_COLUMNS, all_pairs, class_sets, pair_rows,
-                                           run_comparatives, synthetic_sets)
+from pcd_ray.generate.comparatives import (
+    COLUMNS,
+    REJECT_COLUMNS,
+    all_pairs,
+    class_sets,
+    pair_rows,
+    run_comparatives,
+    synthetic_sets,
+)
 from pcd_ray.generate.prompts import CLASS_PROMPTS, build_prompt
 from pcd_ray.generate.rule import PROTOTYPE
 from pcd_ray.pipeline import run_stage, stage_state
@@ -49,8 +65,10 @@ def rule_sentence(task: str, i: int, j: int) -> str:
 
 
 def numpy_batch(table: pa.Table) -> dict[str, np.ndarray]:
-    return {c: np.asarray(table.column(c).to_pylist(), dtype=np.int64 if c in ("i", "j") else object)
-            for c in table.column_names}
+    return {
+        c: np.asarray(table.column(c).to_pylist(), dtype=np.int64 if c in ("i", "j") else object)
+        for c in table.column_names
+    }
 
 
 def small_job(root: Path, **sections) -> JobConfig:
@@ -62,7 +80,8 @@ def test_class_prompt_asks_the_papers_question_about_two_classes():
     assert CLASS_PROMPTS == ("class-v1",)
     assert build_prompt("class-v1", "camel", "aquarium fish") == (
         "What is the visual difference between an image with a description of a photo of a camel and an image with a "
-        "description of a photo of a aquarium fish?")
+        "description of a photo of a aquarium fish?"
+    )
 
 
 @pytest.mark.parametrize("seed", [0, 7])
@@ -79,16 +98,20 @@ def test_rule_engine_words_synthetic_classes_as_evaluation_always_did(seed):
         task = r["pair_id"].split("/")[1]
         assert r["reason"] is None, r
         assert r["text"] == rule_sentence(task, row["i"], row["j"])
-        assert (row["caption_a"], row["caption_b"]) == (class_label(task, task_classes(task)[row["i"]]),
-                                                        class_label(task, task_classes(task)[row["j"]]))
+        assert (row["caption_a"], row["caption_b"]) == (
+            class_label(task, task_classes(task)[row["i"]]),
+            class_label(task, task_classes(task)[row["j"]]),
+        )
     assert {r["prompt_version"] for r in out} == {"class-v1"}
 
 
 def test_sets_asked_for_skipped_and_refused(tmp_path):
     write_cifar100(tmp_path / "cifar", per_class=1)
     write_coco(tmp_path / "coco")
-    datasets = {"cifar": {"kind": "cifar100", "root": str(tmp_path / "cifar")},
-                "captions": {"kind": "coco", "root": str(tmp_path / "coco"), "split": "val2014"}}
+    datasets = {
+        "cifar": {"kind": "cifar100", "root": str(tmp_path / "cifar")},
+        "captions": {"kind": "coco", "root": str(tmp_path / "coco"), "split": "val2014"},
+    }
     storage = Storage(StorageConfig(root=str(tmp_path)))
     # The rule engine cannot describe real classes: every set asked for -> the real ones are skipped, saying why.
     job = small_job(tmp_path, eval={"datasets": datasets})
@@ -96,8 +119,11 @@ def test_sets_asked_for_skipped_and_refused(tmp_path):
     assert [s.name for s in sets] == [f"synthetic/{t}" for t in COMPARATIVE_TASKS]
     assert set(skipped) == {"cifar", "captions"} and "rule engine" in skipped["cifar"]
     # An LLM engine describes CIFAR's classes, by the names eval reads them with; COCO has none.
-    llm = small_job(tmp_path, eval={"images": None, "datasets": datasets},
-                    generate={"engine": "transformers", "llm": {"model": str(tmp_path / "any")}})
+    llm = small_job(
+        tmp_path,
+        eval={"images": None, "datasets": datasets},
+        generate={"engine": "transformers", "llm": {"model": str(tmp_path / "any")}},
+    )
     sets, skipped = class_sets(llm, storage)
     assert [(s.name, s.classes) for s in sets] == [("cifar", CIFAR_CLASSES)] and "COCO" in skipped["captions"]
     # Named sets are never skipped silently.
@@ -105,8 +131,11 @@ def test_sets_asked_for_skipped_and_refused(tmp_path):
         class_sets(small_job(tmp_path, eval={"datasets": datasets}, comparatives={"datasets": ["cifar"]}), storage)
     with pytest.raises(ConfigError, match=r"names 'captions', but a COCO set has captions"):
         class_sets(llm.model_copy(update={"comparatives": ComparativesConfig(datasets=["captions"])}), storage)
-    with pytest.raises(ConfigError, match=r"\['cifra'\] are not evaluation sets of this job; known: \['synthetic', "
-                                          r"'cifar', 'captions'\]"):
+    with pytest.raises(
+        ConfigError,
+        match=r"\['cifra'\] are not evaluation sets of this job; known: \['synthetic', "
+        r"'cifar', 'captions'\]",
+    ):
         class_sets(small_job(tmp_path, eval={"datasets": datasets}, comparatives={"datasets": ["cifra"]}), storage)
     with pytest.raises(ConfigError, match=r"synthetic needs eval.images"):
         class_sets(llm.model_copy(update={"comparatives": ComparativesConfig(datasets=["synthetic"])}), storage)
@@ -122,13 +151,18 @@ def test_stage_declarations(tmp_path):
     stage, evaluation = BY_NAME["comparatives"], BY_NAME["eval"]
     job = small_job(tmp_path)
     assert stage.inputs(job) == [Ref("images", "images", "artifact")]
-    assert stage.outputs(job) == [Ref("comparatives", "comparatives", "artifact"),
-                                  Ref("comparative_rejects", "comparative_rejects", "artifact")]
+    assert stage.outputs(job) == [
+        Ref("comparatives", "comparatives", "artifact"),
+        Ref("comparative_rejects", "comparative_rejects", "artifact"),
+    ]
     assert Ref("comparatives", "comparatives", "artifact") in evaluation.inputs(job)
     assert stage.config(job)["generate"] == {"engine": "rule", "filter": job.generate.filter}
     # confused: the first eval model is an input too; without the section eval declares no comparatives.
-    confused = small_job(tmp_path, comparatives={"select": "confused"},
-                         eval={"models": {"mine": {"checkpoint": "x/export"}, "other": {}}})
+    confused = small_job(
+        tmp_path,
+        comparatives={"select": "confused"},
+        eval={"models": {"mine": {"checkpoint": "x/export"}, "other": {}}},
+    )
     assert stage.inputs(confused)[-1] == Ref("models.mine", "x/export", "export")
     plain = JobConfig(storage=StorageConfig(root=str(tmp_path)))
     assert all(r.name != "comparatives" for r in evaluation.inputs(plain))
@@ -150,16 +184,24 @@ def test_synthetic_tasks_without_comparatives_are_left_out_of_the_report(tmp_pat
     assert set(with_size["comparative"]) == {"size"} and set(with_size["geometry"]["distances"]) == {"size"}
     none = evaluate_synthetic(images, attrs, captions, encode, cfg)
     assert "comparative" not in none and none["geometry"]["distances"] == {}
-    report = {"data": {"images": "/x", "split": "test", "num_images": 90,
-                       "comparatives": {"uri": "/runs/comparatives", "commit": None, "rows": 0, "complete": None,
-                                        "sets": {}}},
-              "settings": {"seeds": [0], "pairs_per_attribute": 20}, "baseline": "m",
-              "models": {"m": {"source": "m", **none}}}
+    report = {
+        "data": {
+            "images": "/x",
+            "split": "test",
+            "num_images": 90,
+            "comparatives": {"uri": "/runs/comparatives", "commit": None, "rows": 0, "complete": None, "sets": {}},
+        },
+        "settings": {"seeds": [0], "pairs_per_attribute": 20},
+        "baseline": "m",
+        "models": {"m": {"source": "m", **none}},
+    }
     write_report(report, Storage(StorageConfig(root=str(tmp_path))), "eval")
     md = (tmp_path / "eval" / "report.md").read_text()
     assert "## Analogy accuracy" in md and "## Comparative prompting" not in md and "## Geometry" not in md
-    assert "Comparatives: none at `/runs/comparatives`" in md and "Comparatives: none at /runs/comparatives" in \
-        format_table(report)
+    assert (
+        "Comparatives: none at `/runs/comparatives`" in md
+        and "Comparatives: none at /runs/comparatives" in format_table(report)
+    )
 
 
 # ------------------------------------------------------------------------------------------------------ with Ray
@@ -169,14 +211,23 @@ def tiny_llm(tmp_path_factory) -> str:
 
 
 def synthetic_job(storage: Storage, models: dict, **comparatives) -> JobConfig:
-    return JobConfig(storage=storage.cfg,
-                     data=DataConfig(synthetic=SyntheticConfig(num_train=8, num_test=90, image_size=32)),
-                     comparatives=ComparativesConfig(**comparatives),
-                     eval=EvalConfig(models=models, seeds=[0], pairs_per_attribute=20, batch_size=32,
-                                     analogies_per_seed=10, conditioned_queries=10, templates=["paper"]))
+    return JobConfig(
+        storage=storage.cfg,
+        data=DataConfig(synthetic=SyntheticConfig(num_train=8, num_test=90, image_size=32)),
+        comparatives=ComparativesConfig(**comparatives),
+        eval=EvalConfig(
+            models=models,
+            seeds=[0],
+            pairs_per_attribute=20,
+            batch_size=32,
+            analogies_per_seed=10,
+            conditioned_queries=10,
+            templates=["paper"],
+        ),
+    )
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_rule_engine_on_the_synthetic_set_resumes_and_eval_reads_it(ray_local, tmp_path):
     from pcd_ray.data.synthetic import make_images
     from pcd_ray.eval.report import format_table
@@ -215,8 +266,13 @@ def test_rule_engine_on_the_synthetic_set_resumes_and_eval_reads_it(ray_local, t
     # Eval reads the artifact by default and names the commit it read.
     report = run_stage(BY_NAME["eval"], job, storage)
     commit = again["attempt"]
-    assert report["data"]["comparatives"] == {"uri": storage.resolve("comparatives"), "commit": commit, "rows": 318,
-                                              "complete": True, "sets": SIZES}
+    assert report["data"]["comparatives"] == {
+        "uri": storage.resolve("comparatives"),
+        "commit": commit,
+        "rows": 318,
+        "complete": True,
+        "sets": SIZES,
+    }
     entry = report["models"]["base"]
     assert set(entry["comparative"]) == set(COMPARATIVE_TASKS)
     assert entry["geometry"]["distances"]["size+colour"]["num_pairs"] == 306
@@ -228,18 +284,24 @@ def test_rule_engine_on_the_synthetic_set_resumes_and_eval_reads_it(ray_local, t
     assert state.status == "stale" and "input comparatives changed" in state.reason
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_transformers_engine_on_a_labelled_dataset(ray_local, tmp_path, tiny_llm):
     """A random model's answers are mostly rejected by the filter: every class pair is still accounted for, once,
     and what is kept carries its own classes' names."""
     write_cifar100(tmp_path / "cifar", per_class=1)
-    job = JobConfig.model_validate({
-        "storage": {"root": str(tmp_path / "run")},
-        "generate": {"engine": "transformers", "llm": {"model": tiny_llm},
-                     "sampling": {"temperature": 1.0, "top_p": 1.0, "max_tokens": 24}, "batch_size": 16},
-        "comparatives": {},
-        "eval": {"images": None, "datasets": {"cifar": {"kind": "cifar100", "root": str(tmp_path / "cifar")}}},
-    })
+    job = JobConfig.model_validate(
+        {
+            "storage": {"root": str(tmp_path / "run")},
+            "generate": {
+                "engine": "transformers",
+                "llm": {"model": tiny_llm},
+                "sampling": {"temperature": 1.0, "top_p": 1.0, "max_tokens": 24},
+                "batch_size": 16,
+            },
+            "comparatives": {},
+            "eval": {"images": None, "datasets": {"cifar": {"kind": "cifar100", "root": str(tmp_path / "cifar")}}},
+        }
+    )
     storage = Storage(job.storage)
     summary = run_comparatives(job, storage)
     assert summary["pairs_in"] == 90 and summary["datasets"] == {"cifar": {"classes": 10, "pairs": 90}}
@@ -256,11 +318,12 @@ def test_transformers_engine_on_a_labelled_dataset(ray_local, tmp_path, tiny_llm
         assert r["engine"] == "transformers" and r["prompt_version"] == "class-v1"
     assert all(len(r["text"]) >= 20 and r["raw"] and "<|" not in r["text"] for r in kept)
     assert all(r["reason"] for r in rejected)
-    assert summary["rejected_by_reason"] == {k: sum(r["reason"] == k for r in rejected)
-                                             for k in {r["reason"] for r in rejected}}
+    assert summary["rejected_by_reason"] == {
+        k: sum(r["reason"] == k for r in rejected) for k in {r["reason"] for r in rejected}
+    }
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_confused_selects_the_first_models_most_confused_pairs(ray_local, tmp_path):
     """The stage's pairs are the first model's most-confused ones on the evaluated images, in both orders: with only
     those comparatives available, eval's paper protocol (which picks the model's most-confused pairs among the
@@ -269,8 +332,10 @@ def test_confused_selects_the_first_models_most_confused_pairs(ray_local, tmp_pa
     from pcd_ray.eval.job import run_eval
 
     storage = Storage(StorageConfig(root=str(tmp_path)))
-    models = {"first": ModelSpec(checkpoint=make_export(storage, "exports/first", 3)),
-              "second": ModelSpec(checkpoint=make_export(storage, "exports/second", 4))}
+    models = {
+        "first": ModelSpec(checkpoint=make_export(storage, "exports/first", 3)),
+        "second": ModelSpec(checkpoint=make_export(storage, "exports/second", 4)),
+    }
     job = synthetic_job(storage, models, select="confused", num_pairs=2)
     make_images(job, storage)
     summary = run_stage(BY_NAME["comparatives"], job, storage)
@@ -298,17 +363,28 @@ def test_eval_reads_a_datasets_rows_from_the_artifact_and_its_own_file_first(ray
 
     write_cifar100(tmp_path / "cifar", per_class=1)
     storage = Storage(StorageConfig(root=str(tmp_path)))
-    rows = [{"dataset": "cifar", "class_i": "camel", "class_j": "lion", "i": 1, "j": 4, "text": "humped, not maned"},
-            {"dataset": "cifar", "class_i": "lion", "class_j": "camel", "i": 4, "j": 1, "text": "maned, not humped"},
-            {"dataset": "other", "class_i": "x", "class_j": "y", "i": 0, "j": 1, "text": "another set's row"}]
-    table = pa.Table.from_pylist([dict(r, raw=r["text"], engine="e", prompt_version="class-v1",
-                                       pair_id=f"{r['dataset']}/{r['i']}/{r['j']}") for r in rows])
+    rows = [
+        {"dataset": "cifar", "class_i": "camel", "class_j": "lion", "i": 1, "j": 4, "text": "humped, not maned"},
+        {"dataset": "cifar", "class_i": "lion", "class_j": "camel", "i": 4, "j": 1, "text": "maned, not humped"},
+        {"dataset": "other", "class_i": "x", "class_j": "y", "i": 0, "j": 1, "text": "another set's row"},
+    ]
+    table = pa.Table.from_pylist(
+        [
+            dict(r, raw=r["text"], engine="e", prompt_version="class-v1", pair_id=f"{r['dataset']}/{r['i']}/{r['j']}")
+            for r in rows
+        ]
+    )
     manifest = artifacts.write_table(table.select(COLUMNS), storage, "comparatives", "comparatives")
     cfg = EvalConfig(images=None, datasets={"cifar": {"kind": "cifar100", "root": str(tmp_path / "cifar")}})
     sets, data = read_sets(cfg, storage)
     assert sets["cifar"]["inputs"]["comparatives"] == {(1, 4): "humped, not maned", (4, 1): "maned, not humped"}
-    assert data["comparatives"] == {"uri": storage.resolve("comparatives"), "commit": manifest["attempt"],
-                                    "rows": 3, "complete": True, "sets": {"cifar": 2}}
+    assert data["comparatives"] == {
+        "uri": storage.resolve("comparatives"),
+        "commit": manifest["attempt"],
+        "rows": 3,
+        "complete": True,
+        "sets": {"cifar": 2},
+    }
     assert data["datasets"]["cifar"]["comparatives"] == storage.resolve("comparatives")
     # The dataset's own file takes precedence over the artifact.
     own = tmp_path / "own.csv"
@@ -318,8 +394,9 @@ def test_eval_reads_a_datasets_rows_from_the_artifact_and_its_own_file_first(ray
     assert sets["cifar"]["inputs"]["comparatives"] == {(8, 4): "a wolf is grey"}
     assert data["comparatives"]["sets"] == {} and data["datasets"]["cifar"]["comparatives"] == str(own)
     # An artifact class the dataset lacks is an error naming the artifact.
-    table = pa.Table.from_pylist([dict(rows[0], class_j="unicorn", raw="r", engine="e", prompt_version="class-v1",
-                                       pair_id="cifar/1/99")])
+    table = pa.Table.from_pylist(
+        [dict(rows[0], class_j="unicorn", raw="r", engine="e", prompt_version="class-v1", pair_id="cifar/1/99")]
+    )
     artifacts.write_table(table.select(COLUMNS), storage, "comparatives", "comparatives")
     cfg.datasets["cifar"].comparatives = None
     with pytest.raises(DatasetError, match=r"comparatives: .*\['unicorn'\] not found"):

@@ -10,8 +10,18 @@ import pytest
 from pcd_ray.config import GenerateConfig
 from pcd_ray.generate.actor import GenerateActor
 from pcd_ray.generate.filter import (
-    FILTERS, MIN_CHARS, MODE_REASONS, PAPER_DROPS, REASONS, FilterResult, filter_output, paper_clean,
-    paper_drop_reason, paper_filter, strict_clean, strict_filter,
+    FILTERS,
+    MIN_CHARS,
+    MODE_REASONS,
+    PAPER_DROPS,
+    REASONS,
+    FilterResult,
+    filter_output,
+    paper_clean,
+    paper_drop_reason,
+    paper_filter,
+    strict_clean,
+    strict_filter,
 )
 
 # A clean sentence of 92 characters that every rule of both filters leaves alone.
@@ -52,8 +62,12 @@ PAPER_CASES = [
     ("truncate-order", GOOD + " Note: x. Q: y. I hope z.", GOOD, None),
     ("truncate-q-before-hope", GOOD + " Q: I hope", GOOD, None),
     ("remove-a-colon", "A: " + GOOD, GOOD, None),
-    ("remove-a-colon-inside", GOOD.replace("second one", "second one (image A: left)"),
-     GOOD.replace("second one", "second one (image left)"), None),
+    (
+        "remove-a-colon-inside",
+        GOOD.replace("second one", "second one (image A: left)"),
+        GOOD.replace("second one", "second one (image left)"),
+        None,
+    ),
     ("a-colon-without-space-kept", GOOD + " A:B", GOOD + " A:B", None),
     ("remove-hashes", "### " + GOOD, GOOD, None),
     ("remove-hash1", "#1:" + GOOD, GOOD, None),
@@ -132,8 +146,7 @@ DIFFERENT = [
     ("five-dots", GOOD + ".....", (GOOD + ".....", None), (None, "repeated_chars")),
     ("five-equals", GOOD + " =====", (GOOD + " =====", None), (None, "repeated_chars")),
     ("url", GOOD + " See https://example.com/x", (GOOD + " See https://example.com/x", None), (None, "meta_text")),
-    ("word-four-times", GOOD + " very very very very", (GOOD + " very very very very", None),
-     (None, "repeated_chars")),
+    ("word-four-times", GOOD + " very very very very", (GOOD + " very very very very", None), (None, "repeated_chars")),
     ("include-inside", GOOD + " #include it", (GOOD + " include it", None), (None, "markup")),
     ("newline", GOOD + "\nIt is round.", (GOOD + "It is round.", None), (GOOD + " It is round.", None)),
     # Gluing the lines makes the text shorter: 60 characters with the space strict puts back, 59 without.
@@ -252,8 +265,17 @@ def test_the_actor_applies_the_configured_filter(mode):
     raws = [GOOD, GOOD + " =====", GOOD + "\nIt is round.", "Q: " + GOOD, GOOD + " *caf\u00e9*"]
     cfg = GenerateConfig.model_validate({"engine": f"{__name__}:EchoEngine", "filter": mode})
     col = lambda v: np.array(v, dtype=object)  # noqa: E731
-    out = GenerateActor(cfg).run({"pair_id": col([f"p{k}" for k in range(len(raws))]), "caption_a": col(raws),
-                                  "caption_b": col(["b"] * len(raws))}).to_pydict()
+    out = (
+        GenerateActor(cfg)
+        .run(
+            {
+                "pair_id": col([f"p{k}" for k in range(len(raws))]),
+                "caption_a": col(raws),
+                "caption_b": col(["b"] * len(raws)),
+            }
+        )
+        .to_pydict()
+    )
     expected = [filter_output(r, mode) for r in raws]
     assert out["raw"] == raws
     assert out["text"] == [e.text for e in expected] and out["reason"] == [e.reason for e in expected]

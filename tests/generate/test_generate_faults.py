@@ -23,21 +23,36 @@ from pcd_ray.data.pairs import sample_pairs
 from pcd_ray.data.synthetic import make_images
 from pcd_ray.storage import Storage
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[2]
 PAIRS = 240
-CLI_ARGS = ["data.synthetic.num_train=120", "data.synthetic.num_test=10", "data.synthetic.image_size=32",
-            f"pairs.num_pairs={PAIRS}", "generate.engine=fault_engines:FaultyEngine", "generate.batch_size=16",
-            "generate.num_actors=1", "generate.commit_every_s=0", "generate.faults.backoff_s=0",
-            "generate.faults.batch_attempts=2", "generate.faults.actor_restarts=2", "generate.faults.batch_retries=2"]
+CLI_ARGS = [
+    "data.synthetic.num_train=120",
+    "data.synthetic.num_test=10",
+    "data.synthetic.image_size=32",
+    f"pairs.num_pairs={PAIRS}",
+    "generate.engine=fault_engines:FaultyEngine",
+    "generate.batch_size=16",
+    "generate.num_actors=1",
+    "generate.commit_every_s=0",
+    "generate.faults.backoff_s=0",
+    "generate.faults.batch_attempts=2",
+    "generate.faults.actor_restarts=2",
+    "generate.faults.batch_retries=2",
+]
 
 
 @pytest.fixture
 def pairs_root(tmp_path, ray_local) -> Path:
     """A storage root holding images and pairs (made in this process's Ray; the CLI only generates)."""
     root = tmp_path / "run"
-    job = JobConfig.model_validate({"storage": {"root": str(root)}, "data": {"synthetic": {
-        "num_train": 120, "num_test": 10, "image_size": 32, "seed": 3}}, "pairs": {"num_pairs": PAIRS, "seed": 0}})
+    job = JobConfig.model_validate(
+        {
+            "storage": {"root": str(root)},
+            "data": {"synthetic": {"num_train": 120, "num_test": 10, "image_size": 32, "seed": 3}},
+            "pairs": {"num_pairs": PAIRS, "seed": 0},
+        }
+    )
     storage = Storage(job.storage)
     make_images(job, storage)
     sample_pairs(job, storage)
@@ -46,11 +61,31 @@ def pairs_root(tmp_path, ray_local) -> Path:
 
 def _generate(root: Path, mode: str, *extra: str) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    env |= {"PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), str(REPO)]), "PCD_FAULT_MODE": mode,
-            "PCD_FAULT_DIR": str(root.parent / "fault-state"), "PCD_FAULT_TRIES": "2"}
-    return subprocess.run([sys.executable, "-m", "pcd_ray", "generate", "--config", "jobs/local.yaml",
-                           f"storage.root={root}", "ray.num_cpus=4", *CLI_ARGS, *extra], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=600)
+    env |= {
+        "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), str(REPO)]),
+        "PCD_FAULT_MODE": mode,
+        "PCD_FAULT_DIR": str(root.parent / "fault-state"),
+        "PCD_FAULT_TRIES": "2",
+    }
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pcd_ray",
+            "generate",
+            "--config",
+            "jobs/local.yaml",
+            f"storage.root={root}",
+            "ray.num_cpus=4",
+            *CLI_ARGS,
+            *extra,
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
 
 
 def _committed(root: Path) -> tuple[Counter, list[str]]:
@@ -120,13 +155,22 @@ def test_rejects_committed_as_engine_errors_are_generated_again(ray_local, pairs
     moved = diffs.slice(0, 10)
     identity = artifacts.read_manifest(storage, "diffs")["identity"]
     rejects = artifacts.read_table(storage, "rejects", "rejects")
-    legacy = pa.table({"pair_id": moved.column("pair_id"), "raw": pa.array([""] * 10),
-                       "reason": pa.array(["engine_error: OutOfMemoryError"] * 10),
-                       "engine": moved.column("engine"), "prompt_version": moved.column("prompt_version")})
-    for uri, kind, table in (("diffs", "diffs", diffs.slice(10)),
-                             ("rejects", "rejects", pa.concat_tables([rejects.select(legacy.column_names), legacy]))):
-        app = artifacts.Appender(storage, uri, kind, columns=table.column_names, config={}, identity=identity,
-                                 resume=False)
+    legacy = pa.table(
+        {
+            "pair_id": moved.column("pair_id"),
+            "raw": pa.array([""] * 10),
+            "reason": pa.array(["engine_error: OutOfMemoryError"] * 10),
+            "engine": moved.column("engine"),
+            "prompt_version": moved.column("prompt_version"),
+        }
+    )
+    for uri, kind, table in (
+        ("diffs", "diffs", diffs.slice(10)),
+        ("rejects", "rejects", pa.concat_tables([rejects.select(legacy.column_names), legacy])),
+    ):
+        app = artifacts.Appender(
+            storage, uri, kind, columns=table.column_names, config={}, identity=identity, resume=False
+        )
         app.add(artifacts.put_shard(storage, table, app.staging), table.num_rows)
         app.commit({}, complete=True)
     second = run_generate(job, storage)

@@ -43,9 +43,13 @@ def _batch(rows: list[tuple[str, dict | None, dict | None]]) -> dict[str, np.nda
 def test_build_prompt_is_the_papers_and_versions_are_closed():
     assert build_prompt("paper-v1", "a red circle", "two blue squares") == (
         "What is the visual difference between an image with a description of a red circle and an image with a "
-        "description of two blue squares?")
-    with pytest.raises(KeyError, match=r"unknown prompt version 'v9'; known: \['class-v1', 'instruct-v1', "
-                                       r"'paper-v1'\]"):
+        "description of two blue squares?"
+    )
+    with pytest.raises(
+        KeyError,
+        match=r"unknown prompt version 'v9'; known: \['class-v1', 'instruct-v1', "
+        r"'paper-v1'\]",
+    ):
         build_prompt("v9", "a", "b")
     assert set(PROMPTS) == {"paper-v1", "instruct-v1", "class-v1"}
     assert build_prompt("instruct-v1", "x", "y").startswith("Image A is described as: x\nImage B")
@@ -75,8 +79,15 @@ def test_actor_marks_every_row_kept_or_rejected_with_a_reason():
     assert out.column_names == ["pair_id", "raw", "text", "reason", "engine", "prompt_version", "tokens"]
     assert rows["p-ok"]["reason"] is None and rows["p-ok"]["text"] == rows["p-ok"]["raw"]
     assert len(rows["p-ok"]["text"]) >= 60
-    assert rows["p-same"] == {"pair_id": "p-same", "raw": SAME_TEXT, "text": None, "reason": "too_short",
-                              "engine": "rule", "prompt_version": "paper-v1", "tokens": 0}
+    assert rows["p-same"] == {
+        "pair_id": "p-same",
+        "raw": SAME_TEXT,
+        "text": None,
+        "reason": "too_short",
+        "engine": "rule",
+        "prompt_version": "paper-v1",
+        "tokens": 0,
+    }
     assert (rows["p-none"]["raw"], rows["p-none"]["text"], rows["p-none"]["reason"]) == ("", None, "no_attributes")
     assert (rows["p-bad"]["text"], rows["p-bad"]["reason"]) == (None, "empty")
 
@@ -102,16 +113,20 @@ class _Exploding:
 def test_an_engine_exception_is_a_fault_never_a_reject(tmp_path):
     """Tried faults.batch_attempts times with the engine recovered between tries, recorded each time; past that a
     direct caller gets EngineFailure and no row exists."""
-    actor = GenerateActor(GenerateConfig(faults={"batch_attempts": 3, "backoff_s": 0}),
-                          storage={"root": str(tmp_path)}, faults_uri="faults")
+    actor = GenerateActor(
+        GenerateConfig(faults={"batch_attempts": 3, "backoff_s": 0}),
+        storage={"root": str(tmp_path)},
+        faults_uri="faults",
+    )
     engine = actor.engine = _Exploding()
     recovered = []
     engine.recover = recovered.append
     with pytest.raises(EngineFailure, match="ZeroDivisionError: boom"):
         actor.run(_batch([("p-1", A1, A2), ("p-2", A2, A1)]))
     assert len(recovered) == 2
-    records = sorted((json.loads(r.read_text()) for r in (tmp_path / "faults").glob("*.json")),
-                     key=lambda r: r["attempt"])
+    records = sorted(
+        (json.loads(r.read_text()) for r in (tmp_path / "faults").glob("*.json")), key=lambda r: r["attempt"]
+    )
     assert [(r["attempt"], r["final"]) for r in records] == [(1, False), (2, False), (3, True)]
     assert {r["error"] for r in records} == {"ZeroDivisionError"}
 
@@ -139,13 +154,16 @@ def test_generate_stage_imports_no_torch():
 
 # ------------------------------------------------------------------------------------------------ with Ray
 def _job(root: str) -> JobConfig:
-    return JobConfig.model_validate({
-        "storage": {"root": root},
-        "data": {"synthetic": {"num_train": 200, "num_test": 20, "image_size": 32, "seed": 11,
-                               "rows_per_shard": 110}},
-        "pairs": {"num_pairs": 500, "seed": 0},
-        "generate": {"batch_size": 64, "num_actors": 1},
-    })
+    return JobConfig.model_validate(
+        {
+            "storage": {"root": root},
+            "data": {
+                "synthetic": {"num_train": 200, "num_test": 20, "image_size": 32, "seed": 11, "rows_per_shard": 110}
+            },
+            "pairs": {"num_pairs": 500, "seed": 0},
+            "generate": {"batch_size": 64, "num_actors": 1},
+        }
+    )
 
 
 def _add_crafted_pairs(storage: Storage) -> tuple[list[str], str]:
@@ -153,8 +171,9 @@ def _add_crafted_pairs(storage: Storage) -> tuple[list[str], str]:
 
     Returns (ids of the identical-attribute pairs, id of the attribute-less pair).
     """
-    images = artifacts.read_table(storage, "images", "images", columns=["image_id", "split", "caption",
-                                                                        "attributes"]).to_pylist()
+    images = artifacts.read_table(
+        storage, "images", "images", columns=["image_id", "split", "caption", "attributes"]
+    ).to_pylist()
     pairs = artifacts.read_table(storage, "pairs", "pairs")
     taken = set(pairs["pair_id"].to_pylist())
     by_attrs: dict[str, list[dict]] = {}
@@ -170,10 +189,18 @@ def _add_crafted_pairs(storage: Storage) -> tuple[list[str], str]:
     if pair_id(b["image_id"], a["image_id"]) in taken:
         b = images[2]
     extra.append((b, a, False))
-    rows = [{"pair_id": pair_id(x["image_id"], y["image_id"]), "image_id_a": x["image_id"],
-             "image_id_b": y["image_id"], "caption_a": x["caption"], "caption_b": y["caption"],
-             "attributes_a": x["attributes"] if keep else None, "attributes_b": y["attributes"] if keep else None}
-            for x, y, keep in extra]
+    rows = [
+        {
+            "pair_id": pair_id(x["image_id"], y["image_id"]),
+            "image_id_a": x["image_id"],
+            "image_id_b": y["image_id"],
+            "caption_a": x["caption"],
+            "caption_b": y["caption"],
+            "attributes_a": x["attributes"] if keep else None,
+            "attributes_b": y["attributes"] if keep else None,
+        }
+        for x, y, keep in extra
+    ]
     table = pa.concat_tables([pairs, pa.Table.from_pylist(rows, schema=pairs.schema)])
     artifacts.write_table(table, storage, "pairs", "pairs")
     return [r["pair_id"] for r in rows[:-1]], rows[-1]["pair_id"]
@@ -232,8 +259,18 @@ def test_generate_end_to_end_s3(ray_local, s3_root):
 def test_no_rejects_still_writes_an_empty_rejects_artifact(ray_local, tmp_path):
     job = JobConfig.model_validate({"storage": {"root": str(tmp_path)}, "generate": {"batch_size": 2}})
     storage = Storage(job.storage)
-    rows = [{"pair_id": f"p-{k}", "image_id_a": "a", "image_id_b": "b", "caption_a": "x", "caption_b": "y",
-             "attributes_a": json.dumps(A1), "attributes_b": json.dumps(A2)} for k in range(5)]
+    rows = [
+        {
+            "pair_id": f"p-{k}",
+            "image_id_a": "a",
+            "image_id_b": "b",
+            "caption_a": "x",
+            "caption_b": "y",
+            "attributes_a": json.dumps(A1),
+            "attributes_b": json.dumps(A2),
+        }
+        for k in range(5)
+    ]
     artifacts.write_table(pa.Table.from_pylist(rows), storage, "pairs", "pairs")
     summary = run_generate(job, storage)
     assert (summary["written"], summary["rejected"], summary["rejected_by_reason"]) == (5, 0, {})

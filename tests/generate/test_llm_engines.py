@@ -17,8 +17,12 @@ pytest.importorskip("transformers", reason="the transformers engine needs transf
 
 from pcd_ray import artifacts  # noqa: E402
 from pcd_ray.config import GenerateConfig, JobConfig  # noqa: E402
-from pcd_ray.generate.actor import ENGINES, GenerateActor, make_engine  # noqa: E402
-from pcd_ray.generate.actor import EngineFailure  # noqa: E402
+from pcd_ray.generate.actor import (  # noqa: E402
+    ENGINES,
+    EngineFailure,  # noqa: E402
+    GenerateActor,
+    make_engine,
+)
 from pcd_ray.generate.base import Generated, RowReject, batch_seed, request_seed  # noqa: E402
 from pcd_ray.generate.filter import REASONS  # noqa: E402
 from pcd_ray.generate.llm import TransformersEngine  # noqa: E402
@@ -42,9 +46,14 @@ def tiny_base(tmp_path_factory) -> str:
 
 
 def _cfg(model: str, **sampling) -> GenerateConfig:
-    return GenerateConfig.model_validate({
-        "engine": "transformers", "llm": {"model": model},
-        "sampling": {"temperature": 1.0, "top_p": 1.0, "max_tokens": 24, **sampling}, "seed": 3})
+    return GenerateConfig.model_validate(
+        {
+            "engine": "transformers",
+            "llm": {"model": model},
+            "sampling": {"temperature": 1.0, "top_p": 1.0, "max_tokens": 24, **sampling},
+            "seed": 3,
+        }
+    )
 
 
 def _batch(n: int, captions: dict[int, str] | None = None) -> dict[str, np.ndarray]:
@@ -54,8 +63,12 @@ def _batch(n: int, captions: dict[int, str] | None = None) -> dict[str, np.ndarr
     col = lambda v: np.array(v, dtype=object)  # noqa: E731
     a = [captions.get(k, f"a small blue dog on the left {k}") for k in range(n)]
     b = [f"a huge red cat near the top {k}" for k in range(n)]
-    return {"pair_id": col([f"p-{k}" for k in range(n)]), "caption_a": col(a), "caption_b": col(b),
-            "prompt": col([build_prompt("paper-v1", x, y) for x, y in zip(a, b)])}
+    return {
+        "pair_id": col([f"p-{k}" for k in range(n)]),
+        "caption_a": col(a),
+        "caption_b": col(b),
+        "prompt": col([build_prompt("paper-v1", x, y) for x, y in zip(a, b)]),
+    }
 
 
 # ---------------------------------------------------------------------------------------------- no Ray needed
@@ -84,7 +97,8 @@ def test_chat_template_modes(tiny_chat, tiny_base):
     with pytest.raises(ValueError, match="system_prompt is set but no chat template"):
         uses_chat_template(base, "auto", "Be brief.")
     assert chat_prompt(chat, "How do they differ?", "Be brief.") == (
-        "<|system|>Be brief.</s><|user|>How do they differ?</s><|assistant|>")
+        "<|system|>Be brief.</s><|user|>How do they differ?</s><|assistant|>"
+    )
 
 
 def test_transformers_engine_through_the_actor(tiny_chat):
@@ -131,9 +145,19 @@ def test_no_chat_template_and_engine_kwargs(tiny_base, tiny_chat):
     engine = make_engine(_cfg(tiny_base))
     prompt = build_prompt("paper-v1", "a", "b")
     assert not engine.templated and engine.render(prompt) == prompt
-    never = make_engine(GenerateConfig.model_validate({
-        "engine": "transformers", "llm": {"model": tiny_chat, "chat_template": "never", "dtype": "bfloat16",
-                                          "engine_kwargs": {"attn_implementation": "eager"}}}))
+    never = make_engine(
+        GenerateConfig.model_validate(
+            {
+                "engine": "transformers",
+                "llm": {
+                    "model": tiny_chat,
+                    "chat_template": "never",
+                    "dtype": "bfloat16",
+                    "engine_kwargs": {"attn_implementation": "eager"},
+                },
+            }
+        )
+    )
     assert not never.templated and str(never.model.dtype) == "torch.bfloat16"
     assert never.model.config._attn_implementation == "eager"
 
@@ -168,12 +192,18 @@ def test_a_row_fault_rejects_its_row_an_engine_fault_rejects_nothing(tiny_chat):
 
 # ------------------------------------------------------------------------------------------------ with Ray
 def test_transformers_engine_in_the_ray_job(ray_local, tmp_path, tiny_chat):
-    job = JobConfig.model_validate({
-        "storage": {"root": str(tmp_path)},
-        "generate": {"engine": "transformers", "llm": {"model": tiny_chat, "system_prompt": "Be brief."},
-                     "sampling": {"temperature": 1.0, "top_p": 1.0, "max_tokens": 24}, "batch_size": 4,
-                     "num_actors": 1},
-    })
+    job = JobConfig.model_validate(
+        {
+            "storage": {"root": str(tmp_path)},
+            "generate": {
+                "engine": "transformers",
+                "llm": {"model": tiny_chat, "system_prompt": "Be brief."},
+                "sampling": {"temperature": 1.0, "top_p": 1.0, "max_tokens": 24},
+                "batch_size": 4,
+                "num_actors": 1,
+            },
+        }
+    )
     summary, diffs, reasons = run_ten_pairs(job, LONG, "caption_b")
     kept = diffs["pair_id"].to_pylist()
     storage = Storage(job.storage)

@@ -160,8 +160,10 @@ def test_s3_concurrent_processes_download_once(s3_root, tmp_path):
     _upload(storage, uri)
     ctx = mp.get_context("spawn")  # as Ray's actors are: separate interpreters, no shared state but the disk
     barrier, results = ctx.Barrier(2), ctx.Queue()
-    procs = [ctx.Process(target=_local_model_in_a_process, args=(uri, str(cache), str(counter), barrier, results))
-             for _ in range(2)]
+    procs = [
+        ctx.Process(target=_local_model_in_a_process, args=(uri, str(cache), str(counter), barrier, results))
+        for _ in range(2)
+    ]
     for p in procs:
         p.start()
     try:
@@ -301,8 +303,11 @@ def test_hub_gated_model_checks_file_access(hub):
     hub.routes[("HEAD", "/org/gated/resolve/main/config.json")] = (401, {"X-Error-Code": "GatedRepo"}, None)
     with pytest.raises(ModelUnavailableError, match="'org/gated' is gated or forbidden"):
         check_model("org/gated", Storage())
-    hub.routes[("HEAD", "/org/gated/resolve/main/config.json")] = (200, {"ETag": '"abc"', "X-Repo-Commit": "0" * 40},
-                                                                    None)
+    hub.routes[("HEAD", "/org/gated/resolve/main/config.json")] = (
+        200,
+        {"ETag": '"abc"', "X-Repo-Commit": "0" * 40},
+        None,
+    )
     check_model("org/gated", Storage())
 
 
@@ -328,8 +333,9 @@ def test_hub_unreachable_uses_the_local_cache(hub, monkeypatch, tmp_path, down):
         monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     else:
         hub.routes[("GET", "/api/models/org/name")] = (503, {}, {"error": "overloaded"})
-    with pytest.raises(ModelUnavailableError,
-                       match=r"'org/name' is not in the local Hugging Face cache and the hub is unreachable"):
+    with pytest.raises(
+        ModelUnavailableError, match=r"'org/name' is not in the local Hugging Face cache and the hub is unreachable"
+    ):
         check_model("org/name", Storage())
     _cache_config(tmp_path / "hf-cache", "org/name")
     check_model("org/name", Storage())

@@ -29,12 +29,14 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def _job(root: str, **generate) -> JobConfig:
-    return JobConfig.model_validate({
-        "storage": {"root": root},
-        "data": {"synthetic": {"num_train": 120, "num_test": 10, "image_size": 32, "seed": 3}},
-        "pairs": {"num_pairs": 900, "seed": 0},
-        "generate": {"batch_size": 50, "commit_every_s": 0, **generate},
-    })
+    return JobConfig.model_validate(
+        {
+            "storage": {"root": root},
+            "data": {"synthetic": {"num_train": 120, "num_test": 10, "image_size": 32, "seed": 3}},
+            "pairs": {"num_pairs": 900, "seed": 0},
+            "generate": {"batch_size": 50, "commit_every_s": 0, **generate},
+        }
+    )
 
 
 def _ids(storage: Storage) -> Counter:
@@ -75,8 +77,11 @@ def test_rerun_skips_everything_committed(pairs_root, tmp_path):
     assert len(artifacts.read_manifest(storage, "diffs")["files"]) > 1  # committed shard by shard
     again = run_generate(job, storage)
     assert again["resumed"] and again["skipped"] == 900 and again["processed"] == 0
-    assert (again["written"], again["rejected"], again["rejected_by_reason"]) == \
-        (first["written"], first["rejected"], first["rejected_by_reason"])
+    assert (again["written"], again["rejected"], again["rejected_by_reason"]) == (
+        first["written"],
+        first["rejected"],
+        first["rejected_by_reason"],
+    )
     ids = _ids(storage)
     assert set(ids) == _pair_ids(storage) and max(ids.values()) == 1
     assert storage.read_json(join("diffs", "_summary.json")) == again
@@ -131,25 +136,37 @@ def test_changed_seed_starts_over_and_resume_false_too(pairs_root, tmp_path):
 def test_duplicate_pair_ids_in_the_input_fail_loudly(ray_local, tmp_path):
     job = _job(str(tmp_path))
     storage = Storage(job.storage)
-    attrs = '{"kind": "circle", "colour": "red", "size": "large", "brightness": "bright", "count": 1, ' \
-            '"position": "left"}'
-    rows = [{"pair_id": "p-same", "image_id_a": "a", "image_id_b": "b", "caption_a": "x", "caption_b": "y",
-             "attributes_a": attrs, "attributes_b": attrs}] * 2
+    attrs = (
+        '{"kind": "circle", "colour": "red", "size": "large", "brightness": "bright", "count": 1, "position": "left"}'
+    )
+    rows = [
+        {
+            "pair_id": "p-same",
+            "image_id_a": "a",
+            "image_id_b": "b",
+            "caption_a": "x",
+            "caption_b": "y",
+            "attributes_a": attrs,
+            "attributes_b": attrs,
+        }
+    ] * 2
     artifacts.write_table(pa.Table.from_pylist(rows), storage, "pairs", "pairs")
     with pytest.raises(RuntimeError, match="duplicate pair ids"):
         run_generate(job, storage)
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_killed_generate_process_resumes_with_every_pair_once(ray_local, tmp_path):
     """SIGKILL a real `pcd-ray generate` after its first commit, re-run it, and count every pair id."""
     root = tmp_path / "run"
-    job = JobConfig.model_validate({
-        "storage": {"root": str(root)},
-        "data": {"synthetic": {"num_train": 400, "num_test": 10, "image_size": 32, "seed": 5}},
-        "pairs": {"num_pairs": 40000, "seed": 0},
-        "generate": {"batch_size": 32, "commit_every_s": 0},
-    })
+    job = JobConfig.model_validate(
+        {
+            "storage": {"root": str(root)},
+            "data": {"synthetic": {"num_train": 400, "num_test": 10, "image_size": 32, "seed": 5}},
+            "pairs": {"num_pairs": 40000, "seed": 0},
+            "generate": {"batch_size": 32, "commit_every_s": 0},
+        }
+    )
     storage = Storage(job.storage)
     make_images(job, storage)
     sample_pairs(job, storage)
@@ -158,8 +175,9 @@ def test_killed_generate_process_resumes_with_every_pair_once(ray_local, tmp_pat
     env = dict(os.environ, RAY_ADDRESS=ray_local.get_runtime_context().gcs_address)
     cmd = [sys.executable, "-m", "pcd_ray", "generate", "--config", str(config)]
 
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True
+    )
     manifest = storage.resolve(join("diffs", "_manifest.json"))
     deadline = time.time() + 300
     committed = 0

@@ -37,9 +37,14 @@ def tiny(tmp_path_factory) -> str:
 
 
 def _cfg(model: str, **sampling) -> dict:
-    return {"engine": "vllm", "llm": {"model": model, **LLM},
-            "sampling": {"temperature": 1.0, "top_p": 1.0, "max_tokens": 24, **sampling}, "seed": 5,
-            "batches_in_flight": 4, "faults": {"backoff_s": 0}}
+    return {
+        "engine": "vllm",
+        "llm": {"model": model, **LLM},
+        "sampling": {"temperature": 1.0, "top_p": 1.0, "max_tokens": 24, **sampling},
+        "seed": 5,
+        "batches_in_flight": 4,
+        "faults": {"backoff_s": 0},
+    }
 
 
 @pytest.fixture(scope="module")
@@ -52,8 +57,12 @@ def _batch(ids: list[int], captions: dict[int, str] | None = None) -> dict[str, 
     col = lambda v: np.array(v, dtype=object)  # noqa: E731
     a = [captions.get(k, f"a small blue dog on the left {k}") for k in ids]
     b = [f"a huge red cat near the top {k}" for k in ids]
-    return {"pair_id": col([f"p-{k}" for k in ids]), "caption_a": col(a), "caption_b": col(b),
-            "prompt": col([build_prompt("paper-v1", x, y) for x, y in zip(a, b)])}
+    return {
+        "pair_id": col([f"p-{k}" for k in ids]),
+        "caption_a": col(a),
+        "caption_b": col(b),
+        "prompt": col([build_prompt("paper-v1", x, y) for x, y in zip(a, b)]),
+    }
 
 
 def test_vllm_engine_through_the_actor(actor):
@@ -134,8 +143,14 @@ def test_a_dead_engine_is_rebuilt_and_the_batch_retried_never_rejected(actor, mo
 
     # Rebuilding for real costs another engine start; what is tested is the recovery around it: a new request loop.
     monkeypatch.setattr(core, "step", dying_step)
-    monkeypatch.setattr(engine, "_build", lambda: (builds.append(1), setattr(
-        engine, "loop", RequestLoop(core, engine.loop.client_errors if engine.loop else (ValueError,)))))
+    monkeypatch.setattr(
+        engine,
+        "_build",
+        lambda: (
+            builds.append(1),
+            setattr(engine, "loop", RequestLoop(core, engine.loop.client_errors if engine.loop else (ValueError,))),
+        ),
+    )
     out = actor.run({k: v for k, v in _batch([0, 1]).items() if k != "prompt"}).to_pylist()
     assert builds == [1] and all(r["tokens"] > 0 for r in out)
     assert not [r for r in out if r["reason"] and "error" in r["reason"]]
@@ -150,10 +165,12 @@ def test_a_dead_engine_is_rebuilt_and_the_batch_retried_never_rejected(actor, mo
 
 
 def test_vllm_engine_in_the_ray_job(ray_local, tmp_path, tiny):
-    job = JobConfig.model_validate({
-        "storage": {"root": str(tmp_path)},
-        "generate": {**_cfg(tiny), "batch_size": 2, "num_actors": 1, "num_gpus_per_actor": 0},
-    })
+    job = JobConfig.model_validate(
+        {
+            "storage": {"root": str(tmp_path)},
+            "generate": {**_cfg(tiny), "batch_size": 2, "num_actors": 1, "num_gpus_per_actor": 0},
+        }
+    )
     summary, diffs, reasons = run_ten_pairs(job, LONG, "caption_a")
     kept = diffs["pair_id"].to_pylist()
     assert reasons["p-3"] == "no_caption" and reasons["p-5"] == "prompt_too_long"

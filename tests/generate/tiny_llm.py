@@ -40,18 +40,28 @@ def corpus(n: int = 400, seed: int = 0) -> list[str]:
         if len(texts) >= n:
             break
         a, b = thing(), thing()
-        texts.append([
-            f"A photo of {a}.",
-            f"What is the visual difference between an image with a description of {a} and an image with a "
-            f"description of {b}?",
-            f"The first image shows {a}, while the second image shows {b}.",
-            f"Compared to the second image, the first one is brighter and the object is {rng.choice(_SIZES)}.",
-        ][k % 4])
+        texts.append(
+            [
+                f"A photo of {a}.",
+                f"What is the visual difference between an image with a description of {a} and an image with a "
+                f"description of {b}?",
+                f"The first image shows {a}, while the second image shows {b}.",
+                f"Compared to the second image, the first one is brighter and the object is {rng.choice(_SIZES)}.",
+            ][k % 4]
+        )
     return texts
 
 
-def write_tiny_llm(path: str | Path, *, chat_template: bool = True, seed: int = 0, vocab_size: int = 600,
-                   hidden_size: int = 64, max_position_embeddings: int = 512, eos_fraction: float = 0.0) -> Path:
+def write_tiny_llm(
+    path: str | Path,
+    *,
+    chat_template: bool = True,
+    seed: int = 0,
+    vocab_size: int = 600,
+    hidden_size: int = 64,
+    max_position_embeddings: int = 512,
+    eos_fraction: float = 0.0,
+) -> Path:
     """Write tokenizer + model files into ``path`` (created) and return it; loadable by Auto* classes and vLLM.
 
     head_dim is 32 (vLLM's CPU attention needs >= 32): ``hidden_size / 32`` heads.
@@ -74,20 +84,33 @@ def write_tiny_llm(path: str | Path, *, chat_template: bool = True, seed: int = 
     tok.decoder = decoders.ByteLevel()
     # An empty initial alphabet keeps the vocabulary to bytes seen in the (ASCII) corpus: a random model cannot emit
     # half a UTF-8 character.
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL, initial_alphabet=[],
-                                  show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=SPECIAL, initial_alphabet=[], show_progress=False
+    )
     tok.train_from_iterator(corpus(seed=seed), trainer=trainer)
-    hf_tok = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
-                                     model_max_length=max_position_embeddings)
+    hf_tok = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        unk_token="<unk>",
+        bos_token="<s>",
+        eos_token="</s>",
+        model_max_length=max_position_embeddings,
+    )
     if chat_template:
         hf_tok.chat_template = CHAT_TEMPLATE
     hf_tok.save_pretrained(path)
 
     heads = hidden_size // 32
     config = LlamaConfig(
-        vocab_size=len(hf_tok), hidden_size=hidden_size, intermediate_size=2 * hidden_size, num_hidden_layers=2,
-        num_attention_heads=heads, num_key_value_heads=heads, max_position_embeddings=max_position_embeddings,
-        bos_token_id=hf_tok.bos_token_id, eos_token_id=hf_tok.eos_token_id, tie_word_embeddings=False,
+        vocab_size=len(hf_tok),
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=2,
+        num_attention_heads=heads,
+        num_key_value_heads=heads,
+        max_position_embeddings=max_position_embeddings,
+        bos_token_id=hf_tok.bos_token_id,
+        eos_token_id=hf_tok.eos_token_id,
+        tie_word_embeddings=False,
         dtype="float32",
     )
     torch.manual_seed(seed)
@@ -120,9 +143,18 @@ def run_ten_pairs(job, long_caption: str, missing: str):
     from pcd_ray.storage import Storage
 
     storage = Storage(job.storage)
-    rows = [{"pair_id": f"p-{k}", "image_id_a": f"a{k}", "image_id_b": f"b{k}",
-             "caption_a": long_caption if k == 5 else f"a small blue dog {k}", "caption_b": f"a huge red cat {k}",
-             "attributes_a": None, "attributes_b": None} for k in range(10)]
+    rows = [
+        {
+            "pair_id": f"p-{k}",
+            "image_id_a": f"a{k}",
+            "image_id_b": f"b{k}",
+            "caption_a": long_caption if k == 5 else f"a small blue dog {k}",
+            "caption_b": f"a huge red cat {k}",
+            "attributes_a": None,
+            "attributes_b": None,
+        }
+        for k in range(10)
+    ]
     rows[3][missing] = None  # an LLM engine needs both captions
     artifacts.write_table(pa.Table.from_pylist(rows), storage, "pairs", "pairs")
 

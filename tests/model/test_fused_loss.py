@@ -31,8 +31,12 @@ CASES = {
     "diff": (dict(diff_weight=1.0, clip_weight=0.0, chunk_size=1024), P, 0, False),
     "diff+clip_ragged": (dict(diff_weight=0.7, clip_weight=1.3, diff_temperature=0.5, chunk_size=16), P, B, False),
     "masked": (dict(diff_weight=1.0, clip_weight=0.5, chunk_size=16, near_duplicate_distance=1e-3), P, B, True),
-    "learned_scales": (dict(diff_weight=1.0, clip_weight=0.5, learn_diff_temperature=True, clip_temperature=0.07,
-                            chunk_size=16), P, B, False),
+    "learned_scales": (
+        dict(diff_weight=1.0, clip_weight=0.5, learn_diff_temperature=True, clip_temperature=0.07, chunk_size=16),
+        P,
+        B,
+        False,
+    ),
 }
 FEATURE_KEYS = ("image_a", "image_b", "diff_text", "image", "caption")
 E2E_CFG = dict(diff_weight=1.0, clip_weight=0.5, diff_temperature=0.5, chunk_size=16)
@@ -40,8 +44,11 @@ E2E_CFG = dict(diff_weight=1.0, clip_weight=0.5, diff_temperature=0.5, chunk_siz
 
 def _features(seed: int, p: int, b: int, masked: bool) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
-    feats = {k: torch.randn(p if k in FEATURE_KEYS[:3] else b, D, generator=g, dtype=torch.float64)
-             for k in FEATURE_KEYS if b or k in FEATURE_KEYS[:3]}
+    feats = {
+        k: torch.randn(p if k in FEATURE_KEYS[:3] else b, D, generator=g, dtype=torch.float64)
+        for k in FEATURE_KEYS
+        if b or k in FEATURE_KEYS[:3]
+    }
     if masked:
         for i in DEGENERATE:
             feats["image_b"][i] = 3.0 * feats["image_a"][i]
@@ -59,8 +66,10 @@ def _shard(feats: dict[str, torch.Tensor], world: int, rank: int) -> dict[str, t
 
 
 def _scales():
-    return (torch.tensor(LOGIT_SCALE, dtype=torch.float64, requires_grad=True),
-            torch.tensor(DIFF_LOG_SCALE, dtype=torch.float64, requires_grad=True))
+    return (
+        torch.tensor(LOGIT_SCALE, dtype=torch.float64, requires_grad=True),
+        torch.tensor(DIFF_LOG_SCALE, dtype=torch.float64, requires_grad=True),
+    )
 
 
 def _run(fn, feats, cfg, rank, world):
@@ -68,17 +77,21 @@ def _run(fn, feats, cfg, rank, world):
     scale, diff_scale = _scales()
     out = fn(feats, LossConfig(**cfg), logit_scale=scale, diff_logit_scale=diff_scale, rank=rank, world_size=world)
     out["loss"].backward()
-    return {"out": {k: v.detach() for k, v in out.items()},
-            "grads": {k: f.grad for k, f in feats.items() if f.is_floating_point()},
-            "scale_grad": scale.grad, "diff_scale_grad": diff_scale.grad}
+    return {
+        "out": {k: v.detach() for k, v in out.items()},
+        "grads": {k: f.grad for k, f in feats.items() if f.is_floating_point()},
+        "scale_grad": scale.grad,
+        "diff_scale_grad": diff_scale.grad,
+    }
 
 
 def _e2e_setup():
     torch.manual_seed(0)
     model = torch.nn.Linear(IN, D, dtype=torch.float64)
     g = torch.Generator().manual_seed(1)
-    return model, {k: torch.randn(P if k in FEATURE_KEYS[:3] else B, IN, generator=g, dtype=torch.float64)
-                   for k in FEATURE_KEYS}
+    return model, {
+        k: torch.randn(P if k in FEATURE_KEYS[:3] else B, IN, generator=g, dtype=torch.float64) for k in FEATURE_KEYS
+    }
 
 
 # --------------------------------------------------------------------------------------------- distributed
@@ -96,10 +109,16 @@ def _open_clip_case(rank: int, world: int) -> dict:
     unit = {k: F.normalize(feats[k], dim=-1) for k in ("image", "caption")}
     scale = torch.tensor(LOGIT_SCALE, dtype=torch.float64, requires_grad=True)
     theirs = ClipLoss(local_loss=True, gather_with_grad=True, rank=rank, world_size=world)(
-        unit["image"], unit["caption"], scale.exp())
+        unit["image"], unit["caption"], scale.exp()
+    )
     their_grads = torch.autograd.grad(theirs, [feats["image"], feats["caption"], scale])
-    ours = _run(fused_pc_clip_loss, {k: feats[k].detach().clone().requires_grad_() for k in unit},
-                dict(diff_weight=0.0, clip_weight=1.0, chunk_size=16), rank, world)
+    ours = _run(
+        fused_pc_clip_loss,
+        {k: feats[k].detach().clone().requires_grad_() for k in unit},
+        dict(diff_weight=0.0, clip_weight=1.0, chunk_size=16),
+        rank,
+        world,
+    )
     return {"theirs": theirs.detach(), "their_grads": their_grads, "ours": ours}
 
 
@@ -109,8 +128,10 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
-        results = {name: _run(fused_pc_clip_loss, _shard(_features(i, p, b, masked), world, rank), cfg, rank, world)
-                   for i, (name, (cfg, p, b, masked)) in enumerate(CASES.items())}
+        results = {
+            name: _run(fused_pc_clip_loss, _shard(_features(i, p, b, masked), world, rank), cfg, rank, world)
+            for i, (name, (cfg, p, b, masked)) in enumerate(CASES.items())
+        }
 
         if world == 2:  # open_clip's import costs seconds per process; W = 1 is covered in test_loss.py
             results["open_clip"] = _open_clip_case(rank, world)
@@ -123,14 +144,24 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
         results["nan"] = {"skip": out["skip_step"].item(), "global": out["global_loss"].item()}
 
         # bf16 on the wire: approximate by construction.
-        results["bf16"] = _run(fused_pc_clip_loss, _shard(_features(1, P, B, False), world, rank),
-                               CASES["diff+clip_ragged"][0] | {"gather_dtype": "bf16"}, rank, world)
+        results["bf16"] = _run(
+            fused_pc_clip_loss,
+            _shard(_features(1, P, B, False), world, rank),
+            CASES["diff+clip_ragged"][0] | {"gather_dtype": "bf16"},
+            rank,
+            world,
+        )
 
         # A DDP-style step of a linear model: fused loss per rank, parameter gradients averaged over ranks.
         model, inputs = _e2e_setup()
         feats = {k: model(x.chunk(world)[rank]) for k, x in inputs.items()}
-        compute_loss(feats, LossConfig(**E2E_CFG), logit_scale=torch.tensor(LOGIT_SCALE, dtype=torch.float64),
-                     rank=rank, world_size=world)["loss"].backward()
+        compute_loss(
+            feats,
+            LossConfig(**E2E_CFG),
+            logit_scale=torch.tensor(LOGIT_SCALE, dtype=torch.float64),
+            rank=rank,
+            world_size=world,
+        )["loss"].backward()
         for param in model.parameters():
             dist.all_reduce(param.grad)
             param.grad /= world
@@ -162,8 +193,9 @@ def test_ranks_match_one_process_global_loss(ranks, case):
         torch.testing.assert_close(r["out"]["global_loss"], oracle["out"]["loss"], rtol=1e-12, atol=0)
         assert not r["out"]["skip_step"]
     for name in ("diff_loss", "clip_loss"):
-        torch.testing.assert_close(torch.stack([r["out"][name] for r in per_rank]).mean(), oracle["out"][name],
-                                   rtol=1e-12, atol=1e-15)
+        torch.testing.assert_close(
+            torch.stack([r["out"][name] for r in per_rank]).mean(), oracle["out"][name], rtol=1e-12, atol=1e-15
+        )
     for rank, r in enumerate(per_rank):
         for key, grad in oracle["grads"].items():
             torch.testing.assert_close(r["grads"][key], world * grad.chunk(world)[rank], rtol=1e-9, atol=1e-13)
@@ -172,14 +204,16 @@ def test_ranks_match_one_process_global_loss(ranks, case):
             assert all(r[key] is None for r in per_rank)
             continue
         assert oracle[key].abs() > 1e-6  # a non-trivial gradient is what is compared
-        torch.testing.assert_close(torch.stack([r[key] for r in per_rank]).mean(), oracle[key], rtol=1e-10,
-                                   atol=1e-14)
+        torch.testing.assert_close(torch.stack([r[key] for r in per_rank]).mean(), oracle[key], rtol=1e-10, atol=1e-14)
     if masked:
         assert sum(r["out"]["degenerate_pairs"].item() for r in per_rank) == len(DEGENERATE + NEAR_DUPLICATE)
         assert sum(r["out"]["padded_rows"].item() for r in per_rank) == len(PADDED_PAIRS + PADDED_CAPTIONS)
         for rank, r in enumerate(per_rank):  # masked rows get exactly zero gradient
-            rows = [i - rank * P // world for i in PADDED_PAIRS + DEGENERATE + NEAR_DUPLICATE
-                    if rank * P // world <= i < (rank + 1) * P // world]
+            rows = [
+                i - rank * P // world
+                for i in PADDED_PAIRS + DEGENERATE + NEAR_DUPLICATE
+                if rank * P // world <= i < (rank + 1) * P // world
+            ]
             assert (r["grads"]["diff_text"][rows] == 0).all()
 
 
@@ -194,9 +228,12 @@ def test_clip_group_equals_open_clip_on_the_same_ranks(ranks):
         for theirs, key in zip(res["their_grads"], ("image", "caption")):
             torch.testing.assert_close(ours["grads"][key], theirs, rtol=1e-9, atol=1e-13)
     # open_clip gives each rank d l_r / d scale; their mean is the global gradient, as is ours.
-    torch.testing.assert_close(torch.stack([r["open_clip"]["ours"]["scale_grad"] for r in results]).mean(),
-                               torch.stack([r["open_clip"]["their_grads"][2] for r in results]).mean(),
-                               rtol=1e-10, atol=1e-14)
+    torch.testing.assert_close(
+        torch.stack([r["open_clip"]["ours"]["scale_grad"] for r in results]).mean(),
+        torch.stack([r["open_clip"]["their_grads"][2] for r in results]).mean(),
+        rtol=1e-10,
+        atol=1e-14,
+    )
 
 
 def test_nonfinite_loss_on_one_rank_skips_on_every_rank(ranks):
@@ -208,8 +245,9 @@ def test_bf16_gather_stays_close(ranks):
     world, results = ranks
     cfg, p, b, _ = CASES["diff+clip_ragged"]
     oracle = _run(pc_clip_loss, _shard(_features(1, p, b, False), 1, 0), cfg, 0, 1)
-    torch.testing.assert_close(torch.stack([r["bf16"]["out"]["loss"] for r in results]).mean(),
-                               oracle["out"]["loss"], rtol=1e-2, atol=0)
+    torch.testing.assert_close(
+        torch.stack([r["bf16"]["out"]["loss"] for r in results]).mean(), oracle["out"]["loss"], rtol=1e-2, atol=0
+    )
     for rank, r in enumerate(results):
         for key, grad in oracle["grads"].items():
             ref = world * grad.chunk(world)[rank]
@@ -219,8 +257,13 @@ def test_bf16_gather_stays_close(ranks):
 def test_ranks_step_equals_one_process_step(ranks):
     _, results = ranks
     model, inputs = _e2e_setup()
-    pc_clip_loss({k: model(x) for k, x in inputs.items()}, LossConfig(**E2E_CFG),
-                 logit_scale=torch.tensor(LOGIT_SCALE, dtype=torch.float64), rank=0, world_size=1)["loss"].backward()
+    pc_clip_loss(
+        {k: model(x) for k, x in inputs.items()},
+        LossConfig(**E2E_CFG),
+        logit_scale=torch.tensor(LOGIT_SCALE, dtype=torch.float64),
+        rank=0,
+        world_size=1,
+    )["loss"].backward()
     for name, param in model.named_parameters():
         assert param.grad.abs().max() > 1e-6
         for res in results:
@@ -273,8 +316,9 @@ def test_reference_impl_reports_the_same_keys():
     feats = _features(4, 12, 12, False)
     cfg = dict(diff_weight=1.0, clip_weight=0.5)
     fused = compute_loss(feats, LossConfig(**cfg), logit_scale=torch.tensor(LOGIT_SCALE), rank=0, world_size=1)
-    ref = compute_loss(feats, LossConfig(**cfg, impl="reference"), logit_scale=torch.tensor(LOGIT_SCALE), rank=0,
-                       world_size=1)
+    ref = compute_loss(
+        feats, LossConfig(**cfg, impl="reference"), logit_scale=torch.tensor(LOGIT_SCALE), rank=0, world_size=1
+    )
     assert fused.keys() == ref.keys()
     torch.testing.assert_close(fused["global_loss"], ref["global_loss"], rtol=1e-12, atol=0)
 
@@ -304,8 +348,13 @@ def test_cuda_matches_float64_cpu_oracle():
     oracle = _run(pc_clip_loss, _shard(feats, 1, 0), cfg, 0, 1)
     cuda = {k: v.to("cuda", torch.float32 if v.is_floating_point() else v.dtype) for k, v in feats.items()}
     scale = torch.tensor(LOGIT_SCALE, device="cuda", requires_grad=True)
-    out = fused_pc_clip_loss({k: v.requires_grad_(v.is_floating_point()) for k, v in cuda.items()},
-                             LossConfig(**cfg), logit_scale=scale, rank=0, world_size=1)
+    out = fused_pc_clip_loss(
+        {k: v.requires_grad_(v.is_floating_point()) for k, v in cuda.items()},
+        LossConfig(**cfg),
+        logit_scale=scale,
+        rank=0,
+        world_size=1,
+    )
     out["loss"].backward()
     torch.testing.assert_close(out["loss"].double().cpu(), oracle["out"]["loss"], rtol=1e-5, atol=0)
     for key, grad in oracle["grads"].items():
@@ -330,8 +379,9 @@ def test_no_op_materialises_a_local_by_global_logit_matrix():
     n, dim, chunk = 512, 16, 64
     x, y = (F.normalize(torch.randn(n, dim), dim=-1).requires_grad_() for _ in range(2))
     with LargestOutput() as mode:
-        local, _, _ = fused_contrastive([(x, y, torch.tensor(5.0, requires_grad=True), None)], rank=0,
-                                        world_size=1, chunk_size=chunk)
+        local, _, _ = fused_contrastive(
+            [(x, y, torch.tensor(5.0, requires_grad=True), None)], rank=0, world_size=1, chunk_size=chunk
+        )
         local.sum().backward()
     assert mode.largest <= max(chunk * chunk, 2 * n * dim) < n * n // 4
     assert torch.isfinite(x.grad).all()

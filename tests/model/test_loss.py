@@ -63,8 +63,10 @@ def _ref_loss(feats, cfg: dict, logit_scale, degenerate=()):
 def _case_features(seed: int, p: int, b: int, degenerate=()) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     keys = ["image_a", "image_b", "diff_text"] + (["image", "caption"] if b else [])
-    feats = {k: torch.randn(p if k in ("image_a", "image_b", "diff_text") else b, D, generator=g,
-                            dtype=torch.float64) for k in keys}
+    feats = {
+        k: torch.randn(p if k in ("image_a", "image_b", "diff_text") else b, D, generator=g, dtype=torch.float64)
+        for k in keys
+    }
     for i in degenerate:  # the same direction at another norm: identical once normalised
         feats["image_b"][i] = 2.5 * feats["image_a"][i]
     return feats
@@ -75,8 +77,10 @@ def _e2e_setup():
     torch.manual_seed(0)
     model = torch.nn.Linear(IN, D, dtype=torch.float64)
     g = torch.Generator().manual_seed(1)
-    inputs = {k: torch.randn(8, IN, generator=g, dtype=torch.float64)
-              for k in ("image_a", "image_b", "diff_text", "image", "caption")}
+    inputs = {
+        k: torch.randn(8, IN, generator=g, dtype=torch.float64)
+        for k in ("image_a", "image_b", "diff_text", "image", "caption")
+    }
     return model, inputs
 
 
@@ -96,17 +100,27 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
     try:
         results = {}
         for i, (name, (cfg, p, b, degenerate)) in enumerate(CASES.items()):
-            feats = {k: v.chunk(world)[rank].clone().requires_grad_()
-                     for k, v in _case_features(i, p, b, degenerate).items()}
+            feats = {
+                k: v.chunk(world)[rank].clone().requires_grad_() for k, v in _case_features(i, p, b, degenerate).items()
+            }
             scale = torch.tensor(LOGIT_SCALE, dtype=torch.float64, requires_grad=True)
             out = pc_clip_loss(feats, LossConfig(**cfg), logit_scale=scale, rank=rank, world_size=world)
             out["loss"].backward()
-            results[name] = {"loss": out["loss"].detach(), "grads": {k: f.grad for k, f in feats.items()},
-                             "scale_grad": scale.grad, "degenerate": out["degenerate_pairs"]}
+            results[name] = {
+                "loss": out["loss"].detach(),
+                "grads": {k: f.grad for k, f in feats.items()},
+                "scale_grad": scale.grad,
+                "degenerate": out["degenerate_pairs"],
+            }
         model, inputs = _e2e_setup()
         feats = {k: model(x.chunk(world)[rank]) for k, x in inputs.items()}
-        pc_clip_loss(feats, LossConfig(**E2E_CFG), logit_scale=torch.tensor(LOGIT_SCALE, dtype=torch.float64),
-                     rank=rank, world_size=world)["loss"].backward()
+        pc_clip_loss(
+            feats,
+            LossConfig(**E2E_CFG),
+            logit_scale=torch.tensor(LOGIT_SCALE, dtype=torch.float64),
+            rank=rank,
+            world_size=world,
+        )["loss"].backward()
         for param in model.parameters():  # what DDP does: average parameter gradients over ranks
             dist.all_reduce(param.grad)
             param.grad /= world
@@ -148,8 +162,9 @@ def test_ranks_match_global_loss_and_gradients(ranks, case):
         for key, f in feats.items():
             torch.testing.assert_close(res["grads"][key], world * f.grad.chunk(world)[rank], rtol=1e-10, atol=1e-14)
     if cfg["clip_weight"]:
-        torch.testing.assert_close(torch.stack([r["scale_grad"] for r in per_rank]).mean(), scale.grad,
-                                   rtol=1e-10, atol=1e-14)
+        torch.testing.assert_close(
+            torch.stack([r["scale_grad"] for r in per_rank]).mean(), scale.grad, rtol=1e-10, atol=1e-14
+        )
         assert scale.grad.abs() > 1e-6  # a non-trivial gradient is what is being compared
     else:
         assert all(r["scale_grad"] is None for r in per_rank)
@@ -158,8 +173,9 @@ def test_ranks_match_global_loss_and_gradients(ranks, case):
 def test_ranks_step_equals_one_process_step(ranks):
     world, results = ranks
     model, inputs = _e2e_setup()
-    _ref_loss({k: model(x) for k, x in inputs.items()}, E2E_CFG,
-              torch.tensor(LOGIT_SCALE, dtype=torch.float64)).backward()
+    _ref_loss(
+        {k: model(x) for k, x in inputs.items()}, E2E_CFG, torch.tensor(LOGIT_SCALE, dtype=torch.float64)
+    ).backward()
     for name, param in model.named_parameters():
         assert param.grad.abs().max() > 1e-6
         for res in results:  # every rank holds the same averaged gradient, as after DDP's all-reduce
@@ -241,8 +257,9 @@ def test_all_pairs_degenerate_gives_zero_loss_and_zero_gradients():
     assert all((f.grad == 0).all() for f in feats.values())
 
 
-@pytest.mark.parametrize("dtype,expected", [(torch.float64, torch.float64), (torch.float32, torch.float32),
-                                            (torch.bfloat16, torch.float32)])
+@pytest.mark.parametrize(
+    "dtype,expected", [(torch.float64, torch.float64), (torch.float32, torch.float32), (torch.bfloat16, torch.float32)]
+)
 def test_difference_directions_dtype(dtype, expected):
     a, b = torch.randn(4, D).to(dtype), torch.randn(4, D).to(dtype)
     d, mask = difference_directions(a, b)
@@ -254,17 +271,27 @@ def test_difference_directions_dtype(dtype, expected):
 def test_missing_keys_and_scale_raise():
     feats = _case_features(0, 4, 4)
     with pytest.raises(KeyError, match=r"difference group.*diff_text"):
-        pc_clip_loss({k: v for k, v in feats.items() if k != "diff_text"}, LossConfig(), logit_scale=None,
-                     rank=0, world_size=1)
+        pc_clip_loss(
+            {k: v for k, v in feats.items() if k != "diff_text"}, LossConfig(), logit_scale=None, rank=0, world_size=1
+        )
     with pytest.raises(KeyError, match=r"clip group.*caption"):
-        pc_clip_loss({k: v for k, v in feats.items() if k != "caption"}, LossConfig(clip_weight=1.0),
-                     logit_scale=torch.tensor(0.0), rank=0, world_size=1)
+        pc_clip_loss(
+            {k: v for k, v in feats.items() if k != "caption"},
+            LossConfig(clip_weight=1.0),
+            logit_scale=torch.tensor(0.0),
+            rank=0,
+            world_size=1,
+        )
     with pytest.raises(ValueError, match="logit_scale"):
         pc_clip_loss(feats, LossConfig(clip_weight=1.0), logit_scale=None, rank=0, world_size=1)
     # Features of a disabled group are not required.
-    out = pc_clip_loss({"image": feats["image"], "caption": feats["caption"]},
-                       LossConfig(diff_weight=0, clip_weight=1.0), logit_scale=torch.tensor(0.0), rank=0,
-                       world_size=1)
+    out = pc_clip_loss(
+        {"image": feats["image"], "caption": feats["caption"]},
+        LossConfig(diff_weight=0, clip_weight=1.0),
+        logit_scale=torch.tensor(0.0),
+        rank=0,
+        world_size=1,
+    )
     assert out["diff_loss"] == 0 and out["degenerate_pairs"] == 0
 
 

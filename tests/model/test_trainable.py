@@ -31,8 +31,14 @@ def test_text_transformer_is_the_paper_setting(model):
     assert names and all(n.startswith("transformer.resblocks.") for n in names)
     # Every block parameter trains, nothing else does.
     assert set(names) == {n for n in _all(model) if n.startswith("transformer.")}
-    for frozen in ("token_embedding.weight", "positional_embedding", "ln_final.weight", "ln_final.bias",
-                   "text_projection", "logit_scale"):
+    for frozen in (
+        "token_embedding.weight",
+        "positional_embedding",
+        "ln_final.weight",
+        "ln_final.bias",
+        "text_projection",
+        "logit_scale",
+    ):
         assert frozen in _all(model) and frozen not in names
     assert not any(n.startswith("visual.") for n in names)
     assert image_tower_frozen(model)

@@ -43,8 +43,9 @@ def test_numpy_and_torch_difference_directions_agree(eps, normalised):
 def test_numpy_and_torch_normalise_agree_and_floor_at_eps():
     x, _ = _pairs()
     for eps in (1e-12, 1e-6):
-        np.testing.assert_allclose(normalise_torch(torch.from_numpy(x), eps=eps).numpy(), normalise(x, eps=eps),
-                                   rtol=1e-12, atol=1e-15)
+        np.testing.assert_allclose(
+            normalise_torch(torch.from_numpy(x), eps=eps).numpy(), normalise(x, eps=eps), rtol=1e-12, atol=1e-15
+        )
     np.testing.assert_array_equal(normalise(x[3], eps=1e-6), x[3] / 1e-6)  # one row [D] works too
     assert (normalise(x[2], eps=1e-12) == 0).all()
 

@@ -37,8 +37,13 @@ def _load_orchestrator():
 # ------------------------------------------------------------------------------------------------------- --dry-run
 def test_dry_run_checks_and_lists_all_seven_steps(tmp_path):
     work = tmp_path / "work"
-    out = subprocess.run([sys.executable, "-S", str(SCRIPT), "--dry-run", "--workdir", str(work)],
-                         capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    out = subprocess.run(
+        [sys.executable, "-S", str(SCRIPT), "--dry-run", "--workdir", str(work)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=tmp_path,
+    )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     text = out.stdout
     for name in steps.STEP_NAMES:
@@ -54,8 +59,12 @@ def test_dry_run_checks_and_lists_all_seven_steps(tmp_path):
 
 
 def test_unknown_step_is_refused():
-    out = subprocess.run([sys.executable, "-S", str(SCRIPT), "--only", "environment,warp-drive"],
-                         capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        [sys.executable, "-S", str(SCRIPT), "--only", "environment,warp-drive"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert out.returncode == 2 and "warp-drive" in out.stderr
 
 
@@ -99,17 +108,27 @@ def test_smoke_job_is_a_one_gpu_zero2_bf16_finetune_and_deepspeed_accepts_both_r
 
     job = load_job(steps.JOB)
     t = job.train
-    assert (job.data.source, job.generate.engine, t.model.name, t.model.pretrained) == ("synthetic", "rule",
-                                                                                        "ViT-B-32", None)
+    assert (job.data.source, job.generate.engine, t.model.name, t.model.pretrained) == (
+        "synthetic",
+        "rule",
+        "ViT-B-32",
+        None,
+    )
     assert (t.scaling.use_gpu, t.scaling.num_workers, t.max_steps) == (True, 1, steps.B32_STEPS)
     assert (t.deepspeed.zero_stage, t.deepspeed.precision) == (2, "bf16")
     assert t.max_steps * t.batch_size <= job.pairs.num_pairs
     large = load_job(steps.JOB, steps.L14_OVERRIDES).train
-    assert (large.model.name, large.deepspeed.zero_stage, large.deepspeed.activation_checkpointing,
-            large.max_steps) == ("ViT-L-14", 3, True, steps.L14_STEPS)
+    assert (
+        large.model.name,
+        large.deepspeed.zero_stage,
+        large.deepspeed.activation_checkpointing,
+        large.max_steps,
+    ) == ("ViT-L-14", 3, True, steps.L14_STEPS)
     for cfg in (t, large):
-        ds = DeepSpeedConfig(dict(deepspeed_config(cfg, micro_batch=cfg.batch_size, use_gpu=True),
-                                  train_batch_size=cfg.batch_size), mpu=_OneRank())
+        ds = DeepSpeedConfig(
+            dict(deepspeed_config(cfg, micro_batch=cfg.batch_size, use_gpu=True), train_batch_size=cfg.batch_size),
+            mpu=_OneRank(),
+        )
         assert ds.zero_optimization_stage == cfg.deepspeed.zero_stage and ds.bfloat16_config.enabled
     gen = load_job(steps.JOB, steps.vllm_overrides(Path("/models/tiny"))).generate
     assert (gen.engine, gen.num_gpus_per_actor, gen.llm.engine_kwargs) == ("vllm", 1, {"enforce_eager": True})
@@ -136,8 +155,11 @@ LOCK_TEXT = textwrap.dedent("""\
 def test_lock_parses_into_pins_with_their_hashes():
     pins = bundle.parse_lock(LOCK_TEXT)
     assert [(p.key, p.version, p.hashes) for p in pins] == [
-        ("moto", "5.2.5", ("sha256:aaa", "sha256:bbb")), ("pyyaml", "6.0.4", ("sha256:ccc",)),
-        ("sdistonly", "1.0", ("sha256:ddd",)), ("torch", "2.14.0", ("sha256:eee",))]
+        ("moto", "5.2.5", ("sha256:aaa", "sha256:bbb")),
+        ("pyyaml", "6.0.4", ("sha256:ccc",)),
+        ("sdistonly", "1.0", ("sha256:ddd",)),
+        ("torch", "2.14.0", ("sha256:eee",)),
+    ]
     assert pins[1].line() == "PyYAML==6.0.4 --hash=sha256:ccc" and pins[1].line(with_hashes=False) == "PyYAML==6.0.4"
     with pytest.raises(ValueError, match="not an exact pin"):
         bundle.parse_lock("torch>=2.14\n")
@@ -177,20 +199,23 @@ def test_omit_present_leaves_out_only_exact_versions():
     assert "torch" in [p.key for p in keep] and not omitted
 
 
-@pytest.mark.parametrize("filename, fits", [
-    ("torch-2.14.0-cp312-cp312-manylinux_2_28_x86_64.whl", True),
-    ("vllm-0.33.0-cp38-abi3-manylinux_2_28_x86_64.whl", True),
-    ("llguidance-1.7.6-cp39-abi3-manylinux_2_31_x86_64.whl", True),
-    ("interegular-0.3.3-py37-none-any.whl", True),
-    ("six-1.17.0-py2.py3-none-any.whl", True),
-    ("x-1-1build-cp312-cp312-manylinux2014_x86_64.whl", True),
-    ("torch-2.14.0-cp311-cp311-manylinux_2_28_x86_64.whl", False),
-    ("x-1-cp313-abi3-manylinux_2_28_x86_64.whl", False),
-    ("x-1-cp312-cp312-manylinux_2_34_x86_64.whl", False),
-    ("x-1-cp312-cp312-musllinux_1_2_x86_64.whl", False),
-    ("x-1-cp312-cp312-manylinux_2_28_aarch64.whl", False),
-    ("x-1-py313-none-any.whl", False),
-])
+@pytest.mark.parametrize(
+    "filename, fits",
+    [
+        ("torch-2.14.0-cp312-cp312-manylinux_2_28_x86_64.whl", True),
+        ("vllm-0.33.0-cp38-abi3-manylinux_2_28_x86_64.whl", True),
+        ("llguidance-1.7.6-cp39-abi3-manylinux_2_31_x86_64.whl", True),
+        ("interegular-0.3.3-py37-none-any.whl", True),
+        ("six-1.17.0-py2.py3-none-any.whl", True),
+        ("x-1-1build-cp312-cp312-manylinux2014_x86_64.whl", True),
+        ("torch-2.14.0-cp311-cp311-manylinux_2_28_x86_64.whl", False),
+        ("x-1-cp313-abi3-manylinux_2_28_x86_64.whl", False),
+        ("x-1-cp312-cp312-manylinux_2_34_x86_64.whl", False),
+        ("x-1-cp312-cp312-musllinux_1_2_x86_64.whl", False),
+        ("x-1-cp312-cp312-manylinux_2_28_aarch64.whl", False),
+        ("x-1-py313-none-any.whl", False),
+    ],
+)
 def test_wheel_tags_against_the_target(filename, fits):
     assert bundle.wheel_fits(filename, "3.12", bundle.target_platforms("2.31")) is fits
 
@@ -241,13 +266,15 @@ def test_bundle_build_against_a_stand_in_pip(tmp_path):
     (repo / "pcd_ray").mkdir(parents=True)
     (repo / "pcd_ray" / "__init__.py").write_text("")
     (repo / "README.md").write_text("x")
-    (repo / "pyproject.toml").write_text(textwrap.dedent("""\
+    (repo / "pyproject.toml").write_text(
+        textwrap.dedent("""\
         [project]
         name = "pcd-ray"
         [project.optional-dependencies]
         dev = ["pytest>=8", "pytest-timeout>=2.3", "httpx>=0.27", "moto[server]==5.2.5",
                "botocore>=1.43.115,<1.43.118", "psutil>=5.9", "uv==0.13.9"]
-        """))
+        """)
+    )
     lock = tmp_path / "lock.txt"
     lock.write_text(LOCK_TEXT)
     freeze = tmp_path / "freeze.txt"
@@ -264,8 +291,17 @@ def test_bundle_build_against_a_stand_in_pip(tmp_path):
     reqs = [line for line in (out / "requirements.txt").read_text().splitlines() if not line.startswith("#")]
     # The lock minus the target's torch, the sdist built into a wheel, the test packages the lock lacks (at what
     # the stand-in resolved; the lock's PyYAML is not taken twice), and pcd-ray; uv is not a smoke package.
-    assert reqs == ["botocore==9.9", "httpx==9.9", "moto==5.2.5", "pcd-ray==0.1.0", "psutil==9.9", "pytest==9.9",
-                    "pytest-timeout==9.9", "PyYAML==6.0.4", "sdistonly==1.0"]
+    assert reqs == [
+        "botocore==9.9",
+        "httpx==9.9",
+        "moto==5.2.5",
+        "pcd-ray==0.1.0",
+        "psutil==9.9",
+        "pytest==9.9",
+        "pytest-timeout==9.9",
+        "PyYAML==6.0.4",
+        "sdistonly==1.0",
+    ]
     files = sorted(f.name for f in out.glob("*.whl"))
     assert "sdistonly-1.0-py3-none-any.whl" in files and not list(out.glob("*.tar.gz"))
     assert not any(f.startswith(("torch", "stale", "uv")) for f in files) and len(files) == len(reqs)
@@ -288,11 +324,17 @@ def test_a_step_stops_at_its_first_failing_command_and_a_timeout_kills_the_group
     smoke = _load_orchestrator()
     py = sys.executable
     marker = tmp_path / "ran"
-    step = steps.Step("demo", 60, [
-        steps.Command([py, "-c", "print('one')"], "script"),
-        steps.Command([py, "-c", "import sys; sys.exit(3)"], "script"),
-        steps.Command([py, "-c", f"open({str(marker)!r}, 'w')"], "script"),
-    ], lambda d: ({"logs": len(list(d.glob('*.log')))}, []), tmp_path / "demo")
+    step = steps.Step(
+        "demo",
+        60,
+        [
+            steps.Command([py, "-c", "print('one')"], "script"),
+            steps.Command([py, "-c", "import sys; sys.exit(3)"], "script"),
+            steps.Command([py, "-c", f"open({str(marker)!r}, 'w')"], "script"),
+        ],
+        lambda d: ({"logs": len(list(d.glob("*.log")))}, []),
+        tmp_path / "demo",
+    )
     result = smoke.run_step(step, 60, tmp_path)
     assert result["status"] == "failed" and "exit 3" in result["problems"][0]
     assert [c["rc"] for c in result["commands"]] == [0, 3] and not marker.exists()
@@ -309,8 +351,12 @@ def test_a_run_without_a_gpu_fails_its_steps_cleanly_and_reports_them(tmp_path):
 
     if torch.cuda.is_available():
         pytest.skip("this checks the failure path; on a GPU machine run scripts/gpu-smoke itself")
-    out = subprocess.run([sys.executable, "-S", str(SCRIPT), "--only", "environment,loss-bench", "--workdir",
-                          str(tmp_path)], capture_output=True, text=True, timeout=600)
+    out = subprocess.run(
+        [sys.executable, "-S", str(SCRIPT), "--only", "environment,loss-bench", "--workdir", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert out.returncode == 1, out.stdout[-3000:] + out.stderr[-3000:]
     report = json.loads((tmp_path / "smoke.json").read_text())
     by = {s["name"]: s for s in report["steps"]}
@@ -319,11 +365,15 @@ def test_a_run_without_a_gpu_fails_its_steps_cleanly_and_reports_them(tmp_path):
     assert by["environment"]["figures"]["torch"] and by["environment"]["figures"]["python"]  # versions ran
     assert "no CUDA device" in (tmp_path / "loss-bench" / "0-loss_bench.log").read_text()
     assert all(by[n]["status"] == "skipped" for n in steps.STEP_NAMES if n not in ("environment", "loss-bench"))
-    table = out.stdout[out.stdout.index("\nstep "):]
+    table = out.stdout[out.stdout.index("\nstep ") :]
     assert all(n in table for n in steps.STEP_NAMES) and "FAILED" in out.stdout
 
-    none = subprocess.run([sys.executable, "-S", str(SCRIPT), "--budget-s", "0", "--workdir", str(tmp_path / "b")],
-                          capture_output=True, text=True, timeout=60)
+    none = subprocess.run(
+        [sys.executable, "-S", str(SCRIPT), "--budget-s", "0", "--workdir", str(tmp_path / "b")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     report = json.loads((tmp_path / "b" / "smoke.json").read_text())
     assert none.returncode == 1 and {s["status"] for s in report["steps"]} == {"skipped"}
     assert report["steps"][0]["reason"].startswith("budget")
@@ -334,23 +384,32 @@ def test_figure_readers(tmp_path):
     assert steps.pytest_counts("1 failed, 2 errors in 3.0s") == {"failed": 1, "error": 2}
 
     csv_path = tmp_path / "metrics.csv"
-    csv_path.write_text("step,epoch,loss,samples_per_s,data_wait_frac,peak_gpu_mem_gib\n"
-                        "5,0,4.1,800.0,0.1,10.5\n10,0,3.9,1234.56,0.02,11.25\n")
+    csv_path.write_text(
+        "step,epoch,loss,samples_per_s,data_wait_frac,peak_gpu_mem_gib\n"
+        "5,0,4.1,800.0,0.1,10.5\n10,0,3.9,1234.56,0.02,11.25\n"
+    )
     figures, problems = steps.metrics_figures(csv_path, 10, peak=True)
-    assert figures == {"steps": 10, "final_loss": 3.9, "samples_per_s": 1234.6, "data_wait_pct": 2.0,
-                       "peak_gpu_mem_gib": 11.25} and not problems
+    assert (
+        figures
+        == {"steps": 10, "final_loss": 3.9, "samples_per_s": 1234.6, "data_wait_pct": 2.0, "peak_gpu_mem_gib": 11.25}
+        and not problems
+    )
     assert steps.metrics_figures(csv_path, 50, peak=False)[1] == ["trained 10 steps, not 50"]
     assert steps.metrics_figures(tmp_path / "none.csv", 10, peak=False)[1]
 
-    points = [{"mode": m, "clients": c, "throughput_rps": r, "errors": 0}
-              for m, c, r in (("unbatched", 1, 50.0), ("batched", 1, 45.0), ("unbatched", 32, 100.0),
-                              ("batched", 32, 420.0))]
+    points = [
+        {"mode": m, "clients": c, "throughput_rps": r, "errors": 0}
+        for m, c, r in (("unbatched", 1, 50.0), ("batched", 1, 45.0), ("unbatched", 32, 100.0), ("batched", 32, 420.0))
+    ]
     figures, problems = steps.serve_figures({"points": points})
     assert (figures["clients"], figures["ratio"], figures["target_met"]) == (32, 4.2, True) and not problems
     points[-1]["throughput_rps"] = 250.0
     assert steps.serve_figures({"points": points})[0]["target_met"] is False
 
-    rows = [{"variant": v, "batch": b, "time_s": 0.01 * b / 1024, "peak_mib": 1.0 * b} for v in ("fused", "open_clip")
-            for b in (1024, 8192)] + [{"variant": "reference", "batch": 8192, "error": "out of memory"}]
+    rows = [
+        {"variant": v, "batch": b, "time_s": 0.01 * b / 1024, "peak_mib": 1.0 * b}
+        for v in ("fused", "open_clip")
+        for b in (1024, 8192)
+    ] + [{"variant": "reference", "batch": 8192, "error": "out of memory"}]
     figures, problems = steps.loss_figures(rows)
     assert (figures["batch"], figures["fused_ms"], figures["failed_points"]) == (8192, 80.0, 1) and not problems

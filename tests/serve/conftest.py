@@ -36,9 +36,18 @@ def server(ray_local, finetuned):
     from pcd_ray.serve.app import run_serve
 
     os.environ[TOKEN_ENV] = TOKEN  # passed to the replica through its runtime_env (deployment_options)
-    job = JobConfig(storage=finetuned.storage.cfg, serve=ServeConfig(
-        model=ModelSpec(checkpoint="export"), port=free_port(), max_request_bytes=MAX_BYTES,
-        max_image_pixels=MAX_PIXELS, auth_token_env=TOKEN_ENV, max_batch_size=16, batch_wait_timeout_s=0.005))
+    job = JobConfig(
+        storage=finetuned.storage.cfg,
+        serve=ServeConfig(
+            model=ModelSpec(checkpoint="export"),
+            port=free_port(),
+            max_request_bytes=MAX_BYTES,
+            max_image_pixels=MAX_PIXELS,
+            auth_token_env=TOKEN_ENV,
+            max_batch_size=16,
+            batch_wait_timeout_s=0.005,
+        ),
+    )
     url = run_serve(job, finetuned.storage, blocking=False)
     direct = load_model(ModelSpec(checkpoint=finetuned.uri))
     direct.model.eval()

@@ -61,15 +61,20 @@ def _train(storage, uri: str, num_images: int, steps: int, seed: int) -> str:
     for _ in range(steps):
         a, b, c = (rng.integers(num_images, size=batch) for _ in range(3))
         texts = [A.difference_sentence(attrs[i], attrs[j], rng) for i, j in zip(a, b)]
-        features = {"image_a": model.encode_image(pixels[a]), "image_b": model.encode_image(pixels[b]),
-                    "diff_text": model.encode_text(tok(texts)), "image": model.encode_image(pixels[c]),
-                    "caption": model.encode_text(tok([rows[i]["caption"] for i in c]))}
+        features = {
+            "image_a": model.encode_image(pixels[a]),
+            "image_b": model.encode_image(pixels[b]),
+            "diff_text": model.encode_text(tok(texts)),
+            "image": model.encode_image(pixels[c]),
+            "caption": model.encode_text(tok([rows[i]["caption"] for i in c])),
+        }
         loss = pc_clip_loss(features, cfg, logit_scale=model.logit_scale, rank=0, world_size=1)["loss"]
         opt.zero_grad()
         loss.backward()
         opt.step()
-    return export_model(model.state_dict(), lm.model_cfg, lm.preprocess_cfg, storage, uri,
-                        meta={"run": "test-serve", "steps": steps})
+    return export_model(
+        model.state_dict(), lm.model_cfg, lm.preprocess_cfg, storage, uri, meta={"run": "test-serve", "steps": steps}
+    )
 
 
 def noise_png(seed: int, size=(40, 30), fmt="PNG") -> bytes:

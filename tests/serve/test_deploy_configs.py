@@ -47,13 +47,16 @@ def test_local_config_is_cpu_and_127_0_0_1():
     assert not schema.applications[0].deployments
 
 
-@pytest.mark.parametrize("where, key, fix", [
-    (("applications", 0, "deployments", 0), "num_replica", "num_replicas"),
-    (("applications", 0, "deployments", 0, "autoscaling_config"), "max_replica", "max_replicas"),
-    (("applications", 0, "deployments", 0, "ray_actor_options"), "num_gpu", "num_gpus"),
-    (("applications", 0), "route_prefx", "route_prefix"),
-    (("http_options",), "prot", "port"),
-])
+@pytest.mark.parametrize(
+    "where, key, fix",
+    [
+        (("applications", 0, "deployments", 0), "num_replica", "num_replicas"),
+        (("applications", 0, "deployments", 0, "autoscaling_config"), "max_replica", "max_replicas"),
+        (("applications", 0, "deployments", 0, "ray_actor_options"), "num_gpu", "num_gpus"),
+        (("applications", 0), "route_prefx", "route_prefix"),
+        (("http_options",), "prot", "port"),
+    ],
+)
 def test_misspelled_keys_are_rejected_though_ray_accepts_them(where, key, fix):
     from ray.serve.schema import ServeDeploySchema
 
@@ -70,10 +73,10 @@ def test_misspelled_keys_are_rejected_though_ray_accepts_them(where, key, fix):
 def test_bad_values_args_and_deployment_names_are_rejected():
     raw = yaml.safe_load((REPO / "serve" / "gpu.yaml").read_text())
     for mutate, words in (
-            (lambda r: r["applications"][0]["deployments"][0]["autoscaling_config"].update(max_replicas=0),
-             "max_replicas"),
-            (lambda r: r["applications"][0]["args"].update(confg="local"), "confg"),
-            (lambda r: r["applications"][0]["deployments"][0].update(name="PCDModelSrv"), "PCDModelSrv")):
+        (lambda r: r["applications"][0]["deployments"][0]["autoscaling_config"].update(max_replicas=0), "max_replicas"),
+        (lambda r: r["applications"][0]["args"].update(confg="local"), "confg"),
+        (lambda r: r["applications"][0]["deployments"][0].update(name="PCDModelSrv"), "PCDModelSrv"),
+    ):
         bad = copy.deepcopy(raw)
         mutate(bad)
         with pytest.raises(ServeConfigError, match=words):

@@ -15,10 +15,16 @@ from schemathesis.checks import not_a_server_error
 from schemathesis.specs.openapi.checks import content_type_conformance, status_code_conformance
 from serve_helpers import TOKEN
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.integration
 EXAMPLES = 50
-OPERATIONS = [("POST", "/v1/embed"), ("POST", "/v1/difference"), ("POST", "/v1/rank"), ("POST", "/v1/classify"),
-              ("GET", "/v1/model"), ("GET", "/healthz")]
+OPERATIONS = [
+    ("POST", "/v1/embed"),
+    ("POST", "/v1/difference"),
+    ("POST", "/v1/rank"),
+    ("POST", "/v1/classify"),
+    ("GET", "/v1/model"),
+    ("GET", "/healthz"),
+]
 
 
 @pytest.fixture(scope="module")
@@ -38,14 +44,16 @@ def test_no_server_errors(api_schema, server, method, path):
     statuses = []
 
     @given(case=operation.as_strategy())
-    @settings(max_examples=EXAMPLES, deadline=None, derandomize=True, database=None,
-              suppress_health_check=list(HealthCheck))
+    @settings(
+        max_examples=EXAMPLES, deadline=None, derandomize=True, database=None, suppress_health_check=list(HealthCheck)
+    )
     def fuzz(case):
         response = case.call(base_url=server.url, headers=headers, timeout=30)
         statuses.append(response.status_code)
         assert response.status_code < 500, f"{method} {path}: {response.status_code} {response.text[:500]}"
-        case.validate_response(response, headers=headers,
-                               checks=[not_a_server_error, status_code_conformance, content_type_conformance])
+        case.validate_response(
+            response, headers=headers, checks=[not_a_server_error, status_code_conformance, content_type_conformance]
+        )
 
     fuzz()
     assert statuses and max(statuses) < 500

@@ -12,13 +12,12 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
-from serve_helpers import (MAX_BYTES, MAX_PIXELS, TOKEN, b64, noise_png, order_concordance,
-                           synthetic_by_size)
+from serve_helpers import MAX_BYTES, MAX_PIXELS, TOKEN, b64, noise_png, order_concordance, synthetic_by_size
 
 from pcd_ray.serve import scoring
 from pcd_ray.serve.schemas import MAX_ITEMS
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.integration
 
 
 def _texts(direct, texts) -> np.ndarray:
@@ -103,10 +102,12 @@ def test_concurrent_requests_are_batched_without_mixing_answers(server):
 
     with ThreadPoolExecutor(16) as pool:
         out = list(pool.map(one, range(len(texts) + len(images))))
-    np.testing.assert_allclose([o["text_embeddings"][0] for o in out[:len(texts)]], _texts(server.direct, texts),
-                               atol=1e-5)
-    np.testing.assert_allclose([o["image_embeddings"][0] for o in out[len(texts):]], _images(server.direct, images),
-                               atol=1e-5)
+    np.testing.assert_allclose(
+        [o["text_embeddings"][0] for o in out[: len(texts)]], _texts(server.direct, texts), atol=1e-5
+    )
+    np.testing.assert_allclose(
+        [o["image_embeddings"][0] for o in out[len(texts) :]], _images(server.direct, images), atol=1e-5
+    )
 
 
 def test_difference_matches_direct_model(server):
@@ -153,18 +154,27 @@ def test_rank_orders_held_out_synthetic_images_by_size(server):
         np.testing.assert_allclose(body["scores"], expected, atol=1e-5)
 
     # A template of "{attribute}" uses the text verbatim; braces elsewhere in a template are plain text.
-    r = server.client.post("/v1/rank", json={"images": encoded[:3], "attribute": "the first is {larger}",
-                                             "template": "{x} {attribute}"})
+    r = server.client.post(
+        "/v1/rank", json={"images": encoded[:3], "attribute": "the first is {larger}", "template": "{x} {attribute}"}
+    )
     assert r.status_code == 200 and r.json()["text"] == "{x} the first is {larger}"
 
 
 def test_classify_with_and_without_comparatives(server):
     image = noise_png(7)
     labels = ["small shape", "medium shape", "large shape"]
-    comparatives = [{"first": "large shape", "second": "small shape",
-                     "text": "The first image shows larger shapes than the second one."},
-                    {"first": "medium shape", "second": "small shape",
-                     "text": "The shapes in the first image are bigger than in the second image."}]
+    comparatives = [
+        {
+            "first": "large shape",
+            "second": "small shape",
+            "text": "The first image shows larger shapes than the second one.",
+        },
+        {
+            "first": "medium shape",
+            "second": "small shape",
+            "text": "The shapes in the first image are bigger than in the second image.",
+        },
+    ]
     body = {"image": b64(image), "labels": labels, "comparatives": comparatives, "alpha": 0.5}
     r = server.client.post("/v1/classify", json=body)
     assert r.status_code == 200, r.text
@@ -197,8 +207,9 @@ def test_missing_or_wrong_token_is_401(server):
     r = server.anon.post("/v1/embed", json=body)
     _error(r, 401, "unauthorized", "missing bearer token")
     assert r.headers["www-authenticate"] == "Bearer"
-    _error(server.anon.post("/v1/embed", json=body, headers={"authorization": "Bearer wrong"}), 401,
-           "invalid bearer token")
+    _error(
+        server.anon.post("/v1/embed", json=body, headers={"authorization": "Bearer wrong"}), 401, "invalid bearer token"
+    )
     _error(server.anon.post("/v1/embed", json=body, headers={"authorization": f"Basic {TOKEN}"}), 401, "missing")
     _error(server.anon.get("/v1/model"), 401, "unauthorized")
     assert server.anon.post("/v1/embed", json=body, headers={"authorization": f"Bearer {TOKEN}"}).status_code == 200
@@ -215,14 +226,26 @@ def test_bad_base64_is_400_naming_the_field(server):
 def test_corrupt_and_oversize_images_are_422_naming_the_field(server):
     garbage = b64(b"\x89PNG but not really an image" * 10)
     _error(server.client.post("/v1/embed", json={"images": [garbage]}), 422, "invalid_image", "images[0]")
-    _error(server.client.post("/v1/difference", json={"image_a": garbage, "image_b": b64(noise_png(0)),
-                                                      "texts": ["x"]}), 422, "invalid_image", "image_a")
+    _error(
+        server.client.post("/v1/difference", json={"image_a": garbage, "image_b": b64(noise_png(0)), "texts": ["x"]}),
+        422,
+        "invalid_image",
+        "image_a",
+    )
     truncated = b64(noise_png(1)[:200])
-    _error(server.client.post("/v1/rank", json={"images": [b64(noise_png(0)), truncated], "attribute": "larger"}),
-           422, "invalid_image", "images[1]")
+    _error(
+        server.client.post("/v1/rank", json={"images": [b64(noise_png(0)), truncated], "attribute": "larger"}),
+        422,
+        "invalid_image",
+        "images[1]",
+    )
     too_big = b64(noise_png(5, size=(80, 80)))  # 6400 pixels > MAX_PIXELS, a few KB on the wire
-    _error(server.client.post("/v1/embed", json={"images": [b64(noise_png(0)), too_big]}), 422, "images[1]",
-           f"limit of {MAX_PIXELS} pixels")
+    _error(
+        server.client.post("/v1/embed", json={"images": [b64(noise_png(0)), too_big]}),
+        422,
+        "images[1]",
+        f"limit of {MAX_PIXELS} pixels",
+    )
 
 
 def test_schema_errors_are_422_with_the_field(server):
@@ -233,16 +256,30 @@ def test_schema_errors_are_422_with_the_field(server):
     assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "text"]
     _error(server.client.post("/v1/embed", json={}), 422, "nothing to embed")
     _error(server.client.post("/v1/embed", json={"texts": ["a"] * (MAX_ITEMS + 1)}), 422, "texts")
-    _error(server.client.post("/v1/embed", content=b"{not json", headers={"content-type": "application/json"}),
-           422, "json_invalid")
-    _error(server.client.post("/v1/rank", json={"images": ["eA==", "eA=="], "attribute": "larger",
-                                                "template": "no placeholder"}), 422, "{attribute}")
+    _error(
+        server.client.post("/v1/embed", content=b"{not json", headers={"content-type": "application/json"}),
+        422,
+        "json_invalid",
+    )
+    _error(
+        server.client.post(
+            "/v1/rank", json={"images": ["eA==", "eA=="], "attribute": "larger", "template": "no placeholder"}
+        ),
+        422,
+        "{attribute}",
+    )
     _error(server.client.post("/v1/rank", json={"images": ["eA=="], "attribute": "larger"}), 422, "images")
     _error(server.client.post("/v1/classify", json={"image": "eA==", "labels": ["a", "a"]}), 422, "repeated")
-    _error(server.client.post("/v1/classify", json={"image": "eA==", "labels": ["a", "b"], "comparatives": [
-        {"first": "a", "second": "c", "text": "x"}]}), 422, "comparatives[0]", "not in labels")
-    _error(server.client.post("/v1/classify", json={"image": "eA==", "labels": ["a", "b"], "alpha": 1.5}), 422,
-           "alpha")
+    _error(
+        server.client.post(
+            "/v1/classify",
+            json={"image": "eA==", "labels": ["a", "b"], "comparatives": [{"first": "a", "second": "c", "text": "x"}]},
+        ),
+        422,
+        "comparatives[0]",
+        "not in labels",
+    )
+    _error(server.client.post("/v1/classify", json={"image": "eA==", "labels": ["a", "b"], "alpha": 1.5}), 422, "alpha")
     assert server.client.get("/v1/embed").status_code == 405
 
 
@@ -254,7 +291,7 @@ def test_oversize_body_is_413(server):
     def chunks():
         payload = json.dumps(big).encode()
         for i in range(0, len(payload), 8192):
-            yield payload[i:i + 8192]
+            yield payload[i : i + 8192]
 
     r = server.client.post("/v1/embed", content=chunks(), headers={"content-type": "application/json"})
     assert "content-length" not in {k.lower() for k in r.request.headers}

@@ -34,27 +34,40 @@ def test_request_schemas_validate():
         DifferenceRequest.model_validate({"image_a": "x", "image_b": "y", "texts": []})
     with pytest.raises(ValidationError, match="placeholder"):
         RankRequest.model_validate({"images": ["x", "y"], "attribute": "larger", "template": "bigger"})
-    ok = ClassifyRequest.model_validate({"image": "x", "labels": ["a", "b"],
-                                         "comparatives": [{"first": "a", "second": "b", "text": "t"}]})
+    ok = ClassifyRequest.model_validate(
+        {"image": "x", "labels": ["a", "b"], "comparatives": [{"first": "a", "second": "b", "text": "t"}]}
+    )
     assert ok.alpha == 0.85
-    for bad, words in (({"labels": ["a", "a"]}, "repeated"), ({"labels": ["a"]}, "labels"),
-                       ({"labels": ["a", "b"], "comparatives": [{"first": "a", "second": "a", "text": "t"}]}, "itself"),
-                       ({"labels": ["a", "b"], "comparatives": [{"first": "a", "second": "z", "text": "t"}]}, "'z'"),
-                       ({"labels": ["a", "b"], "alpha": -0.1}, "alpha"),
-                       ({"labels": ["a", "b"], "comparatives": [{"first": "a", "second": "b", "text": "t"},
-                                                                {"first": "a", "second": "b", "text": "u"}]},
-                        "repeated")):
+    for bad, words in (
+        ({"labels": ["a", "a"]}, "repeated"),
+        ({"labels": ["a"]}, "labels"),
+        ({"labels": ["a", "b"], "comparatives": [{"first": "a", "second": "a", "text": "t"}]}, "itself"),
+        ({"labels": ["a", "b"], "comparatives": [{"first": "a", "second": "z", "text": "t"}]}, "'z'"),
+        ({"labels": ["a", "b"], "alpha": -0.1}, "alpha"),
+        (
+            {
+                "labels": ["a", "b"],
+                "comparatives": [
+                    {"first": "a", "second": "b", "text": "t"},
+                    {"first": "a", "second": "b", "text": "u"},
+                ],
+            },
+            "repeated",
+        ),
+    ):
         with pytest.raises(ValidationError, match=words):
             ClassifyRequest.model_validate({"image": "x", **bad})
 
 
 def test_serve_config_rejects_conflicts_and_typos():
     assert ServeConfig(autoscaling={"min_replicas": 0, "max_replicas": 3}).autoscaling.max_replicas == 3
-    for bad, words in (({"autoscaling": {"max_replicas": 2}, "num_replicas": 2}, "not both"),
-                       ({"autoscaling": {"min_replicas": 3, "max_replicas": 2}}, "min_replicas"),
-                       ({"autoscaling": {"max_replica": 2}}, "max_replica"),
-                       ({"max_batch_size": 128, "max_ongoing_requests": 64}, "never fill"),
-                       ({"batchng": False}, "batchng")):
+    for bad, words in (
+        ({"autoscaling": {"max_replicas": 2}, "num_replicas": 2}, "not both"),
+        ({"autoscaling": {"min_replicas": 3, "max_replicas": 2}}, "min_replicas"),
+        ({"autoscaling": {"max_replica": 2}}, "max_replica"),
+        ({"max_batch_size": 128, "max_ongoing_requests": 64}, "never fill"),
+        ({"batchng": False}, "batchng"),
+    ):
         with pytest.raises(ValidationError, match=words):
             ServeConfig.model_validate(bad)
     with pytest.raises(ConfigError, match="serve.text_cache_sise"):
@@ -110,8 +123,10 @@ def test_text_cache_is_a_bounded_lru():
 
 # ---------------------------------------------------------------------------------------- building, loading
 def test_import_loads_no_torch():
-    code = ("import sys, pcd_ray.serve.app, pcd_ray.serve.api, pcd_ray.serve.deploy_config; "
-            "print(sorted(m for m in ('torch', 'open_clip') if m in sys.modules))")
+    code = (
+        "import sys, pcd_ray.serve.app, pcd_ray.serve.api, pcd_ray.serve.deploy_config; "
+        "print(sorted(m for m in ('torch', 'open_clip') if m in sys.modules))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
 
@@ -125,8 +140,16 @@ def test_build_app_args_and_deployment_options(monkeypatch):
     assert d._deployment_config.max_ongoing_requests == 64 and d.ray_actor_options == {"num_cpus": 1}
 
     monkeypatch.setenv("PCD_UNIT_TOKEN", "s3cret")
-    app = build_app({"config": "local", "overrides": [
-        "serve.autoscaling.max_replicas=5", "serve.gpus_per_replica=1", "serve.auth_token_env=PCD_UNIT_TOKEN"]})
+    app = build_app(
+        {
+            "config": "local",
+            "overrides": [
+                "serve.autoscaling.max_replicas=5",
+                "serve.gpus_per_replica=1",
+                "serve.auth_token_env=PCD_UNIT_TOKEN",
+            ],
+        }
+    )
     d = app._bound_deployment
     auto = d._deployment_config.autoscaling_config
     assert (auto.min_replicas, auto.max_replicas, auto.target_ongoing_requests) == (1, 5, 16)
@@ -193,15 +216,28 @@ def test_model_info_reveals_paths_and_config_only_with_auth(tmp_path):
 
     storage = Storage(StorageConfig(root=str(tmp_path)))
     base = load_model(ModelSpec(name="pcd-micro"))
-    export_model(base.model.state_dict(), base.model_cfg, base.preprocess_cfg, storage, "train/export",
-                 meta={"train_config": {"lr": 1e-4}})
+    export_model(
+        base.model.state_dict(),
+        base.model_cfg,
+        base.preprocess_cfg,
+        storage,
+        "train/export",
+        meta={"train_config": {"lr": 1e-4}},
+    )
     record = provenance.take(storage, "train", {"lr": 1e-4}, [provenance.Ref("diffs", "diffs", "artifact")])
     provenance.stamp(storage, provenance.Ref("export", "train/export", "export"), record)
     runner = ModelRunner(ModelSpec(checkpoint="train/export"), storage)
     cfg = ServeConfig(model=ModelSpec(checkpoint="train/export"))
     for token in (None, "t0k"):
-        replica = SimpleNamespace(runner=runner, cfg=cfg, token=token, source=runner.public_name, embed_dim=32,
-                                  cache=TextCache(4), max_image_pixels=1000)
+        replica = SimpleNamespace(
+            runner=runner,
+            cfg=cfg,
+            token=token,
+            source=runner.public_name,
+            embed_dim=32,
+            cache=TextCache(4),
+            max_image_pixels=1000,
+        )
         info = PCDModelServer.func_or_class.info(replica).model_dump()
         assert info["name"] == f"train/export@{runner.weights_id}" and info["weights_id"] == runner.weights_id
         assert info["provenance"]["stage"] == "train"

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import pytest
+from train_helpers import train_job
 
 from pcd_ray.storage import Storage
-from train_helpers import train_job
 
 
 @pytest.fixture(scope="session")
@@ -21,5 +21,3 @@ def prepared(tmp_path_factory, ray_local):
     sample_pairs(job, storage)
     run_generate(job, storage)
     return root
-
-

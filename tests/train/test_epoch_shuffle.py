@@ -9,7 +9,7 @@ import pytest
 
 from pcd_ray.train.data import shuffled_per_epoch, start_at_epoch
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.integration
 
 
 def _epochs(ray, n: int, *, start: int = 0, splits: int = 2) -> list[list[int]]:

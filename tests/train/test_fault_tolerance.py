@@ -17,18 +17,26 @@ import time
 from pathlib import Path
 
 import pytest
-
-from pcd_ray.storage import Storage
 from train_helpers import train_job
 
-pytestmark = pytest.mark.slow
+from pcd_ray.storage import Storage
+
+pytestmark = pytest.mark.integration
 
 MAX_STEPS, EVERY = 40, 5  # 4 epochs of 10 steps
 
 
 def _job(root: str, max_failures: int):
-    return train_job(root, output="train-ft", epochs=4, max_steps=MAX_STEPS, checkpoint_every=EVERY, log_every=EVERY,
-                     keep_checkpoints=3, max_failures=max_failures)
+    return train_job(
+        root,
+        output="train-ft",
+        epochs=4,
+        max_steps=MAX_STEPS,
+        checkpoint_every=EVERY,
+        log_every=EVERY,
+        keep_checkpoints=3,
+        max_failures=max_failures,
+    )
 
 
 def _checkpointed_steps(run_dir: Path) -> list[int]:
@@ -58,8 +66,9 @@ class Killer(threading.Thread):
         deadline = time.time() + self.timeout_s
         while not self.stop.is_set() and time.time() < deadline:
             if any(s >= self.step for s in _checkpointed_steps(self.run_dir)):
-                alive = list_actors(address=address, filters=[("class_name", "=", "RayTrainWorker"),
-                                                     ("state", "=", "ALIVE")])
+                alive = list_actors(
+                    address=address, filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")]
+                )
                 if alive:
                     self.killed_pid = alive[-1].pid
                     os.kill(self.killed_pid, signal.SIGKILL)

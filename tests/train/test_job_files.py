@@ -143,8 +143,9 @@ def test_large_job_sizing_table_holds_at_8_to_64_gpus(parse):
     assert [r[0] for r in table] == [8, 16, 32, 64]
     default = load_job(LARGE).train
     for gpus, micro, accumulation, negatives, nodes in table:
-        cfg = load_job(LARGE, [f"train.scaling.num_workers={gpus}",
-                               f"train.deepspeed.gradient_accumulation_steps={accumulation}"]).train
+        cfg = load_job(
+            LARGE, [f"train.scaling.num_workers={gpus}", f"train.deepspeed.gradient_accumulation_steps={accumulation}"]
+        ).train
         assert cfg.batch_size == default.batch_size  # the global batch stays fixed
         assert micro * accumulation * gpus == cfg.batch_size
         assert negatives == micro * gpus  # one micro step across all ranks
@@ -214,7 +215,12 @@ def test_workers_hand_deepspeed_torch_fused_adam():
     assert opt.defaults["fused"] and (opt.defaults["lr"], opt.defaults["weight_decay"]) == (3e-5, 0.1)
     for use_gpu in (False, True):
         assert "optimizer" not in deepspeed_config(cfg, micro_batch=4, use_gpu=use_gpu)
-    own = cfg.model_copy(update={"deepspeed": cfg.deepspeed.model_copy(
-        update={"overrides": {"optimizer": {"type": "Adam", "params": {"lr": 1e-4, "torch_adam": True}}}})})
+    own = cfg.model_copy(
+        update={
+            "deepspeed": cfg.deepspeed.model_copy(
+                update={"overrides": {"optimizer": {"type": "Adam", "params": {"lr": 1e-4, "torch_adam": True}}}}
+            )
+        }
+    )
     assert client_optimizer(params, own) is None
     assert deepspeed_config(own, micro_batch=4, use_gpu=False)["optimizer"]["params"]["torch_adam"] is True

@@ -25,11 +25,11 @@ def _records(data: bytes) -> list[bytes]:
 
     out, pos = [], 0
     while pos < len(data):
-        header = data[pos:pos + 8]
+        header = data[pos : pos + 8]
         (length,) = struct.unpack("Q", header)
-        assert struct.unpack("I", data[pos + 8:pos + 12])[0] == masked_crc32c(header)
-        payload = data[pos + 12:pos + 12 + length]
-        assert struct.unpack("I", data[pos + 12 + length:pos + 16 + length])[0] == masked_crc32c(payload)
+        assert struct.unpack("I", data[pos + 8 : pos + 12])[0] == masked_crc32c(header)
+        payload = data[pos + 12 : pos + 12 + length]
+        assert struct.unpack("I", data[pos + 12 + length : pos + 16 + length])[0] == masked_crc32c(payload)
         out.append(payload)
         pos += 16 + length
     assert pos == len(data), "a truncated record"
@@ -68,8 +68,11 @@ def local_events(logdir: Path) -> list[bytes]:
 
 # ---------------------------------------------------------------------------------------------------- TensorBoard
 def test_scalars_read_back_with_their_tags_and_steps(tmp_path):
-    rows = {1: {"loss": 2.5, "lr": 1e-3, "epoch": 0}, 2: {"loss": 2.25, "lr": 5e-4, "epoch": 0},
-            4: {"loss": 1.75, "lr": 2.5e-4, "epoch": 1}}
+    rows = {
+        1: {"loss": 2.5, "lr": 1e-3, "epoch": 0},
+        2: {"loss": 2.25, "lr": 5e-4, "epoch": 0},
+        4: {"loss": 1.75, "lr": 2.5e-4, "epoch": 1},
+    }
     with MetricsWriter(str(tmp_path / "run"), MetricsConfig(), resume_step=0) as w:
         for step, row in rows.items():
             w.scalars(step, row, prefix="train")
@@ -90,10 +93,16 @@ def test_a_value_that_is_not_a_number_is_an_error(tmp_path):
 
 
 def test_a_nested_report_gives_its_numbers_as_tags(tmp_path):
-    report = {"zeroshot": {"cifar100": {"top1": 0.5, "n": 100}, "uri": "s3://b/x"}, "complete": True,
-              "difference": {"seeds": [0, 1], "accuracy": 0.25, "stderr": None}}
-    assert numeric_leaves(report) == {"zeroshot/cifar100/top1": 0.5, "zeroshot/cifar100/n": 100.0,
-                                      "difference/accuracy": 0.25}
+    report = {
+        "zeroshot": {"cifar100": {"top1": 0.5, "n": 100}, "uri": "s3://b/x"},
+        "complete": True,
+        "difference": {"seeds": [0, 1], "accuracy": 0.25, "stderr": None},
+    }
+    assert numeric_leaves(report) == {
+        "zeroshot/cifar100/top1": 0.5,
+        "zeroshot/cifar100/n": 100.0,
+        "difference/accuracy": 0.25,
+    }
     with MetricsWriter(str(tmp_path), MetricsConfig()) as w:
         w.scalars(7, numeric_leaves(report), prefix="eval/finetuned")
     assert read_scalars(local_events(tmp_path))["eval/finetuned/difference/accuracy"] == {7: 0.25}
@@ -137,14 +146,20 @@ def test_an_s3_run_directory_gets_the_event_file_at_each_flush(s3_root):
 
 
 # ------------------------------------------------------------------------------------------ missing optional sinks
-@pytest.mark.parametrize("setting, module, without", [
-    ({"wandb_project": "pcd"}, "wandb", "unset metrics.wandb_project"),
-    ({"mlflow_experiment": "pcd"}, "mlflow", "unset metrics.mlflow_experiment"),
-    ({"tensorboard": True}, "tensorboardX", "set metrics.tensorboard: false")])
-def test_a_sink_without_its_package_fails_at_the_start_naming_the_install(tmp_path, monkeypatch, setting, module,
-                                                                          without):
-    from pcd_ray.train.trainer import run_train
+@pytest.mark.parametrize(
+    "setting, module, without",
+    [
+        ({"wandb_project": "pcd"}, "wandb", "unset metrics.wandb_project"),
+        ({"mlflow_experiment": "pcd"}, "mlflow", "unset metrics.mlflow_experiment"),
+        ({"tensorboard": True}, "tensorboardX", "set metrics.tensorboard: false"),
+    ],
+)
+def test_a_sink_without_its_package_fails_at_the_start_naming_the_install(
+    tmp_path, monkeypatch, setting, module, without
+):
     from train_helpers import train_job
+
+    from pcd_ray.train.trainer import run_train
 
     monkeypatch.setitem(sys.modules, module, None)  # an import of it fails, installed or not
     cfg = MetricsConfig(**setting)
@@ -209,7 +224,9 @@ def test_wandb_gets_every_scalar_at_its_step_and_a_resume_continues_its_run(tmp_
     assert init["project"] == "pcd" and init["entity"] == "lab" and init["name"] == "pcd-1234abcd"
     assert init["resume"] == "allow" and init["config"] == {"lr": 1e-5, "loss": {"diff_weight": 1.0}}
     assert [(a[0], k["step"]) for a, k in calls.named("log")] == [
-        ({"train/loss": 1.5, "train/lr": 1e-5}, 20), ({"train/loss": 1.25, "train/lr": 5e-6}, 40)]
+        ({"train/loss": 1.5, "train/lr": 1e-5}, 20),
+        ({"train/loss": 1.25, "train/lr": 5e-6}, 40),
+    ]
     assert len(calls.named("finish")) == 1
     assert not local_events(tmp_path / "pcd-1234abcd")  # tensorboard: false
 
@@ -261,8 +278,12 @@ def _fake_mlflow(calls: _Calls, store: dict) -> tuple[types.ModuleType, types.Mo
             calls("update_run", run_id, status=status)
 
         def log_batch(self, run_id, metrics=(), params=(), tags=(), synchronous=None):
-            calls("log_batch", run_id, metrics=[(m.key, m.value, m.step) for m in metrics],
-                  params={p.key: p.value for p in params})
+            calls(
+                "log_batch",
+                run_id,
+                metrics=[(m.key, m.value, m.step) for m in metrics],
+                params={p.key: p.value for p in params},
+            )
 
         def set_terminated(self, run_id, status=None, end_time=None):
             calls("set_terminated", run_id)
@@ -287,8 +308,10 @@ def test_mlflow_gets_params_once_and_every_scalar_at_its_step(tmp_path, monkeypa
     assert args == ("1",) and kw == {"run_name": "pcd-1234abcd"}
     batches = calls.named("log_batch")
     run_id = batches[0][0][0]
-    assert batches == [((run_id,), {"metrics": [], "params": {"lr": "1e-05", "loss.diff_weight": "1.0"}}),
-                       ((run_id,), {"metrics": [("train/loss", 1.5, 20), ("train/lr", 1e-5, 20)], "params": {}})]
+    assert batches == [
+        ((run_id,), {"metrics": [], "params": {"lr": "1e-05", "loss.diff_weight": "1.0"}}),
+        ((run_id,), {"metrics": [("train/loss", 1.5, 20), ("train/lr", 1e-5, 20)], "params": {}}),
+    ]
     assert calls.named("set_terminated") == [((run_id,), {})]
     assert Storage().read_json(str(tmp_path / "pcd-1234abcd" / SINKS_FILE))["mlflow"]["run_id"] == run_id
 
@@ -318,16 +341,21 @@ def test_training_logs_to_the_mlflow_store_the_driver_resolves(monkeypatch):
 
 
 # ---------------------------------------------------------------------------------------------- a real training run
-@pytest.mark.slow
+@pytest.mark.integration
 def test_training_writes_every_csv_column_to_the_run_directory(prepared):
     """One CPU worker, 3 steps: the run directory holds an event file with train/<column> for every metrics.csv
     column at every logged step, the same values; a longer relaunch resumes and each step still shows once."""
-    from pcd_ray.train.trainer import run_dir_name, run_train
     from train_helpers import train_job
 
-    settings = {"output": "train-metrics", "log_every": 1, "checkpoint_every": None,
-                "scaling": {"num_workers": 1, "cpus_per_worker": 1},
-                "deepspeed": {"zero_stage": 1, "gradient_accumulation_steps": 1}}
+    from pcd_ray.train.trainer import run_dir_name, run_train
+
+    settings = {
+        "output": "train-metrics",
+        "log_every": 1,
+        "checkpoint_every": None,
+        "scaling": {"num_workers": 1, "cpus_per_worker": 1},
+        "deepspeed": {"zero_stage": 1, "gradient_accumulation_steps": 1},
+    }
     job = train_job(prepared, max_steps=2, **settings)
     summary = run_train(job, Storage(job.storage))
     run_dir = Path(prepared) / "train-metrics" / run_dir_name(job.train)
@@ -341,8 +369,16 @@ def test_training_writes_every_csv_column_to_the_run_directory(prepared):
     rows = list(csv.DictReader((Path(prepared) / "train-metrics" / "metrics.csv").open()))
     assert [int(r["step"]) for r in rows] == [1, 2, 3]
     columns = set(rows[0]) - {"step"}
-    assert {"loss", "diff_loss", "clip_loss", "lr", "samples_per_s", "data_wait_frac", "logit_scale",
-            "wall_s"} <= columns
+    assert {
+        "loss",
+        "diff_loss",
+        "clip_loss",
+        "lr",
+        "samples_per_s",
+        "data_wait_frac",
+        "logit_scale",
+        "wall_s",
+    } <= columns
     assert set(got) == {f"train/{c}" for c in columns}
     for c in columns:
         assert got[f"train/{c}"] == pytest.approx({int(r["step"]): float(r[c]) for r in rows}, rel=1e-6), c

@@ -21,7 +21,7 @@ from pcd_ray.data.pairs import pair_id
 from pcd_ray.data.synthetic import make_example
 from pcd_ray.storage import Storage
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.integration
 
 NUM_IMAGES, BATCH = 24, 16
 
@@ -43,8 +43,9 @@ def prepared(tmp_path_factory, ray_local):
     from pcd_ray.generate.rule import RuleEngine
 
     root = str(tmp_path_factory.mktemp("precomputed"))
-    job = JobConfig.model_validate({"storage": {"root": root},
-                                    "embed": {"model": {"checkpoint": "base/export"}, "batch_size": 8}})
+    job = JobConfig.model_validate(
+        {"storage": {"root": root}, "embed": {"model": {"checkpoint": "base/export"}, "batch_size": 8}}
+    )
     storage = Storage(job.storage)
     images = pa.Table.from_pylist([make_example(0, "train", i, 32) for i in range(NUM_IMAGES)])
     artifacts.write_table(images, storage, "images", "images")
@@ -59,15 +60,25 @@ def prepared(tmp_path_factory, ray_local):
     a = [ids[i] for i in rng.choice(NUM_IMAGES, BATCH, replace=False)]
     b = [ids[(ids.index(x) + 1 + int(rng.integers(NUM_IMAGES - 1))) % NUM_IMAGES] for x in a]
     pids = [pair_id(x, y) for x, y in zip(a, b)]
-    texts = RuleEngine(GenerateConfig()).generate({
-        "pair_id": np.array(pids), "attributes_a": np.array([rows[x]["attributes"] for x in a]),
-        "attributes_b": np.array([rows[y]["attributes"] for y in b])})
+    texts = RuleEngine(GenerateConfig()).generate(
+        {
+            "pair_id": np.array(pids),
+            "attributes_a": np.array([rows[x]["attributes"] for x in a]),
+            "attributes_b": np.array([rows[y]["attributes"] for y in b]),
+        }
+    )
     assert all(texts) and all(json.loads(rows[x]["attributes"]) for x in a)
     common = {"text": np.array(texts, dtype=object), "caption_a": np.array([rows[x]["caption"] for x in a], object)}
-    pixels = {"image_a": np.array([rows[x]["image"] for x in a], object),
-              "image_b": np.array([rows[y]["image"] for y in b], object), **common}
-    precomputed = {"emb_a": np.array([emb[x] for x in a], object), "emb_b": np.array([emb[y] for y in b], object),
-                   **common}
+    pixels = {
+        "image_a": np.array([rows[x]["image"] for x in a], object),
+        "image_b": np.array([rows[y]["image"] for y in b], object),
+        **common,
+    }
+    precomputed = {
+        "emb_a": np.array([emb[x] for x in a], object),
+        "emb_b": np.array([emb[y] for y in b], object),
+        **common,
+    }
     return job, storage, pixels, precomputed
 
 
@@ -75,8 +86,9 @@ def _tensors(raw: dict, job: JobConfig, storage: Storage) -> dict[str, torch.Ten
     """Rows -> the tensors a train worker receives, through the train stage's own Ray Data UDF."""
     from pcd_ray.train.data import preprocess_batch_fn
 
-    out = preprocess_batch_fn(raw, spec_json=job.embed.model.model_dump_json(),
-                              storage_json=storage.portable_cfg().model_dump_json())
+    out = preprocess_batch_fn(
+        raw, spec_json=job.embed.model.model_dump_json(), storage_json=storage.portable_cfg().model_dump_json()
+    )
     return {k: torch.from_numpy(v) for k, v in out.items()}
 
 
@@ -85,8 +97,11 @@ def _step(module, model, batch: dict[str, torch.Tensor], loss_cfg: LossConfig, p
     from pcd_ray.model.loss import compute_loss
 
     a, b = ("emb_a", "emb_b") if precomputed else ("image_a", "image_b")
-    keys = [a] + ([b, "diff_tokens"] if loss_cfg.diff_weight else []) + \
-        (["caption_tokens"] if loss_cfg.clip_weight else [])
+    keys = (
+        [a]
+        + ([b, "diff_tokens"] if loss_cfg.diff_weight else [])
+        + (["caption_tokens"] if loss_cfg.clip_weight else [])
+    )
     module.zero_grad(set_to_none=True)
     feats = module({k: batch[k] for k in keys})
     scale = feats["logit_scale"] if "logit_scale" in feats else model.logit_scale
@@ -96,8 +111,11 @@ def _step(module, model, batch: dict[str, torch.Tensor], loss_cfg: LossConfig, p
     return out, grads
 
 
-@pytest.mark.parametrize("loss", [{}, {"clip_weight": 1.0}, {"diff_weight": 0.0, "clip_weight": 1.0}],
-                         ids=["paper-default", "diff+clip", "clip-only"])
+@pytest.mark.parametrize(
+    "loss",
+    [{}, {"clip_weight": 1.0}, {"diff_weight": 0.0, "clip_weight": 1.0}],
+    ids=["paper-default", "diff+clip", "clip-only"],
+)
 def test_precomputed_embeddings_give_the_online_loss_and_gradients(prepared, loss):
     from pcd_ray.model.factory import load_model
     from pcd_ray.model.pair_encoder import PairEncoder

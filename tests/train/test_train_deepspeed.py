@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from pcd_ray.storage import Storage
 from train_helpers import train_job as _job
 
-pytestmark = pytest.mark.slow
+from pcd_ray.storage import Storage
+
+pytestmark = pytest.mark.integration
 
 
 def test_two_worker_deepspeed_run_checkpoints_and_exports(prepared):
@@ -59,8 +59,12 @@ def test_zero3_checkpoints_and_exports_round_trip_through_s3(prepared, s3_root):
     from pcd_ray.train.trainer import run_dir_name, run_train
 
     out = f"{s3_root}/train-z3"
-    settings = {"output": out, "checkpoint_every": 2, "wise_ft_alpha": 0.5,
-                "deepspeed": {"zero_stage": 3, "activation_checkpointing": True}}
+    settings = {
+        "output": out,
+        "checkpoint_every": 2,
+        "wise_ft_alpha": 0.5,
+        "deepspeed": {"zero_stage": 3, "activation_checkpointing": True},
+    }
     job = _job(prepared, max_steps=3, **settings)
     storage = Storage(job.storage)
     summary = run_train(job, storage)
@@ -79,8 +83,9 @@ def test_zero3_checkpoints_and_exports_round_trip_through_s3(prepared, s3_root):
     with storage.local_dir(ckpt) as local:
         trained = get_fp32_state_dict_from_zero_checkpoint(str(local), tag=DS_TAG)
     reference = load_model(job.train.model, storage).model
-    missing, unexpected = reference.load_state_dict({k.removeprefix("clip."): v for k, v in trained.items()},
-                                                    strict=False)
+    missing, unexpected = reference.load_state_dict(
+        {k.removeprefix("clip."): v for k, v in trained.items()}, strict=False
+    )
     assert not unexpected and all(not k.endswith(("weight", "bias")) for k in missing), (missing, unexpected)
     gen = torch.Generator().manual_seed(0)
     images, texts = torch.rand(4, 3, 32, 32, generator=gen), torch.randint(1, 60, (4, 16), generator=gen)

@@ -25,7 +25,8 @@ def _record_env(config):
 
 def test_gpu_workers_keep_the_default_allocator(tmp_path):
     cfg = TrainConfig.model_validate({"scaling": {"use_gpu": True}})
-    assert _run_config(cfg, Storage(StorageConfig(root=str(tmp_path))), run_dir_name(cfg)).worker_runtime_env == {"env_vars": {}}
+    run_config = _run_config(cfg, Storage(StorageConfig(root=str(tmp_path))), run_dir_name(cfg))
+    assert run_config.worker_runtime_env == {"env_vars": {}}
 
 
 def test_cpu_train_workers_start_with_the_allocator_env(ray_local, tmp_path):
@@ -37,8 +38,11 @@ def test_cpu_train_workers_start_with_the_allocator_env(ray_local, tmp_path):
     cfg = TrainConfig.model_validate({"output": "train", "scaling": {"num_workers": 2}})
     assert not any(os.environ.get(k) for k in CPU_WORKER_ENV), "the test's own process must not have them"
     out = tmp_path / "env.json"
-    TorchTrainer(_record_env, train_loop_config={"out": str(out)},
-                 scaling_config=ray.train.ScalingConfig(num_workers=2, resources_per_worker={"CPU": 1}),
-                 torch_config=TorchConfig(backend="gloo"),
-                 run_config=_run_config(cfg, Storage(StorageConfig(root=str(tmp_path))), run_dir_name(cfg))).fit()
+    TorchTrainer(
+        _record_env,
+        train_loop_config={"out": str(out)},
+        scaling_config=ray.train.ScalingConfig(num_workers=2, resources_per_worker={"CPU": 1}),
+        torch_config=TorchConfig(backend="gloo"),
+        run_config=_run_config(cfg, Storage(StorageConfig(root=str(tmp_path))), run_dir_name(cfg)),
+    ).fit()
     assert json.loads(out.read_text()) == CPU_WORKER_ENV

@@ -11,15 +11,19 @@ from __future__ import annotations
 
 import pytest
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.integration
 
 VARIANTS = {
     "ddp": None,  # the reference: torch DDP + torch.optim.Adam
     "zero1": {"zero_stage": 1},
     "zero2": {"zero_stage": 2},
     "zero2-offload": {"zero_stage": 2, "offload_optimizer": True, "gradient_accumulation_steps": 2},
-    "zero3-ckpt": {"zero_stage": 3, "activation_checkpointing": True, "offload_optimizer": True,
-                   "offload_params": True},
+    "zero3-ckpt": {
+        "zero_stage": 3,
+        "activation_checkpointing": True,
+        "offload_optimizer": True,
+        "offload_params": True,
+    },
 }
 STEPS = 6
 
@@ -36,8 +40,7 @@ class _DDPReference:
         self.ddp, self.clip = DistributedDataParallel(module), cfg.deepspeed.gradient_clipping
         self.params = [p for p in module.parameters() if p.requires_grad]
         opt = cfg.optimizer
-        self.opt = torch.optim.Adam(self.params, lr=opt.lr, betas=opt.betas, eps=opt.eps,
-                                    weight_decay=opt.weight_decay)
+        self.opt = torch.optim.Adam(self.params, lr=opt.lr, betas=opt.betas, eps=opt.eps, weight_decay=opt.weight_decay)
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lr_lambda(cfg, 100, 100))
 
     def __call__(self, batch):
@@ -76,10 +79,18 @@ def _fit_fixed_batch(config):
     mine = slice(rank * 8, rank * 8 + 8)
     losses = {}
     for name, ds in config["variants"].items():
-        cfg = TrainConfig.model_validate({
-            "model": {"name": "pcd-micro"}, "trainable": "full", "batch_size": 16, "image_features": "online",
-            "loss": {"diff_weight": 1.0, "clip_weight": 0.5}, "optimizer": {"lr": 3e-3},
-            "deepspeed": ds or {}, "scaling": {"num_workers": world}})
+        cfg = TrainConfig.model_validate(
+            {
+                "model": {"name": "pcd-micro"},
+                "trainable": "full",
+                "batch_size": 16,
+                "image_features": "online",
+                "loss": {"diff_weight": 1.0, "clip_weight": 0.5},
+                "optimizer": {"lr": 3e-3},
+                "deepspeed": ds or {},
+                "scaling": {"num_workers": world},
+            }
+        )
         torch.manual_seed(0)
         module = PairEncoder(load_model(cfg.model).model, image_frozen=False)
         select_trainable(module.clip, cfg.trainable)
@@ -88,14 +99,19 @@ def _fit_fixed_batch(config):
         if ds is None:
             engine = _DDPReference(module, cfg)
         else:
-            engine = init_engine(module, cfg, micro_batch=micro, steps_per_epoch=100, total_steps=100,
-                                 use_gpu=False)
+            engine = init_engine(module, cfg, micro_batch=micro, steps_per_epoch=100, total_steps=100, use_gpu=False)
         history = []
         for _ in range(STEPS):
             for m in range(0, 8, micro):  # the accumulated micro batches of one optimizer step
                 part = slice(mine.start + m, mine.start + m + micro)
-                feats = engine({"image_a": pixels[0, part], "image_b": pixels[1, part],
-                                "diff_tokens": tokens[0, part], "caption_tokens": tokens[1, part]})
+                feats = engine(
+                    {
+                        "image_a": pixels[0, part],
+                        "image_b": pixels[1, part],
+                        "diff_tokens": tokens[0, part],
+                        "caption_tokens": tokens[1, part],
+                    }
+                )
                 out = compute_loss(feats, cfg.loss, logit_scale=feats["logit_scale"], rank=rank, world_size=world)
                 engine.backward(out["loss"])
                 engine.step()
@@ -119,10 +135,12 @@ def test_every_zero_stage_lowers_the_loss_on_a_fixed_batch(ray_local, tmp_path):
 
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import tests/ by name
     trainer = TorchTrainer(
-        _fit_fixed_batch, train_loop_config={"variants": VARIANTS, "out": str(tmp_path / "losses.json")},
+        _fit_fixed_batch,
+        train_loop_config={"variants": VARIANTS, "out": str(tmp_path / "losses.json")},
         scaling_config=ray.train.ScalingConfig(num_workers=2, resources_per_worker={"CPU": 1}),
         torch_config=TorchConfig(backend="gloo"),
-        run_config=ray.train.RunConfig(storage_path=str(tmp_path), name="zero-stages"))
+        run_config=ray.train.RunConfig(storage_path=str(tmp_path), name="zero-stages"),
+    )
     trainer.fit()
     losses = json.loads((tmp_path / "losses.json").read_text())
     assert set(losses) == set(VARIANTS)

@@ -43,9 +43,17 @@ __all__ = ["LOSSES", "compute_loss"]
 LOSSES = {"fused": fused_pc_clip_loss, "reference": reference_loss}
 
 
-def compute_loss(features: dict[str, torch.Tensor], cfg: LossConfig, *, logit_scale: torch.Tensor | None,
-                 rank: int, world_size: int, diff_logit_scale: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+def compute_loss(
+    features: dict[str, torch.Tensor],
+    cfg: LossConfig,
+    *,
+    logit_scale: torch.Tensor | None,
+    rank: int,
+    world_size: int,
+    diff_logit_scale: torch.Tensor | None = None,
+) -> dict[str, torch.Tensor]:
     """The loss cfg.impl names, with the arguments of :func:`pcd_ray.model.loss.reference.pc_clip_loss` and the
     keys of the package docstring."""
-    return LOSSES[cfg.impl](features, cfg, logit_scale=logit_scale, rank=rank, world_size=world_size,
-                            diff_logit_scale=diff_logit_scale)
+    return LOSSES[cfg.impl](
+        features, cfg, logit_scale=logit_scale, rank=rank, world_size=world_size, diff_logit_scale=diff_logit_scale
+    )

@@ -30,7 +30,6 @@ exponential that involves them is exactly 0 and they drop out of the problem on 
 from __future__ import annotations
 
 from dataclasses import dataclass
-
 from typing import TYPE_CHECKING
 
 import torch
@@ -91,7 +90,7 @@ def _pack_and_gather(parts: list[torch.Tensor], world: int, rank: int, dtype: to
     out = torch.empty(world, total, dtype=dtype, device=parts[0].device)
     off = 0
     for p in parts:
-        out[rank, off:off + p.numel()].view_as(p).copy_(p)
+        out[rank, off : off + p.numel()].view_as(p).copy_(p)
         off += p.numel()
     if world > 1:
         _all_gather(out.view(-1), out[rank], group)
@@ -100,7 +99,7 @@ def _pack_and_gather(parts: list[torch.Tensor], world: int, rank: int, dtype: to
 
 def _blocks(buf: torch.Tensor, off: int, lay: GroupLayout) -> torch.Tensor:
     """[W, n, D] view of one feature of every rank, no copy."""
-    return buf[:, off:off + lay.rows * lay.dim].view(buf.shape[0], lay.rows, lay.dim)
+    return buf[:, off : off + lay.rows * lay.dim].view(buf.shape[0], lay.rows, lay.dim)
 
 
 class _Tiles:
@@ -116,7 +115,7 @@ class _Tiles:
         self.query = torch.empty(chunk, dim, dtype=dtype, device=device)
 
     def tile(self, i: int, rows: int, cols: int) -> torch.Tensor:
-        return self.bufs[i][:rows * cols].view(rows, cols)
+        return self.bufs[i][: rows * cols].view(rows, cols)
 
 
 def _key_chunks(blocks: torch.Tensor, scale: torch.Tensor, chunk: int, tiles: _Tiles, skip: int | None):
@@ -129,8 +128,8 @@ def _key_chunks(blocks: torch.Tensor, scale: torch.Tensor, chunk: int, tiles: _T
         if w == skip:
             continue
         for j0 in range(0, n, chunk):
-            block = blocks[w, j0:j0 + chunk]
-            yield w, w * n + j0, torch.mul(block, scale, out=tiles.key[:block.shape[0]])
+            block = blocks[w, j0 : j0 + chunk]
+            yield w, w * n + j0, torch.mul(block, scale, out=tiles.key[: block.shape[0]])
 
 
 def _masked(s: torch.Tensor, qb: torch.Tensor | None, kb: torch.Tensor | None) -> torch.Tensor:
@@ -159,20 +158,34 @@ def _lse_pass(q, blocks, scale, q_bias, key_bias, chunk, dtype, *, skip=None, co
     cols = None if cols_of is None else torch.full((blocks.shape[1],), NEG_INF, dtype=dtype, device=q.device)
     for w, j, key in _key_chunks(blocks, scale, chunk, tiles, skip):
         c = key.shape[0]
-        kb = None if key_bias is None else key_bias[j:j + c]
+        kb = None if key_bias is None else key_bias[j : j + c]
         for r0 in range(0, n, chunk):
-            qb = None if q_bias is None else q_bias[r0:r0 + chunk]
-            s = _masked(torch.mm(q[r0:r0 + chunk], key.T, out=tiles.tile(0, min(chunk, n - r0), c)), qb, kb)
+            qb = None if q_bias is None else q_bias[r0 : r0 + chunk]
+            s = _masked(torch.mm(q[r0 : r0 + chunk], key.T, out=tiles.tile(0, min(chunk, n - r0), c)), qb, kb)
             if w == cols_of:
                 j0 = j - w * blocks.shape[1]
                 part = _lse_(tiles.tile(1, *s.shape).copy_(s), dim=0)
-                cols[j0:j0 + c] = torch.logaddexp(cols[j0:j0 + c], part)
-            rows[r0:r0 + chunk] = torch.logaddexp(rows[r0:r0 + chunk], _lse_(s, dim=1))
+                cols[j0 : j0 + c] = torch.logaddexp(cols[j0 : j0 + c], part)
+            rows[r0 : r0 + chunk] = torch.logaddexp(rows[r0 : r0 + chunk], _lse_(s, dim=1))
     return rows, cols
 
 
-def _grad_pass(q, blocks, scale, own_lse, key_lse, q_bias, key_bias, chunk, dtype, want_scale: bool, *,
-               skip=None, cols_of=None, acc=None):
+def _grad_pass(
+    q,
+    blocks,
+    scale,
+    own_lse,
+    key_lse,
+    q_bias,
+    key_bias,
+    chunk,
+    dtype,
+    want_scale: bool,
+    *,
+    skip=None,
+    cols_of=None,
+    acc=None,
+):
     """With S = scale * q @ keys.T and G = e^{S_ij - own_i} + e^{S_ij - key_j}: returns
     (sum_j G_ij scale k_j for every query row [n, D], the scale term, the keys' side [n, D] or None).
 
@@ -188,14 +201,14 @@ def _grad_pass(q, blocks, scale, own_lse, key_lse, q_bias, key_bias, chunk, dtyp
     tau = torch.zeros((), dtype=dtype, device=q.device)
     for w, j, key in _key_chunks(blocks, scale, chunk, tiles, skip):
         c = key.shape[0]
-        klse = key_lse[j:j + c].unsqueeze(0)
-        kb = None if key_bias is None else key_bias[j:j + c]
+        klse = key_lse[j : j + c].unsqueeze(0)
+        kb = None if key_bias is None else key_bias[j : j + c]
         for r0 in range(0, n, chunk):
-            rows = q[r0:r0 + chunk]
+            rows = q[r0 : r0 + chunk]
             raw = torch.mm(rows, key.T, out=tiles.tile(0, rows.shape[0], c))
             # raw stays finite for the scale terms: masked entries then give weight * raw = 0 * finite.
-            s = _masked(tiles.tile(2, *raw.shape).copy_(raw), q_bias[r0:r0 + chunk], kb) if masked else raw
-            p = torch.sub(s, own_lse[r0:r0 + chunk].unsqueeze(1), out=tiles.tile(1, *raw.shape)).exp_()
+            s = _masked(tiles.tile(2, *raw.shape).copy_(raw), q_bias[r0 : r0 + chunk], kb) if masked else raw
+            p = torch.sub(s, own_lse[r0 : r0 + chunk].unsqueeze(1), out=tiles.tile(1, *raw.shape)).exp_()
             if want_scale:
                 tau += torch.dot(p.reshape(-1), raw.reshape(-1))
             if w == cols_of:
@@ -204,10 +217,10 @@ def _grad_pass(q, blocks, scale, own_lse, key_lse, q_bias, key_bias, chunk, dtyp
                     tau += torch.dot(q_w.reshape(-1), raw.reshape(-1))
                 p += q_w
                 j0 = j - w * blocks.shape[1]
-                acc_keys[j0:j0 + c].addmm_(p.T, torch.mul(rows, scale, out=tiles.query[:rows.shape[0]]))
+                acc_keys[j0 : j0 + c].addmm_(p.T, torch.mul(rows, scale, out=tiles.query[: rows.shape[0]]))
             else:
                 p += s.sub_(klse).exp_()  # s is spent (raw, when unmasked, too): reuse it for the second weights
-            acc[r0:r0 + chunk].addmm_(p, key)
+            acc[r0 : r0 + chunk].addmm_(p, key)
     return acc, tau, acc_keys
 
 
@@ -225,7 +238,7 @@ class FusedContrastive(torch.autograd.Function):
     @staticmethod
     def forward(ctx, options: dict, *inputs):
         world, rank, chunk, group = options["world"], options["rank"], options["chunk"], options["group"]
-        groups = [inputs[i:i + 4] for i in range(0, len(inputs), 4)]
+        groups = [inputs[i : i + 4] for i in range(0, len(inputs), 4)]
         dtype = torch.float64 if any(x.dtype == torch.float64 for x, *_ in groups) else torch.float32
         wire = torch.bfloat16 if options["gather_dtype"] == "bf16" else dtype
         layouts, _ = _layout([tuple(x.shape) for x, *_ in groups], [v is not None for *_, v in groups])
@@ -241,18 +254,16 @@ class FusedContrastive(torch.autograd.Function):
                 valid_all, q_bias, key_bias = None, None, None
                 count = torch.tensor(world * lay.rows, device=x.device)
             else:
-                valid_all = buf[:, lay.flag_off:lay.flag_off + lay.rows].reshape(-1) > 0.5
+                valid_all = buf[:, lay.flag_off : lay.flag_off + lay.rows].reshape(-1) > 0.5
                 key_bias = torch.zeros(valid_all.shape, dtype=dtype, device=x.device).masked_fill_(~valid_all, NEG_INF)
-                q_bias = key_bias[rank * lay.rows:(rank + 1) * lay.rows]
+                q_bias = key_bias[rank * lay.rows : (rank + 1) * lay.rows]
                 count = valid_all.sum()
             # Pass 1: local rows against every rank's columns, plus the column LSEs of the local block; pass 2:
             # local columns against the other ranks' rows (the local block is done).
-            a, c_own = _lse_pass(x_loc, _blocks(buf, lay.y_off, lay), s, q_bias, key_bias, chunk, dtype,
-                                 cols_of=rank)
+            a, c_own = _lse_pass(x_loc, _blocks(buf, lay.y_off, lay), s, q_bias, key_bias, chunk, dtype, cols_of=rank)
             c = c_own
             if world > 1:
-                c_rest, _ = _lse_pass(y_loc, _blocks(buf, lay.x_off, lay), s, q_bias, key_bias, chunk, dtype,
-                                      skip=rank)
+                c_rest, _ = _lse_pass(y_loc, _blocks(buf, lay.x_off, lay), s, q_bias, key_bias, chunk, dtype, skip=rank)
                 c = torch.logaddexp(c_own, c_rest)
             dots = (x_loc * y_loc).sum(-1)
             terms = a + c - 2 * s * dots
@@ -267,7 +278,7 @@ class FusedContrastive(torch.autograd.Function):
             cached.append((s, k, dots, q_bias, key_bias))
         local = torch.stack(locals_)
         small = _gather(torch.cat(stats + [local]), world, group)  # [W, sum(2 n_g) + G]
-        glob = small[:, -len(groups):].mean(0)
+        glob = small[:, -len(groups) :].mean(0)
 
         ctx.layouts, ctx.options, ctx.dtype, ctx.cached = layouts, options, dtype, cached
         ctx.in_dtypes = [(x.dtype, y.dtype, scale.dtype) for x, y, scale, _ in groups]
@@ -283,22 +294,24 @@ class FusedContrastive(torch.autograd.Function):
         dtype, grads, off = ctx.dtype, [], 0
         for g, (lay, (s, k, dots, q_bias, key_bias)) in enumerate(zip(ctx.layouts, ctx.cached)):
             n = lay.rows
-            lse = small[:, off:off + 2 * n].reshape(world, 2, n)
+            lse = small[:, off : off + 2 * n].reshape(world, 2, n)
             off += 2 * n
             a_all, c_all = lse[:, 0].reshape(-1), lse[:, 1].reshape(-1)
             x_blocks, y_blocks = _blocks(buf, lay.x_off, lay), _blocks(buf, lay.y_off, lay)
             x_loc, y_loc = x_blocks[rank].to(dtype), y_blocks[rank].to(dtype)
-            a_loc, c_loc = a_all[rank * n:(rank + 1) * n], c_all[rank * n:(rank + 1) * n]
-            want = ctx.needs_input_grad[1 + 4 * g:1 + 4 * g + 3]
+            a_loc, c_loc = a_all[rank * n : (rank + 1) * n], c_all[rank * n : (rank + 1) * n]
+            want = ctx.needs_input_grad[1 + 4 * g : 1 + 4 * g + 3]
             if not any(want):
                 grads += [None] * 4
                 continue
-            gx, t1, gy = _grad_pass(x_loc, y_blocks, s, a_loc, c_all, q_bias, key_bias, chunk, dtype, want[2],
-                                    cols_of=rank)
+            gx, t1, gy = _grad_pass(
+                x_loc, y_blocks, s, a_loc, c_all, q_bias, key_bias, chunk, dtype, want[2], cols_of=rank
+            )
             t2 = 0.0
             if world > 1:
-                _, t2, _ = _grad_pass(y_loc, x_blocks, s, c_loc, a_all, q_bias, key_bias, chunk, dtype, want[2],
-                                      skip=rank, acc=gy)
+                _, t2, _ = _grad_pass(
+                    y_loc, x_blocks, s, c_loc, a_all, q_bias, key_bias, chunk, dtype, want[2], skip=rank, acc=gy
+                )
             up = grad_local[g].to(dtype)
             # In place on the accumulators: the gradients are the largest buffers the backward owns.
             dx, dy = gx.addcmul_(y_loc, s, value=-2).mul_(up * k), gy.addcmul_(x_loc, s, value=-2).mul_(up * k)
@@ -308,14 +321,24 @@ class FusedContrastive(torch.autograd.Function):
             kept_dots = dots if q_bias is None else torch.where(q_bias == 0, dots, 0.0)
             dscale = up * k * ((t1 + t2) / s - 2 * kept_dots.sum()) if want[2] else None
             dx_t, dy_t, ds_t = ctx.in_dtypes[g]
-            grads += [dx.to(dx_t) if want[0] else None, dy.to(dy_t) if want[1] else None,
-                      None if dscale is None else dscale.to(ds_t), None]
+            grads += [
+                dx.to(dx_t) if want[0] else None,
+                dy.to(dy_t) if want[1] else None,
+                None if dscale is None else dscale.to(ds_t),
+                None,
+            ]
         return (None, *grads)
 
 
-def fused_contrastive(groups: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | float, torch.Tensor | None]],
-                      *, rank: int, world_size: int, chunk_size: int = 1024, gather_dtype: str = "fp32",
-                      group=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def fused_contrastive(
+    groups: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | float, torch.Tensor | None]],
+    *,
+    rank: int,
+    world_size: int,
+    chunk_size: int = 1024,
+    gather_dtype: str = "fp32",
+    group=None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Rank-local losses of several contrastive groups in one fused op (see :class:`FusedContrastive`).
 
     Args:
@@ -335,36 +358,51 @@ def fused_contrastive(groups: list[tuple[torch.Tensor, torch.Tensor, torch.Tenso
     flat = []
     for x, y, scale, valid in groups:
         if x.shape != y.shape or x.dim() != 2:
-            raise ValueError(f"fused_contrastive: x and y must both be [n, D], got {tuple(x.shape)}, "
-                             f"{tuple(y.shape)}")
+            raise ValueError(f"fused_contrastive: x and y must both be [n, D], got {tuple(x.shape)}, {tuple(y.shape)}")
         if valid is not None and valid.shape != x.shape[:1]:
             raise ValueError(f"fused_contrastive: valid must be [{x.shape[0]}], got {tuple(valid.shape)}")
         if not torch.is_tensor(scale):
             scale = torch.tensor(float(scale), dtype=torch.float64, device=x.device)
         flat += [x, y, scale, valid]
-    options = {"world": world_size, "rank": rank, "chunk": chunk_size, "gather_dtype": gather_dtype,
-               "group": group}
+    options = {"world": world_size, "rank": rank, "chunk": chunk_size, "gather_dtype": gather_dtype, "group": group}
     return FusedContrastive.apply(options, *flat)
 
 
-def fused_pc_clip_loss(features: dict[str, torch.Tensor], cfg: LossConfig, *, logit_scale: torch.Tensor | None,
-                       rank: int, world_size: int,
-                       diff_logit_scale: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+def fused_pc_clip_loss(
+    features: dict[str, torch.Tensor],
+    cfg: LossConfig,
+    *,
+    logit_scale: torch.Tensor | None,
+    rank: int,
+    world_size: int,
+    diff_logit_scale: torch.Tensor | None = None,
+) -> dict[str, torch.Tensor]:
     """:func:`pcd_ray.model.loss.reference.pc_clip_loss` (same arguments, same values) through one fused
     collective op, with the keys the train loop reads (package docstring).
 
     All enabled groups share one feature all-gather and one LSE gather; the backward runs no collective. The
     global loss and the NaN check ride on the LSE gather, so skipping a bad step costs no extra collective.
     """
-    groups, degenerate, padded = prepare_groups(features, cfg, logit_scale=logit_scale,
-                                                diff_logit_scale=diff_logit_scale)
-    local, glob, _ = fused_contrastive([(g.x, g.y, g.scale, g.valid) for g in groups], rank=rank,
-                                       world_size=world_size, chunk_size=cfg.chunk_size,
-                                       gather_dtype=cfg.gather_dtype)
+    groups, degenerate, padded = prepare_groups(
+        features, cfg, logit_scale=logit_scale, diff_logit_scale=diff_logit_scale
+    )
+    local, glob, _ = fused_contrastive(
+        [(g.x, g.y, g.scale, g.valid) for g in groups],
+        rank=rank,
+        world_size=world_size,
+        chunk_size=cfg.chunk_size,
+        gather_dtype=cfg.gather_dtype,
+    )
     weights = torch.tensor([g.weight for g in groups], dtype=local.dtype, device=local.device)
     parts = {g.name: local[i].detach() for i, g in enumerate(groups)}
     zero = torch.zeros((), dtype=local.dtype, device=local.device)
     global_loss = (glob * weights).sum()
-    return {"loss": (local * weights).sum(), "diff_loss": parts.get("diff", zero),
-            "clip_loss": parts.get("clip", zero), "global_loss": global_loss, "skip_step": ~torch.isfinite(global_loss),
-            "degenerate_pairs": degenerate, "padded_rows": padded}
+    return {
+        "loss": (local * weights).sum(),
+        "diff_loss": parts.get("diff", zero),
+        "clip_loss": parts.get("clip", zero),
+        "global_loss": global_loss,
+        "skip_step": ~torch.isfinite(global_loss),
+        "degenerate_pairs": degenerate,
+        "padded_rows": padded,
+    }

@@ -46,12 +46,15 @@ def check_process_group(rank: int, world_size: int) -> None:
         actual = f"rank {dist.get_rank()} of {dist.get_world_size()}"
     else:
         return
-    raise RuntimeError(f"contrastive_loss: rank={rank}, world_size={world_size} but the default process group is "
-                       f"{actual}; initialise torch.distributed and pass its rank and world size")
+    raise RuntimeError(
+        f"contrastive_loss: rank={rank}, world_size={world_size} but the default process group is "
+        f"{actual}; initialise torch.distributed and pass its rank and world size"
+    )
 
 
-def difference_directions(emb_a: torch.Tensor, emb_b: torch.Tensor, eps: float = EPS,
-                          min_distance: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+def difference_directions(
+    emb_a: torch.Tensor, emb_b: torch.Tensor, eps: float = EPS, min_distance: float = 0.0
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The paper's image-difference direction ``normalise(normalise(e_a) - normalise(e_b))``.
 
     Args:
@@ -78,8 +81,10 @@ def difference_directions(emb_a: torch.Tensor, emb_b: torch.Tensor, eps: float =
 def _require(features: dict[str, torch.Tensor], keys: tuple[str, ...], group: str, weight_name: str) -> None:
     missing = [k for k in keys if k not in features]
     if missing:
-        raise KeyError(f"pc_clip_loss: the {group} group is on ({weight_name} > 0) but features lack {missing} "
-                       f"(got {sorted(features)})")
+        raise KeyError(
+            f"pc_clip_loss: the {group} group is on ({weight_name} > 0) but features lack {missing} "
+            f"(got {sorted(features)})"
+        )
 
 
 class Group(NamedTuple):
@@ -93,8 +98,13 @@ class Group(NamedTuple):
     valid: torch.Tensor | None
 
 
-def prepare_groups(features: dict[str, torch.Tensor], cfg: LossConfig, *, logit_scale: torch.Tensor | None,
-                   diff_logit_scale: torch.Tensor | None = None) -> tuple[list[Group], torch.Tensor, torch.Tensor]:
+def prepare_groups(
+    features: dict[str, torch.Tensor],
+    cfg: LossConfig,
+    *,
+    logit_scale: torch.Tensor | None,
+    diff_logit_scale: torch.Tensor | None = None,
+) -> tuple[list[Group], torch.Tensor, torch.Tensor]:
     """Normalised groups of both implementations, with masks; the inputs are those of
     :func:`pcd_ray.model.loss.reference.pc_clip_loss`.
 
@@ -111,16 +121,19 @@ def prepare_groups(features: dict[str, torch.Tensor], cfg: LossConfig, *, logit_
     if cfg.clip_weight > 0:
         _require(features, CLIP_KEYS, "clip", "clip_weight")
         if logit_scale is None and cfg.clip_temperature is None:
-            raise ValueError("pc_clip_loss: clip_weight > 0 needs logit_scale (the model's learned log-scale) "
-                             "or a fixed clip_temperature")
+            raise ValueError(
+                "pc_clip_loss: clip_weight > 0 needs logit_scale (the model's learned log-scale) "
+                "or a fixed clip_temperature"
+            )
     first = next(iter(features.values()))
     dtype = torch.float64 if first.dtype == torch.float64 else torch.float32
     groups: list[Group] = []
     degenerate = torch.zeros((), dtype=torch.int64, device=first.device)
     padded = torch.zeros((), dtype=torch.int64, device=first.device)
     if cfg.diff_weight > 0:
-        d, mask = difference_directions(features["image_a"], features["image_b"],
-                                        min_distance=cfg.near_duplicate_distance)
+        d, mask = difference_directions(
+            features["image_a"], features["image_b"], min_distance=cfg.near_duplicate_distance
+        )
         t = normalise_torch(features["diff_text"].to(d.dtype), eps=EPS)
         valid = ~mask
         if "diff_valid" in features:  # a padded row is counted as padding, not as a degenerate pair

@@ -41,7 +41,7 @@ class GatherWithGrad(torch.autograd.Function):
         grad = grad.contiguous().clone()  # all_reduce is in place; autograd's buffer may be shared
         dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=ctx.group)
         start = ctx.rank * ctx.rows
-        return grad[start:start + ctx.rows], None
+        return grad[start : start + ctx.rows], None
 
 
 def gather_with_grad(x: torch.Tensor, group=None) -> torch.Tensor:
@@ -55,8 +55,15 @@ def gather_with_grad(x: torch.Tensor, group=None) -> torch.Tensor:
     return GatherWithGrad.apply(x, group)
 
 
-def contrastive_loss(x: torch.Tensor, y: torch.Tensor, scale: torch.Tensor | float, *, rank: int,
-                     world_size: int, valid: torch.Tensor | None = None) -> torch.Tensor:
+def contrastive_loss(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    scale: torch.Tensor | float,
+    *,
+    rank: int,
+    world_size: int,
+    valid: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Rank-local symmetric InfoNCE ``l_r`` of this rank's rows against all ranks' rows (package docstring).
 
     Args:
@@ -85,7 +92,7 @@ def contrastive_loss(x: torch.Tensor, y: torch.Tensor, scale: torch.Tensor | flo
     if world_size > 1:
         check_process_group(rank, world_size)
         packed = gather_with_grad(packed)
-    x_all, y_all = packed[:, :dim], packed[:, dim:2 * dim]
+    x_all, y_all = packed[:, :dim], packed[:, dim : 2 * dim]
     if valid is None:
         labels = torch.arange(n, device=x.device) + rank * n
         logits_xy = scale * (x @ y_all.T)  # [n, N]: row LSEs a_i of this rank's rows
@@ -103,8 +110,15 @@ def contrastive_loss(x: torch.Tensor, y: torch.Tensor, scale: torch.Tensor | flo
     return total * world_size / (2 * valid_all.sum().clamp_min(1).to(dtype))
 
 
-def pc_clip_loss(features: dict[str, torch.Tensor], cfg: LossConfig, *, logit_scale: torch.Tensor | None,
-                 rank: int, world_size: int, diff_logit_scale: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+def pc_clip_loss(
+    features: dict[str, torch.Tensor],
+    cfg: LossConfig,
+    *,
+    logit_scale: torch.Tensor | None,
+    rank: int,
+    world_size: int,
+    diff_logit_scale: torch.Tensor | None = None,
+) -> dict[str, torch.Tensor]:
     """Weighted sum of the difference group and the optional image-caption CLIP group, rank-local (package
     docstring): one gather with gradient per group and the full [n, N] logits.
 
@@ -129,8 +143,9 @@ def pc_clip_loss(features: dict[str, torch.Tensor], cfg: LossConfig, *, logit_sc
 
     Raises KeyError naming the missing features of an enabled group, ValueError if a needed scale is missing.
     """
-    groups, degenerate, padded = prepare_groups(features, cfg, logit_scale=logit_scale,
-                                                diff_logit_scale=diff_logit_scale)
+    groups, degenerate, padded = prepare_groups(
+        features, cfg, logit_scale=logit_scale, diff_logit_scale=diff_logit_scale
+    )
     first = next(iter(features.values()))
     dtype = torch.float64 if first.dtype == torch.float64 else torch.float32
     zero = torch.zeros((), dtype=dtype, device=first.device)
@@ -138,16 +153,29 @@ def pc_clip_loss(features: dict[str, torch.Tensor], cfg: LossConfig, *, logit_sc
     for g in groups:
         parts[g.name] = contrastive_loss(g.x, g.y, g.scale, rank=rank, world_size=world_size, valid=g.valid)
         total = total + g.weight * parts[g.name]
-    return {"loss": total, "diff_loss": parts["diff"].detach(), "clip_loss": parts["clip"].detach(),
-            "degenerate_pairs": degenerate, "padded_rows": padded}
+    return {
+        "loss": total,
+        "diff_loss": parts["diff"].detach(),
+        "clip_loss": parts["clip"].detach(),
+        "degenerate_pairs": degenerate,
+        "padded_rows": padded,
+    }
 
 
-def reference_loss(features: dict[str, torch.Tensor], cfg: LossConfig, *, logit_scale: torch.Tensor | None,
-                   rank: int, world_size: int, diff_logit_scale: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+def reference_loss(
+    features: dict[str, torch.Tensor],
+    cfg: LossConfig,
+    *,
+    logit_scale: torch.Tensor | None,
+    rank: int,
+    world_size: int,
+    diff_logit_scale: torch.Tensor | None = None,
+) -> dict[str, torch.Tensor]:
     """:func:`pc_clip_loss` with the keys the train loop reads (package docstring): plus ``global_loss`` and
     ``skip_step``."""
-    out = pc_clip_loss(features, cfg, logit_scale=logit_scale, rank=rank, world_size=world_size,
-                       diff_logit_scale=diff_logit_scale)
+    out = pc_clip_loss(
+        features, cfg, logit_scale=logit_scale, rank=rank, world_size=world_size, diff_logit_scale=diff_logit_scale
+    )
     # The reference has no gathered loss to read: one extra all-reduce makes the skip decision identical on every
     # rank (a rank that skipped alone would hang the next collective).
     global_loss = out["loss"].detach().clone()

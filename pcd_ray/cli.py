@@ -161,7 +161,7 @@ def run(args: argparse.Namespace) -> int:
     if args.stage in ("pipeline", "demo"):
         results = run_pipeline(job, storage, force=args.force, only=args.only)
         if args.stage == "demo" and "eval" in results:
-            _print_report(results["eval"], job, storage)
+            _print_report(results["eval"], job, storage, brief=True)
         return 0
     if args.stage == "serve":
         from pcd_ray.serve.app import run_serve
@@ -186,15 +186,19 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _print_report(report, job, storage) -> None:
-    """The base-vs-finetuned tables; a skipped (up-to-date) eval prints the report it made before."""
+def _print_report(report, job, storage, *, brief: bool = False) -> None:
+    """The base-vs-finetuned tables (``brief``: the headline ones, then where the rest is); a skipped (up-to-date)
+    eval prints the report it made before."""
     from pcd_ray.eval.report import format_table
     from pcd_ray.provenance import REPORT_FILE
     from pcd_ray.storage import join
 
+    out = storage.resolve(job.eval.output)
     if not isinstance(report, dict):
-        report = storage.read_json(join(storage.resolve(job.eval.output), REPORT_FILE))
-    console.say("\n" + format_table(report).rstrip("\n"))
+        report = storage.read_json(join(out, REPORT_FILE))
+    console.say("\n" + format_table(report, brief=brief).rstrip("\n"))
+    if brief:
+        console.say(f"\nThe whole report (easy pairs, comparative prompting, geometry, ...): {join(out, 'report.md')}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -223,6 +227,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"pcd-ray: {e}", file=console.terminal())
         if console.log_path:
             print(f"Library logs of this run: {console.log_path}", file=console.terminal())
+        return 1
+    except Exception as e:
+        if not console.log_path:
+            raise
+        # Quiet mode sends the traceback to the log file (stderr is the file): the terminal names the error and
+        # where the traceback is, last.
+        import traceback
+
+        traceback.print_exc()
+        sys.stderr.flush()
+        print(f"pcd-ray: {type(e).__name__}: {e}", file=console.terminal())
+        print(f"The traceback is in {console.log_path}", file=console.terminal())
         return 1
 
 

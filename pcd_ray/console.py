@@ -24,6 +24,9 @@ import sys
 import time
 from typing import TextIO
 
+WIDTH = 120
+"""Terminal lines stay within this many columns: tables are laid out for it (eval/report.py), other lines wrap."""
+
 USER_LINE = re.compile(r"^\[(train|base_train)\] ")
 """Lines of pcd-ray's own that are printed inside Ray workers (training progress), matched after Ray's prefix."""
 _RAY_PREFIX = re.compile(r"^(\x1b\[[0-9;]*m)?\([^)]*\)(\x1b\[[0-9;]*m)? ")
@@ -41,10 +44,24 @@ def terminal(err: bool = True) -> TextIO:
     return _err if err else _out
 
 
+def fit(text: str, width: int = WIDTH) -> str:
+    """``text`` with each line longer than ``width`` wrapped at spaces, continuation lines indented by four (a
+    word longer than a line, a long path say, stays whole)."""
+    import textwrap
+
+    out = []
+    for line in text.split("\n"):
+        if len(line) <= width:
+            out.append(line)
+        else:
+            out += textwrap.wrap(line, width, subsequent_indent="    ", break_long_words=False, break_on_hyphens=False)
+    return "\n".join(out)
+
+
 def say(text: str = "", *, err: bool = False) -> None:
     """Print a line of pcd-ray's own output on the terminal (stdout unless ``err``), and in the log file."""
     out = terminal(err)
-    out.write(text + "\n")
+    out.write(fit(text) + "\n")
     out.flush()
     if _err is not None:
         sys.stdout.log.write(text + "\n")
@@ -70,7 +87,7 @@ class _Route(io.TextIOBase):
         for line in lines:
             plain = _RAY_PREFIX.sub("", line, count=1)
             if USER_LINE.match(_ANSI.sub("", plain)):
-                self.term.write(_ANSI.sub("", plain) + "\n")
+                self.term.write(fit(_ANSI.sub("", plain)) + "\n")
         return len(text)
 
     def flush(self) -> None:
@@ -107,6 +124,11 @@ def quiet(log_file: str) -> None:
     _out, _err, log_path = out, err, log_file
 
 
+class _Fitted(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        return fit(super().format(record))
+
+
 def setup_logging(verbose: bool) -> None:
     """pcd-ray's own INFO lines on the terminal; libraries' WARNING and up (to the log file under ``quiet``)."""
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
@@ -115,5 +137,5 @@ def setup_logging(verbose: bool) -> None:
     if _err is not None and not verbose:
         # Ours go to the terminal in a short form and, through the root logger, to the log file in full.
         handler = logging.StreamHandler(_err)
-        handler.setFormatter(logging.Formatter("%(message)s"))
+        handler.setFormatter(_Fitted("%(message)s"))
         ours.addHandler(handler)

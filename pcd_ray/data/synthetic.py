@@ -81,9 +81,10 @@ def _draw_shape(draw, kind: str, cx: float, cy: float, r: float, fill: tuple[int
 def _centres(attrs: A.Attributes, size: int, r: float, rng: np.random.Generator) -> list[tuple[float, float]]:
     """Shape centres in pixels: around the axis of the ``position`` third, stacked vertically.
 
-    Stacked shapes spread over 75-100% of the height and alternate left/right of the axis (a zig-zag): three large
-    shapes have diameters that add up to more than the image height, and the zig-zag keeps their overlap small.
-    Large shapes are wider than a third, so they may reach into the next one; their centre stays in their own.
+    Stacked shapes spread over 75-100% of the height and alternate left/right of the axis by their half width (a
+    zig-zag): three large shapes have diameters that add up to more than the image height, and the zig-zag keeps
+    neighbours apart, so each shape's outline, its kind and its size stay visible. Large shapes are wider than a
+    third, so they may reach into the next one; the shapes' centroid stays in their own.
     """
     n = attrs["count"]
     hw, hh = _half_extent(attrs["kind"], r)
@@ -98,7 +99,9 @@ def _centres(attrs: A.Attributes, size: int, r: float, rng: np.random.Generator)
         span = room * rng.uniform(0.75, 1.0)
         start = top + rng.uniform(0.0, room - span)
         ys = [start + span * k / (n - 1) for k in range(n)]
-    zig = 0.5 * hw if n > 1 else 0.0
+    # The first and third shape go to the outer side of a left or right third, so the clip at the image's edge keeps
+    # the shapes' centroid inside the third.
+    zig = (hw if n > 1 else 0.0) * (-1 if attrs["position"] == "left" else 1)
     out = []
     for k, y in enumerate(ys):
         x = x0 + (zig if k % 2 == 0 else -zig)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
+from pcd_ray.console import WIDTH
 from pcd_ray.eval.paper import Section, paper_sections
 from pcd_ray.eval.paper import get_path as _get
 from pcd_ray.storage import Storage, join
@@ -299,9 +300,8 @@ def comparatives_line(report: dict) -> str | None:
     return f"Comparatives: `{c['uri']}` (commit `{c['commit']}`, {c['rows']} rows{incomplete}); used for {sets}."
 
 
-WIDTH = 120
-"""Terminal tables are kept within this many columns: long cells wrap, and a table still wider is split into
-column groups that each repeat the first column."""
+# Terminal tables are kept within WIDTH columns: long cells wrap, and a table still wider is split into column
+# groups that each repeat the first column.
 CELL_WIDTH = 36
 
 
@@ -341,15 +341,37 @@ def _text_table(header: list[str], rows: list[list[str]], width: int = WIDTH) ->
     return out
 
 
-def format_table(report: dict) -> str:
-    """A compact plain-text rendering for the terminal (the demo prints it), at most WIDTH columns wide."""
+BRIEF = {
+    "Difference accuracy, hard pairs": None,
+    "Zero-shot classification (": None,
+    "Retrieval (": {("text to image", "R@10"), ("like A but more/less", "R@5"), ("image A only (reference)", "R@5")},
+}
+"""The headline tables a brief rendering keeps (title prefix -> the (first, second) cells of the rows it keeps, or
+None for all), besides the paper's tables and every labelled dataset's."""
+
+
+def _brief(sections: list[Section]) -> list[Section]:
+    out = []
+    for title, header, rows in sections:
+        prefix = next((p for p in BRIEF if title.startswith(p)), None)
+        if prefix is None and "synthetic set" in title:
+            continue
+        keep = BRIEF.get(prefix) if prefix else None
+        out.append((title, header, [r for r in rows if keep is None or (r[0], r[1]) in keep]))
+    return out
+
+
+def format_table(report: dict, *, brief: bool = False) -> str:
+    """A plain-text rendering for the terminal, at most WIDTH columns wide. ``brief`` keeps the headline tables of
+    the synthetic set (``BRIEF``: what the demo prints; the rest is in report.md) and every other table whole."""
     import textwrap
 
     line = comparatives_line(report)
     # "commit <id>" stays on one line (a no-break space through the wrap): people and scripts look for it whole.
     line = line and line.replace("`", "").replace("commit ", "commit\u00a0")
     out = [w.replace("\u00a0", " ") for w in textwrap.wrap(line, WIDTH)] + [""] if line else []
-    for title, header, rows in _sections(report):
+    sections = _sections(report)
+    for title, header, rows in _brief(sections) if brief else sections:
         out += textwrap.wrap(title, WIDTH) + _text_table(header, rows) + [""]
     return "\n".join(out).rstrip() + "\n"
 

@@ -8,7 +8,8 @@ Everything goes through ``clip.forward`` (one call: both images of every pair, t
 ``encode_image``/``encode_text``: ZeRO-3 gathers a module's own parameters in its forward hooks, and CLIP's
 ``positional_embedding``, ``text_projection`` and ``logit_scale`` belong to CLIP itself, so they exist only inside
 its forward. For the same reason the log-scales are read inside this forward, never off the parameters after it.
-A frozen image tower (the paper) records no autograd graph: neither its weights nor its pixels require grad.
+A frozen image tower (the paper) records no autograd graph: neither its weights nor its pixels require grad; it
+stays in eval mode.
 """
 
 from __future__ import annotations
@@ -24,6 +25,15 @@ class PairEncoder(nn.Module):
         super().__init__()
         self.clip = clip
         self.image_frozen = image_frozen
+        self.train()
+
+    def train(self, mode: bool = True) -> PairEncoder:
+        super().train(mode)
+        if self.image_frozen:
+            # Frozen means its outputs do not change either: a conv tower's BatchNorm (pcd-tiny's ModifiedResNet)
+            # would keep updating its running statistics in train mode, and dropout would stay on.
+            self.clip.visual.eval()
+        return self
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """batch: image_a [n,3,H,W] (or emb_a [n,D], the frozen tower's precomputed embedding), optional image_b

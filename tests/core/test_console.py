@@ -52,3 +52,36 @@ def test_read_only_commands_leave_the_streams_alone(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and "rc 0" in out.stdout, out.stderr
     assert "data" in out.stdout and not (tmp_path / "logs").exists()
+
+
+def test_long_lines_wrap_within_the_terminal_width_and_keep_every_word():
+    from pcd_ray.console import WIDTH, fit
+
+    line = "generate: 63927 kept -> runs/local/diffs, 73 rejected {'too_short': 73} -> runs/local/rejects; " * 3
+    text = fit("short\n" + line.strip())
+    lines = text.splitlines()
+    assert lines[0] == "short" and len(lines) > 2 and max(map(len, lines)) <= WIDTH
+    assert all(x.startswith("    ") for x in lines[2:])
+    assert " ".join(x.strip() for x in lines[1:]).split() == line.split()
+    path = "s3://bucket/" + "x" * 150
+    assert fit(path) == path  # a word longer than a line stays whole
+
+
+def test_an_unexpected_error_is_named_on_the_terminal_with_the_traceback_in_the_log(tmp_path):
+    log = tmp_path / "logs" / "run.log"
+    code = textwrap.dedent(f"""
+        import sys
+        from pcd_ray import cli, console
+
+        def run(args):
+            console.quiet({str(log)!r})
+            raise RuntimeError("something broke")
+
+        cli.run = run
+        sys.exit(cli.main(["status", "--config", "local"]))
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 1
+    lines = out.stderr.strip().splitlines()
+    assert lines[-2:] == ["pcd-ray: RuntimeError: something broke", f"The traceback is in {log}"]
+    assert "Traceback (most recent call last)" in log.read_text() and "Traceback" not in out.stderr

@@ -333,6 +333,7 @@ def test_local_storage_probe_leaves_nothing(tmp_path):
     assert row.verdict == FAIL and "not writable" in row.detail
 
 
+@pytest.mark.integration
 def test_s3_storage_probe_writes_and_deletes(s3_server, tmp_path, capsys):
     rc = main(
         ["doctor", "--config", "local", "storage.root=s3://pcd-test/doctor", "--json", str(tmp_path / "doctor.json")]
@@ -410,6 +411,7 @@ def test_paper_gpu_job_fails_here_naming_each_gpu_stage(tmp_path, capsys):
     assert next(ln for ln in lines if ln.startswith("storage ")).split()[1] == OK
 
 
+@pytest.mark.integration
 def test_real_cli_and_no_heavy_imports_before_checks(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     # ./runs/local resolves under the tmp cwd, so the probe cannot touch the checkout.

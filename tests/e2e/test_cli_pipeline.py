@@ -73,7 +73,8 @@ def test_pipeline_on_s3_then_demo_resumes_and_prints_the_table(ray_local, s3_roo
 
     demo = _cli(["demo", f"storage.root={root}", *TINY], address)
     assert "Difference accuracy, hard pairs" in demo.stdout and "Zero-shot classification" in demo.stdout
-    assert "finetuned" in demo.stdout
+    assert "finetuned" in demo.stdout and "easy pairs" not in demo.stdout and "The whole report" in demo.stdout
+    assert max(map(len, demo.stdout.splitlines())) <= 120
     for stage in ("data", "pairs", "generate", "comparatives", "base_train", "embed", "train", "eval"):
         assert f"== {stage}: up to date, skipped" in demo.stdout
     assert report["data"]["comparatives"]["commit"] == artifacts.read_manifest(storage, "comparatives")["attempt"]

@@ -166,6 +166,16 @@ def test_format_table_has_every_row_and_model(report):
     assert f"{zs:.1f}" in text
 
 
+def test_brief_table_keeps_the_headline_tables_only(report):
+    from pcd_ray.eval.report import WIDTH, format_table
+
+    full, brief = format_table(report), format_table(report, brief=True)
+    assert "hard pairs" in brief and "Zero-shot classification (" in brief
+    assert "easy pairs" in full and "easy pairs" not in brief
+    assert set(brief.splitlines()) <= set(full.splitlines())
+    assert max(map(len, brief.splitlines())) <= WIDTH
+
+
 # ---------------------------------------------------------------------------------------------------- the stage
 def make_export(storage: Storage, uri: str, seed: int) -> str:
     import torch

@@ -123,6 +123,7 @@ def test_transformers_engine_through_the_actor(tiny_chat):
     assert sum(r["text"] is not None for r in out) >= 3
 
 
+@pytest.mark.integration
 def test_sampling_is_seeded_and_greedy_is_deterministic(tiny_chat):
     batch = _batch(4)
     sampled = make_engine(_cfg(tiny_chat, temperature=1.0, seed=7))

@@ -114,3 +114,21 @@ def test_custom_text_clip_uses_its_text_tower():
     tower = set(select_trainable(model, "text"))
     assert tower == {n for n, _ in model.named_parameters() if n.startswith("text.")} and blocks < tower
     assert "logit_scale" not in tower and image_tower_frozen(model)
+
+
+def test_a_frozen_conv_tower_keeps_its_batchnorm_statistics_while_the_text_tower_trains():
+    """pcd-tiny's image tower is a small ModifiedResNet: frozen must also mean BatchNorm stays in eval mode."""
+    import torch
+
+    from pcd_ray.model.factory import load_model
+    from pcd_ray.model.pair_encoder import PairEncoder
+
+    model = load_model(ModelSpec(name="pcd-tiny")).model
+    select_trainable(model, "text")
+    encoder = PairEncoder(model, image_frozen=image_tower_frozen(model)).train()
+    bn = next(m for m in model.visual.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    before = bn.running_mean.clone()
+    tokens = torch.randint(1, 100, (2, model.context_length))
+    encoder({"image_a": torch.randn(2, 3, 64, 64), "caption_tokens": tokens})
+    assert not model.visual.training and model.transformer.training
+    assert torch.equal(bn.running_mean, before)

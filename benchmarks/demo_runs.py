@@ -91,6 +91,8 @@ def main() -> None:
             print(f"  kept {root}")
         else:
             shutil.rmtree(root, ignore_errors=True)
+        if args.out:  # after every run, so an interrupted series keeps what it measured
+            Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
 
     done = [r for r in result["runs"] if "figures" in r]
     if done:

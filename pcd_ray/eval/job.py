@@ -213,14 +213,15 @@ def evaluate_model(name: str, spec: ModelSpec, sets: dict, cfg: EvalConfig, stor
     for set_name, s in sets.items():
         t0 = time.time()
         uri = join(storage.resolve(cfg.output), "embeddings", name, set_name)
-        log.info("eval %s/%s: embedding %d images (%d actors)", name, set_name, len(s["ids"]), cfg.num_actors)
+        log.info(
+            "eval %s/%s: embedding %d images (%d actors), then scoring", name, set_name, len(s["ids"]), cfg.num_actors
+        )
         emb, kept, errors = stored_embeddings(s["ray"], s["ids"], spec, uri, cfg, storage)
         if not kept:
             raise RuntimeError(
                 f"eval {name}/{set_name}: no image could be embedded (first errors: {errors[:MAX_ERRORS_KEPT]})"
             )
         t_embed = time.time() - t0
-        log.info("eval %s/%s: scoring", name, set_name)
         if set_name == SYNTHETIC:
             kept_ids = [s["ids"][k] for k in kept]
             result = evaluate_synthetic(

@@ -239,7 +239,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if rank == 0:
         run_dir = join(cfg.output, config["run_dir_name"]) if config.get("run_dir_name") else cfg.output
         writer = MetricsWriter(run_dir, cfg.metrics, storage, resume_step=state["step"], params=config["train"])
-        metrics = MetricsLog(storage, cfg.output, resume_step=state["step"], writer=writer)
+        metrics = MetricsLog(
+            storage, cfg.output, resume_step=state["step"], writer=writer, label=config.get("section", "train")
+        )
     step, skipped = state["step"], state["nan_steps"]
     window = {"t": time.perf_counter(), "wait": 0.0, "samples": 0, "masked": 0}
 

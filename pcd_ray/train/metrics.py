@@ -17,10 +17,10 @@ import time
 from pcd_ray.metrics import MetricsWriter
 from pcd_ray.storage import Storage, join
 
-PROGRESS_SHARE = 0.1
-"""A progress line is printed each time training passes another tenth of its steps."""
+PROGRESS_SHARE = 0.2
+"""A progress line is printed each time training passes another fifth of its steps."""
 PROGRESS = (
-    "[train] step {step}/{total} ({pct:.0f}%) loss {loss:.4f} (diff {diff_loss:.4f}, clip {clip_loss:.4f}) "
+    "[{label}] step {step}/{total} ({pct:.0f}%) loss {loss:.4f} (diff {diff_loss:.4f}, clip {clip_loss:.4f}) "
     "lr {lr:.2e} {samples_per_s:.0f} samples/s, data wait {wait:.0f}%"
 )
 
@@ -34,9 +34,11 @@ class MetricsLog:
         resume_step: int = 0,
         flush_every_s: float = 30.0,
         writer: MetricsWriter | None = None,
+        label: str = "train",
     ):
         self.storage, self.uri = storage, join(output, "metrics.csv")
         self.writer = writer
+        self.label = label  # the job section training: progress lines start with it
         self.flush_every_s = flush_every_s
         self.rows: list[dict] = []
         if resume_step and storage.exists(self.uri):
@@ -51,14 +53,15 @@ class MetricsLog:
         self.rows.append(dict(row, wall_s=round(self.wall0 + time.perf_counter() - self.t0, 2)))
         if self.writer:
             self.writer.scalars(row["step"], {k: v for k, v in self.rows[-1].items() if k != "step"}, prefix="train")
-        # The terminal gets a line per tenth of the run (and the last step); metrics.csv and TensorBoard get every
+        # The terminal gets a line per fifth of the run (and the last step); metrics.csv and TensorBoard get every
         # logged step. A short demo run logs hundreds of rows, which would bury the results.
-        tenth = PROGRESS_SHARE * max(1, total_steps)
-        if row["step"] >= total_steps or row["step"] // tenth > self.shown // tenth or not self.shown:
+        share = PROGRESS_SHARE * max(1, total_steps)
+        if row["step"] >= total_steps or row["step"] // share > self.shown // share or not self.shown:
             self.shown = row["step"]
             peak = f", peak GPU memory {row['peak_gpu_mem_gib']:.1f} GiB" if "peak_gpu_mem_gib" in row else ""
             print(
                 PROGRESS.format(
+                    label=self.label,
                     total=total_steps,
                     pct=100 * row["step"] / max(1, total_steps),
                     wait=100 * row["data_wait_frac"],

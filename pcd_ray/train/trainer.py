@@ -144,6 +144,7 @@ def run_train(
             "rows": rows,
             "precomputed": precomputed,
             "run_dir_name": name,
+            "section": section,
         },
         scaling_config=ray.train.ScalingConfig(
             num_workers=scaling.num_workers,

@@ -105,7 +105,12 @@ def run_pipeline(
             say(f"== {stage.name}: up to date, skipped")
             results[stage.name] = "skipped"
             continue
-        say(f"== {stage.name}: {state.status}{f' ({state.reason})' if state.reason else ''}; running ...")
-        results[stage.name] = run_stage(stage, job, storage)
-        say(f"== {stage.name}: done in {time.perf_counter() - t0:.1f} s")
+        # One line per stage, once it ends: the stage's own lines (prefixed with its name) show it running.
+        why = f"{state.status}{f' ({state.reason})' if state.reason else ''}"
+        try:
+            results[stage.name] = run_stage(stage, job, storage)
+        except BaseException:
+            say(f"== {stage.name}: {why}; failed after {time.perf_counter() - t0:.1f} s")
+            raise
+        say(f"== {stage.name}: {why}; ran in {time.perf_counter() - t0:.1f} s")
     return results

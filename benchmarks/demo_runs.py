@@ -54,7 +54,7 @@ def one_run(root: Path, extra: list[str]) -> dict:
         "returncode": proc.returncode,
         "lines": len(lines),
         "widest": max((len(line) for line in lines), default=0),
-        "output": proc.stdout,
+        "output": proc.stdout.replace(str(root), "<root>"),  # the temporary root says nothing
     }
     report = root / "eval" / "report.json"
     if proc.returncode == 0 and report.exists():

@@ -62,7 +62,7 @@ class Killer(threading.Thread):
         import ray
         from ray.util.state import list_actors
 
-        address = ray.get_runtime_context().gcs_address  # this session's Ray, not another one on the machine
+        address = ray.get_runtime_context().gcs_address  # the test's own Ray, not another one on the machine
         deadline = time.time() + self.timeout_s
         while not self.stop.is_set() and time.time() < deadline:
             if any(s >= self.step for s in _checkpointed_steps(self.run_dir)):
